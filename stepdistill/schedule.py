@@ -1,0 +1,167 @@
+"""The one place that owns noise-schedule arithmetic.
+
+Discrete DDPM schedule of the teacher (Ho et al. 2020; diffusers' ``DDPMScheduler``):
+``ᾱ_t = alphas_cumprod[t]``, ``a_t = √ᾱ_t``, ``σ_t = √(1 − ᾱ_t)``, ``SNR(t) = ᾱ_t / (1 − ᾱ_t)``.
+
+Forward noising ``x_t = a_t·x₀ + σ_t·ε``. Prediction conversions (Salimans & Ho 2022 for v):
+``x̂₀ = (x_t − σ_t·ε̂)/a_t`` (epsilon), ``ε̂ = a_t·v̂ + σ_t·x_t`` and ``x̂₀ = a_t·x_t − σ_t·v̂`` (v-prediction).
+Objectives, students and samplers call these functions; nothing else re-derives them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from diffusers import DDPMScheduler
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class NoiseSchedule:
+    """``alphas_cumprod`` of a diffusers scheduler plus every conversion that depends on it.
+
+    Coefficients are stored in float64 and cast to the dtype of the tensors they multiply, so conversions can be
+    done in float64 (as DMD2 does) by passing float64 tensors.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon") -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
+        self.prediction_type = prediction_type
+        self.num_train_timesteps = len(self.alphas_cumprod)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+        """Build from any diffusers scheduler config (its betas define the schedule)."""
+        ddpm = DDPMScheduler.from_config(dict(config))
+        return cls(ddpm.alphas_cumprod, ddpm.config.prediction_type)
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> "NoiseSchedule":
+        return cls.from_config(scheduler.config)
+
+    # --- coefficients -------------------------------------------------------------------------------------------
+    def _coef(self, values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device="cpu").long().reshape(-1)
+        if (t < 0).any() or (t >= self.num_train_timesteps).any():
+            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t.tolist()[:8]}")
+        out = values[t].to(device=like.device, dtype=like.dtype)
+        return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def alpha(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """a_t = √ᾱ_t, shaped to broadcast against ``like``."""
+        return self._coef(self.alphas_cumprod.sqrt(), t, like)
+
+    def sigma(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """σ_t = √(1 − ᾱ_t), shaped to broadcast against ``like``."""
+        return self._coef((1 - self.alphas_cumprod).sqrt(), t, like)
+
+    def snr(self, t: torch.Tensor | int) -> torch.Tensor:
+        """SNR(t) = ᾱ_t / (1 − ᾱ_t) (float64)."""
+        t = torch.as_tensor(t).long().cpu()
+        a = self.alphas_cumprod[t]
+        return a / (1 - a)
+
+    # --- forward process and conversions -------------------------------------------------------------------------
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """x_t = a_t·x₀ + σ_t·ε."""
+        return self.alpha(t, x0) * x0 + self.sigma(t, x0) * noise
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """v = a_t·ε − σ_t·x₀ (the v-prediction target)."""
+        return self.alpha(t, x0) * noise - self.sigma(t, x0) * x0
+
+    def eps_to_x0(self, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """x̂₀ = (x_t − σ_t·ε̂)/a_t."""
+        return (x_t - self.sigma(t, x_t) * eps) / self.alpha(t, x_t)
+
+    def x0_to_eps(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """ε̂ = (x_t − a_t·x̂₀)/σ_t."""
+        return (x_t - self.alpha(t, x_t) * x0) / self.sigma(t, x_t)
+
+    def v_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """x̂₀ = a_t·x_t − σ_t·v̂."""
+        return self.alpha(t, x_t) * x_t - self.sigma(t, x_t) * v
+
+    def v_to_eps(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """ε̂ = a_t·v̂ + σ_t·x_t."""
+        return self.alpha(t, x_t) * v + self.sigma(t, x_t) * x_t
+
+    def to_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """x̂₀ from a network output of this schedule's prediction type."""
+        if self.prediction_type == "epsilon":
+            return self.eps_to_x0(model_output, x_t, t)
+        if self.prediction_type == "v_prediction":
+            return self.v_to_x0(model_output, x_t, t)
+        return model_output
+
+    def to_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """ε̂ from a network output of this schedule's prediction type."""
+        if self.prediction_type == "epsilon":
+            return model_output
+        if self.prediction_type == "v_prediction":
+            return self.v_to_eps(model_output, x_t, t)
+        return self.x0_to_eps(model_output, x_t, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """The denoising-loss target of this schedule's prediction type (ε, v or x₀)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.velocity(x0, noise, t)
+        return x0
+
+    # --- timestep samplers -----------------------------------------------------------------------------------------
+    def timestep_range(self, min_ratio: float = 0.0, max_ratio: float = 1.0) -> tuple[int, int]:
+        """Inclusive integer range [⌊min_ratio·T⌋, ⌊max_ratio·T⌋] clipped to [0, T−1] (DMD2's min/max step percent)."""
+        if not 0.0 <= min_ratio <= max_ratio <= 1.0:
+            raise ValueError(f"need 0 <= min_ratio <= max_ratio <= 1, got min_ratio={min_ratio}, max_ratio={max_ratio}")
+        T = self.num_train_timesteps
+        return min(int(min_ratio * T), T - 1), min(int(max_ratio * T), T - 1)
+
+    def sample_timesteps(
+        self,
+        batch_size: int,
+        min_ratio: float = 0.0,
+        max_ratio: float = 1.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """t ~ U{⌊min_ratio·T⌋ … ⌊max_ratio·T⌋} (long tensor)."""
+        lo, hi = self.timestep_range(min_ratio, max_ratio)
+        return torch.randint(lo, hi + 1, (batch_size,), generator=generator).to(device)
+
+    def timestep_for_snr(self, snr: float) -> int:
+        """The timestep whose SNR is closest to ``snr`` (SNR decreases monotonically with t)."""
+        log_snr = torch.log(self.snr(torch.arange(self.num_train_timesteps)))
+        return int(torch.argmin((log_snr - torch.log(torch.tensor(snr, dtype=torch.float64))).abs()))
+
+    def snr_phases(self, num_phases: int, min_ratio: float = 0.0, max_ratio: float = 1.0) -> list[tuple[int, int]]:
+        """Split [t_min, t_max] into ``num_phases`` subintervals of equal width in log-SNR, ordered from low SNR
+        (noisy, large t) to high SNR; each is an inclusive (t_low, t_high) pair (Phased DMD's SNR subintervals)."""
+        if num_phases < 1:
+            raise ValueError(f"num_phases must be >= 1, got {num_phases}")
+        lo, hi = self.timestep_range(min_ratio, max_ratio)
+        log_snr = torch.log(self.snr(torch.arange(self.num_train_timesteps)))
+        edges = torch.linspace(float(log_snr[hi]), float(log_snr[lo]), num_phases + 1)
+        bounds = [hi] + [int(torch.argmin((log_snr - e).abs())) for e in edges[1:-1]] + [lo]
+        phases = []
+        for k in range(num_phases):
+            t_high, t_low = bounds[k], bounds[k + 1]
+            phases.append((min(t_low + (1 if k < num_phases - 1 else 0), t_high), t_high))
+        return phases
+
+    def sample_timesteps_in(
+        self,
+        batch_size: int,
+        interval: tuple[int, int],
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """t ~ U{t_low … t_high} for an inclusive interval such as one of :meth:`snr_phases`."""
+        t_low, t_high = interval
+        if not 0 <= t_low <= t_high < self.num_train_timesteps:
+            raise ValueError(f"interval must satisfy 0 <= t_low <= t_high < {self.num_train_timesteps}, got {interval}")
+        return torch.randint(t_low, t_high + 1, (batch_size,), generator=generator).to(device)
