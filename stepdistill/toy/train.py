@@ -1,0 +1,233 @@
+"""Training of the toy teacher (VAE, then text encoder + UNet) and the toy evaluator, reproducible from a seed.
+
+The teacher is trained like Stable Diffusion: an AutoencoderKL on images (reconstruction + a small KL term), then
+the UNet on the VAE's scaled latents with the epsilon-prediction denoising loss, ‖ε_θ(x_t, t, c) − ε‖², the text
+encoder trained jointly and the prompt dropped to "" 10% of the time so that classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stepdistill.schedule import NoiseSchedule
+from stepdistill.toy import models, world
+from stepdistill.toy.evaluator import ToyEvaluator, evaluator_loss
+from stepdistill.toy.tokenizer import build_tokenizer_files
+
+
+def _atomic_dir(out_dir: Path):
+    """A temporary sibling folder; call the returned function to move it onto ``out_dir`` once complete."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".tmp_{out_dir.name}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    def commit() -> None:
+        if out_dir.exists():
+            old = out_dir.parent / f".old_{out_dir.name}_{os.getpid()}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+
+    return tmp, commit
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def train_vae(steps: int, batch_size: int, seed: int, lr: float = 1e-3, kl_weight: float = 1e-6):
+    torch.manual_seed(seed)
+    vae = models.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    bar = tqdm(range(steps), desc="toy VAE")
+    for step in bar:
+        images, _ = world.sample(seed * 1_000_003 + step, batch_size)
+        x = torch.from_numpy(images)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec_loss = F.mse_loss(recon, x)
+        loss = rec_loss + kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(rec=f"{rec_loss.item():.4f}")
+    vae.eval()
+    return vae, float(rec_loss)
+
+
+@torch.no_grad()
+def encode_dataset(vae, n: int, seed: int, batch_size: int = 500) -> tuple[torch.Tensor, list[str]]:
+    """Unscaled posterior samples of N world images and their prompts."""
+    latents, prompts = [], []
+    gen = torch.Generator().manual_seed(seed)
+    for start in tqdm(range(0, n, batch_size), desc="encode latents"):
+        images, attrs = world.sample(seed + 7919 * start, min(batch_size, n - start))
+        post = vae.encode(torch.from_numpy(images)).latent_dist
+        latents.append(post.mean + post.std * torch.randn(post.mean.shape, generator=gen))
+        prompts += attrs.prompts()
+    return torch.cat(latents), prompts
+
+
+def train_teacher(
+    out_dir: str | Path,
+    seed: int = 0,
+    vae_steps: int = 1000,
+    vae_batch_size: int = 64,
+    unet_steps: int = 5000,
+    batch_size: int = 128,
+    lr: float = 8e-4,
+    num_latents: int = 60_000,
+    ema_decay: float = 0.999,
+    cond_dropout: float = 0.1,
+    vae_cache: str | Path | None = None,
+) -> dict:
+    """Train the whole toy teacher and save it as a diffusers StableDiffusionPipeline folder at ``out_dir``."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(seed)
+    t_start = time.time()
+    from diffusers import AutoencoderKL
+
+    if vae_cache is not None and (Path(vae_cache) / "config.json").is_file():  # resume after an interrupted run
+        vae = AutoencoderKL.from_pretrained(vae_cache, local_files_only=True).eval()
+        vae_rec = json.loads((Path(vae_cache) / "vae_info.json").read_text())["vae_reconstruction_mse"]
+    else:
+        vae, vae_rec = train_vae(vae_steps, vae_batch_size, seed)
+        if vae_cache is not None:
+            vae.save_pretrained(vae_cache)
+            (Path(vae_cache) / "vae_info.json").write_text(json.dumps({"vae_reconstruction_mse": vae_rec}))
+    t_vae = time.time() - t_start
+
+    raw_latents, prompts = encode_dataset(vae, num_latents, seed + 1)
+    scaling_factor = float(1.0 / raw_latents.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    latents = raw_latents * scaling_factor
+
+    tok_dir, commit = _atomic_dir(Path(out_dir))
+    build_tokenizer_files(tok_dir / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir / "tokenizer", local_files_only=True)
+    ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    prompt_ids, empty_ids = ids[:-1], ids[-1]
+
+    text_encoder = models.make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                            tokenizer.model_max_length)
+    unet = models.make_unet()
+    scheduler = models.make_scheduler()
+    schedule = NoiseSchedule.from_scheduler(scheduler)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=unet_steps, pct_start=0.03)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed + 2)
+    bar = tqdm(range(unet_steps), desc="toy teacher UNet")
+    running = None
+    for step in bar:
+        idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+        x0 = latents[idx]
+        batch_ids = prompt_ids[idx].clone()
+        drop = torch.rand(batch_size, generator=gen) < cond_dropout
+        batch_ids[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = schedule.sample_timesteps(batch_size, generator=gen)
+        x_t = schedule.add_noise(x0, noise, t)
+        cond = text_encoder(batch_ids).last_hidden_state
+        pred = unet(x_t, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, schedule.target(x0, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{running:.4f}")
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=ema_text.eval(), tokenizer=tokenizer, unet=ema_unet.eval(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tok_dir, safe_serialization=True)
+    info = {
+        "seed": seed, "vae_steps": vae_steps, "vae_batch_size": vae_batch_size, "vae_reconstruction_mse": vae_rec,
+        "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr, "num_latents": num_latents,
+        "ema_decay": ema_decay, "cond_dropout": cond_dropout, "final_loss_ema": running,
+        "scaling_factor": scaling_factor, "vae_seconds": round(t_vae, 1),
+        "total_seconds": round(time.time() - t_start, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    (tok_dir / "training_info.json").write_text(json.dumps(info, indent=2))
+    commit()
+    return info
+
+
+def train_evaluator(out_dir: str | Path, seed: int = 0, steps: int = 3000, batch_size: int = 128, lr: float = 2e-3,
+                    eval_samples: int = 5000) -> dict:
+    """Train the toy evaluator on fresh world samples; report held-out accuracy and continuous-attribute error."""
+    torch.manual_seed(seed)
+    t_start = time.time()
+    model = ToyEvaluator()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    bar = tqdm(range(steps), desc="toy evaluator")
+    for step in bar:
+        images, attrs = world.sample(10_000_019 * (seed + 1) + step, batch_size)
+        out = model(torch.from_numpy(images))
+        discrete = {k: torch.from_numpy(v) for k, v in attrs.discrete().items()}
+        loss = evaluator_loss(out, discrete, torch.from_numpy(attrs.continuous()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    metrics = evaluate_evaluator(model, eval_samples, seed=987_654_321)
+    info = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
+            "train_seconds": round(time.time() - t_start, 1), "held_out": metrics}
+    tmp, commit = _atomic_dir(Path(out_dir))
+    model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
+    commit()
+    return info
+
+
+@torch.no_grad()
+def evaluate_evaluator(model: ToyEvaluator, n: int, seed: int) -> dict:
+    """Held-out accuracy per discrete attribute and mean absolute error per continuous one, on fresh samples."""
+    images, attrs = world.sample(seed, n)
+    correct = {k: 0 for k in world.DISCRETE_ATTRIBUTES}
+    abs_err = np.zeros(len(world.CONTINUOUS_ATTRIBUTES))
+    cont = attrs.continuous()
+    for s in range(0, n, 500):
+        out = model(torch.from_numpy(images[s:s + 500]))
+        for k in correct:
+            correct[k] += int((out[k].argmax(1).numpy() == attrs.discrete()[k][s:s + 500]).sum())
+        abs_err += np.abs(out["continuous"].numpy() - cont[s:s + 500]).sum(0)
+    return {
+        "accuracy": {k: v / n for k, v in correct.items()},
+        "mae": {k: float(e / n) for k, e in zip(world.CONTINUOUS_ATTRIBUTES, abs_err)},
+        "num_samples": n,
+    }
