@@ -1,0 +1,590 @@
+"""The frozen teacher: loading (diffusers folder, single-file checkpoint or the toy), prompt encoding and guided
+denoising, behind one interface for SD1.x/2.x (epsilon or v-prediction) and SDXL.
+
+Classifier-free guidance (Ho & Salimans 2022), applied to the raw network output of any prediction type:
+``out = out(x_t, t, ∅) + w·(out(x_t, t, c) − out(x_t, t, ∅))``. Because the conversions to x̂₀ / ε̂ are affine in
+the network output at fixed ``(x_t, t)``, guiding the raw output equals guiding x̂₀ or ε̂.
+
+Nothing here touches the network: every load uses ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from stepdistill.schedule import NoiseSchedule
+
+__all__ = [
+    "PromptEmbeds",
+    "SUPPORTED_PIPELINES",
+    "Teacher",
+    "TeacherLoadError",
+    "TOY_TEACHER_DIR",
+    "unet_forward",
+]
+
+#: diffusers pipeline class name (as written in model_index.json) -> teacher family.
+SUPPORTED_PIPELINES: dict[str, str] = {
+    "StableDiffusionPipeline": "sd",  # SD1.x and SD2.x (epsilon or v-prediction)
+    "StableDiffusionXLPipeline": "sdxl",
+}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+#: Where ``Teacher.load("toy")`` looks: ``<repo>/assets/toy-teacher``.
+TOY_TEACHER_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-teacher"
+_SUPPORTED_TEXT = ", ".join(f"{k} ({'SD1.x/2.x' if v == 'sd' else 'SDXL'})" for k, v in SUPPORTED_PIPELINES.items())
+
+
+class TeacherLoadError(ValueError):
+    """A teacher checkpoint is missing or malformed; the message names the path and what was expected."""
+
+
+# --- prompt embeddings ---------------------------------------------------------------------------------------------
+def _rows(t: torch.Tensor | None, index: Any) -> torch.Tensor | None:
+    return None if t is None else t[index]
+
+
+def _rows_dict(d: dict[str, torch.Tensor] | None, index: Any) -> dict[str, torch.Tensor] | None:
+    return None if d is None else {k: v[index] for k, v in d.items()}
+
+
+def _move(t: torch.Tensor, device: Any, dtype: torch.dtype | None) -> torch.Tensor:
+    # Only floating tensors change dtype (token ids or integer time ids would be corrupted otherwise).
+    return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch: the prompts' UNet inputs and, for CFG, those of the negative prompts.
+
+    ``cond`` / ``uncond``: (B, L, D) ``encoder_hidden_states``; ``cond_added`` / ``uncond_added`` (SDXL only):
+    ``{"text_embeds": (B, P), "time_ids": (B, 6)}``.
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+    cond_added: dict[str, torch.Tensor] | None = None
+    uncond_added: dict[str, torch.Tensor] | None = None
+
+    def unet_kwargs(self, which: str = "cond") -> dict[str, Any]:
+        """``{"encoder_hidden_states": ..., ["added_cond_kwargs": ...]}`` of ``which`` ("cond" or "uncond")."""
+        if which == "cond":
+            hidden, added = self.cond, self.cond_added
+        elif which == "uncond":
+            if self.uncond is None:
+                raise ValueError("these PromptEmbeds have no uncond part; encode them with with_uncond=True")
+            hidden, added = self.uncond, self.uncond_added
+        else:
+            raise ValueError(f"which must be 'cond' or 'uncond', got {which!r}")
+        kwargs: dict[str, Any] = {"encoder_hidden_states": hidden}
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
+        return kwargs
+
+    def select(self, index: int | slice | Sequence[int] | torch.Tensor) -> "PromptEmbeds":
+        """The rows ``index`` (an int keeps the batch dimension, like ``[i:i+1]``), a slice, indices or bool mask."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        elif isinstance(index, (list, tuple)):
+            index = torch.as_tensor(index)
+        if isinstance(index, torch.Tensor):
+            index = index.to(self.cond.device)
+        return PromptEmbeds(
+            cond=self.cond[index],
+            uncond=_rows(self.uncond, index),
+            cond_added=_rows_dict(self.cond_added, index),
+            uncond_added=_rows_dict(self.uncond_added, index),
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PromptEmbeds":
+        """Move every tensor to ``device``; floating tensors are also cast to ``dtype``."""
+        def move_dict(d: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            return None if d is None else {k: _move(v, device, dtype) for k, v in d.items()}
+
+        return PromptEmbeds(
+            cond=_move(self.cond, device, dtype),
+            uncond=None if self.uncond is None else _move(self.uncond, device, dtype),
+            cond_added=move_dict(self.cond_added),
+            uncond_added=move_dict(self.uncond_added),
+        )
+
+    def __len__(self) -> int:
+        return int(self.cond.shape[0])
+
+
+# --- guided UNet call ------------------------------------------------------------------------------------------------
+def _module_dtype(module: torch.nn.Module) -> torch.dtype:
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next(module.parameters()).dtype
+
+
+def _timesteps(t: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """t as a (B,) tensor on ``device`` (ints become long)."""
+    t = torch.as_tensor(t, device=device)
+    if not t.is_floating_point():
+        t = t.long()
+    if t.ndim == 0:
+        return t.expand(batch)
+    t = t.reshape(-1)
+    if t.shape[0] == 1:
+        return t.expand(batch)
+    if t.shape[0] != batch:
+        raise ValueError(f"t has {t.shape[0]} timesteps but x_t has batch size {batch}; pass an int or a (B,) tensor")
+    return t
+
+
+def _match_batch(embeds: PromptEmbeds, batch: int) -> PromptEmbeds:
+    n = len(embeds)
+    if n == batch:
+        return embeds
+    if n == 1:
+        return embeds.select(torch.zeros(batch, dtype=torch.long))
+    raise ValueError(f"PromptEmbeds hold {n} prompts but x_t has batch size {batch}; they must match (or be 1)")
+
+
+def _cat_added(
+    a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor] | None:
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        raise ValueError("cond and uncond embeddings disagree on added_cond_kwargs (SDXL needs both)")
+    return {k: torch.cat([a[k], b[k]], dim=0) for k in a}
+
+
+def unet_forward(
+    unet: torch.nn.Module,
+    x_t: torch.Tensor,
+    t: int | torch.Tensor,
+    embeds: PromptEmbeds,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Raw UNet output (in the schedule's prediction type) with classifier-free guidance
+    ``out = out(∅) + w·(out(c) − out(∅))``; ``w == 1`` is a single conditional pass, otherwise uncond and cond run
+    as one batched forward (uncond rows first). ``t`` may be an int or a (B,) long tensor. Inputs are cast to the
+    UNet's dtype and the output back to ``x_t``'s dtype. Gradients flow to ``x_t`` (wrap in ``torch.no_grad()``
+    when they are not needed)."""
+    batch = x_t.shape[0]
+    device = x_t.device
+    dtype = _module_dtype(unet)
+    embeds = _match_batch(embeds, batch).to(device=device, dtype=dtype)
+    t = _timesteps(t, batch, device)
+    x = x_t.to(dtype)
+    w = float(guidance_scale)
+    if w == 1.0:
+        out = unet(x, t, **embeds.unet_kwargs("cond"), return_dict=False)[0]
+        return out.to(x_t.dtype)
+    if embeds.uncond is None:
+        raise ValueError(
+            f"guidance_scale={w} needs unconditional embeddings; encode the prompts with with_uncond=True "
+            "(or use guidance_scale=1.0)"
+        )
+    kwargs: dict[str, Any] = {"encoder_hidden_states": torch.cat([embeds.uncond, embeds.cond], dim=0)}
+    added = _cat_added(embeds.uncond_added, embeds.cond_added)
+    if added is not None:
+        kwargs["added_cond_kwargs"] = added
+    out = unet(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), **kwargs, return_dict=False)[0]
+    out_uncond, out_cond = out.chunk(2, dim=0)
+    return (out_uncond + w * (out_cond - out_uncond)).to(x_t.dtype)
+
+
+# --- loading helpers -------------------------------------------------------------------------------------------------
+def _check_safetensors(path: Path) -> None:
+    """Raise TeacherLoadError unless ``path`` is a complete safetensors file (header parses, data fits exactly)."""
+    expected = "a complete .safetensors checkpoint (8-byte header length, JSON header, tensor data)"
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"the file has only {size} bytes")
+            (header_len,) = struct.unpack("<Q", head)
+            if 8 + header_len > size:
+                raise ValueError(f"the header claims {header_len} bytes but the file has only {size}")
+            header = json.loads(f.read(header_len).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        data_end = 8 + header_len + (max(ends) if ends else 0)
+        if data_end != size:
+            raise ValueError(f"the tensors need {data_end} bytes but the file has {size} (truncated or corrupt)")
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, struct.error) as e:
+        raise TeacherLoadError(
+            f"cannot load teacher from {path}: not a valid safetensors file ({e}). Expected {expected}; "
+            "re-download or re-export the checkpoint."
+        ) from e
+
+
+def _read_model_index(folder: Path, role: str = "teacher") -> tuple[str, str]:
+    """(pipeline class name, family) from ``folder/model_index.json``, or a TeacherLoadError."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise TeacherLoadError(
+            f"cannot load {role} from {folder}: the folder has no model_index.json. Expected a diffusers pipeline "
+            f"folder (as written by `pipeline.save_pretrained(...)`) of one of: {_SUPPORTED_TEXT}."
+        )
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        class_name = data["_class_name"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise TeacherLoadError(
+            f"cannot load {role} from {folder}: {index} is not a valid diffusers model_index.json with a "
+            f"'_class_name' entry ({type(e).__name__}: {e})."
+        ) from e
+    family = SUPPORTED_PIPELINES.get(class_name)
+    if family is None:
+        raise TeacherLoadError(
+            f"cannot load {role} from {folder}: model_index.json names pipeline class {class_name!r}, which is not "
+            f"a supported teacher. Supported pipeline classes: {_SUPPORTED_TEXT}."
+        )
+    return class_name, family
+
+
+def _dtype_kwarg() -> str:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns); use whichever this version expects."""
+    try:
+        from diffusers.utils import deprecation_utils
+    except ImportError:
+        return "torch_dtype"
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def _pipeline_kwargs(family: str, dtype: torch.dtype) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {_dtype_kwarg(): dtype, "local_files_only": True}
+    if family == "sd":
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        kwargs.update(add_watermarker=False)
+    return kwargs
+
+
+def _resolve_source(source: str | Path) -> Path:
+    if isinstance(source, str) and source == "toy":
+        if not (TOY_TEACHER_DIR / "model_index.json").is_file():
+            raise TeacherLoadError(
+                f"cannot load the toy teacher: {TOY_TEACHER_DIR} does not exist or has no model_index.json. "
+                "Create it with `stepdistill toy train-teacher` (it trains and writes that folder), or pass the "
+                "path of a diffusers folder / .safetensors file instead of 'toy'."
+            )
+        return TOY_TEACHER_DIR
+    path = Path(source).expanduser()
+    if not path.exists():
+        hint = ""
+        if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/", "~")):
+            hint = (
+                " It looks like a Hub model id: stepdistill never downloads; download it elsewhere and pass the "
+                "local folder."
+            )
+        raise TeacherLoadError(
+            f"cannot load teacher from {path}: the path does not exist. Expected a local diffusers pipeline folder "
+            f"(with model_index.json), a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}) or 'toy'.{hint}"
+        )
+    return path
+
+
+# --- the teacher -----------------------------------------------------------------------------------------------------
+class Teacher:
+    """A frozen Stable Diffusion teacher (weights ``requires_grad=False``, modules in eval mode).
+
+    Attributes: ``pipeline`` (the diffusers pipeline), ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` (and
+    ``text_encoder_2`` / ``tokenizer_2`` for SDXL, else None), ``schedule`` (its :class:`NoiseSchedule`),
+    ``prediction_type``, ``family`` ("sd" | "sdxl"), ``source``, ``latent_shape`` (C, H, W) and ``image_size``
+    (H, W) at the default resolution.
+    """
+
+    def __init__(self, pipeline: Any, source: str = "<in-memory pipeline>") -> None:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if isinstance(pipeline, StableDiffusionXLPipeline):
+            family = "sdxl"
+        elif isinstance(pipeline, StableDiffusionPipeline):
+            family = "sd"
+        else:
+            raise TeacherLoadError(
+                f"cannot use {type(pipeline).__name__} from {source} as a teacher; supported pipeline classes: "
+                f"{_SUPPORTED_TEXT}."
+            )
+        if pipeline.text_encoder is None or pipeline.unet is None or pipeline.vae is None:
+            raise TeacherLoadError(
+                f"cannot use the pipeline from {source} as a teacher: it lacks a text_encoder, unet or vae "
+                "(an SDXL refiner-style pipeline is not a text-to-image teacher)."
+            )
+        self.pipeline = pipeline
+        self.family = family
+        self.source = str(source)
+        self.unet = pipeline.unet
+        self.vae = pipeline.vae
+        self.text_encoder = pipeline.text_encoder
+        self.tokenizer = pipeline.tokenizer
+        self.text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
+        self.tokenizer_2 = getattr(pipeline, "tokenizer_2", None)
+        self.schedule = NoiseSchedule.from_scheduler(pipeline.scheduler)
+        self.prediction_type = self.schedule.prediction_type
+
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.latent_shape: tuple[int, int, int] = (int(self.unet.config.in_channels), h, w)
+        scale = int(getattr(pipeline, "vae_scale_factor", 2 ** (len(self.vae.config.block_out_channels) - 1)))
+        self.image_size: tuple[int, int] = (h * scale, w * scale)
+
+        if hasattr(pipeline, "set_progress_bar_config"):
+            pipeline.set_progress_bar_config(disable=True)
+        self._freeze()
+
+    def _freeze(self) -> None:
+        for module in self.pipeline.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
+                module.eval()
+
+    def __repr__(self) -> str:
+        return (
+            f"Teacher(family={self.family!r}, prediction_type={self.prediction_type!r}, "
+            f"latent_shape={self.latent_shape}, source={self.source!r})"
+        )
+
+    # --- loading ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        config: str | Path | None = None,
+    ) -> "Teacher":
+        """Load a frozen teacher from a local diffusers pipeline folder, a single-file checkpoint
+        (``.safetensors`` / ``.ckpt``, original SD key layout; needs ``config=`` a local diffusers folder of the same
+        architecture, since no original config can be fetched) or ``"toy"`` (``assets/toy-teacher``).
+        ``config`` is only used for single files. Never touches the network; bad input raises one
+        :class:`TeacherLoadError` naming the path."""
+        path = _resolve_source(source)
+        if path.is_dir():
+            class_name, family = _read_model_index(path)
+            pipeline = cls._from_pretrained(path, class_name, family, dtype)
+        elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            pipeline = cls._from_single_file(path, config, dtype)
+        else:
+            raise TeacherLoadError(
+                f"cannot load teacher from {path}: a file with suffix {path.suffix!r}. Expected a diffusers pipeline "
+                f"folder (with model_index.json) or a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})."
+            )
+        pipeline = pipeline.to(device)
+        return cls(pipeline, source=str(path))
+
+    @staticmethod
+    def _from_pretrained(folder: Path, class_name: str, family: str, dtype: torch.dtype) -> Any:
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, class_name)
+        try:
+            return pipeline_cls.from_pretrained(str(folder), **_pipeline_kwargs(family, dtype))
+        except Exception as e:  # noqa: BLE001 - re-raised as one clear error naming the path
+            raise TeacherLoadError(
+                f"cannot load teacher from {folder}: diffusers could not load it as {class_name} "
+                f"({type(e).__name__}: {e}). Expected a complete diffusers folder (model_index.json plus the unet, "
+                "vae, text_encoder, tokenizer and scheduler subfolders with their weights)."
+            ) from e
+
+    @staticmethod
+    def _from_single_file(file: Path, config: str | Path | None, dtype: torch.dtype) -> Any:
+        import diffusers
+
+        if file.suffix.lower() == ".safetensors":
+            _check_safetensors(file)
+        if config is None:
+            raise TeacherLoadError(
+                f"cannot load teacher from {file}: a single-file checkpoint needs the diffusers config of its "
+                "architecture, and stepdistill never downloads it. Pass config=<a local diffusers folder of the same "
+                "model family> (model_index.json plus the component configs and tokenizers, e.g. the model's "
+                "diffusers repository copied locally), e.g. Teacher.load(file, config='path/to/sd15-diffusers')."
+            )
+        config_dir = Path(config).expanduser()
+        if not config_dir.is_dir():
+            raise TeacherLoadError(
+                f"cannot load teacher from {file}: config={config_dir} is not a folder. Expected a local diffusers "
+                "pipeline folder (with model_index.json) describing the checkpoint's architecture."
+            )
+        class_name, family = _read_model_index(config_dir, role=f"the config for {file}")
+        pipeline_cls = getattr(diffusers, class_name)
+        try:
+            return pipeline_cls.from_single_file(str(file), config=str(config_dir), **_pipeline_kwargs(family, dtype))
+        except Exception as e:  # noqa: BLE001 - re-raised as one clear error naming the path
+            raise TeacherLoadError(
+                f"cannot load teacher from {file}: diffusers could not load it as a single-file {class_name} with "
+                f"config {config_dir} ({type(e).__name__}: {e}). Expected an original-layout Stable Diffusion "
+                "checkpoint whose architecture matches the config folder."
+            ) from e
+
+    # --- device / dtype -----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _module_dtype(self.unet)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Teacher":
+        """Move (and optionally cast) the whole pipeline; returns self."""
+        self.pipeline.to(device=device, dtype=dtype)
+        return self
+
+    # --- prompts ------------------------------------------------------------------------------------------------------
+    def encode_prompt(
+        self,
+        prompts: Sequence[str] | str,
+        negative_prompts: Sequence[str] | str | None = None,
+        with_uncond: bool = True,
+    ) -> PromptEmbeds:
+        """Encode prompts with the pipeline's own ``encode_prompt`` (no gradients).
+
+        The uncond part uses ``negative_prompts``; when None it is the pipeline's empty-prompt conditioning: the
+        embedding of "" for SD, and for SDXL the same unless the pipeline's ``force_zeros_for_empty_prompt`` is set
+        (SDXL base), in which case it is zeros, exactly as the pipeline (and :meth:`sample`) uses. SDXL adds
+        ``text_embeds`` (pooled, from text_encoder_2) and ``time_ids`` = (original_size, crop (0, 0), target_size)
+        at the default resolution."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("encode_prompt needs at least one prompt")
+        negatives = self._negatives(negative_prompts, len(prompts))
+        pipe = self.pipeline
+        device = self.device
+        with torch.no_grad():
+            if self.family == "sd":
+                cond, uncond = pipe.encode_prompt(
+                    prompts, device, 1, with_uncond, negative_prompt=negatives
+                )
+                return PromptEmbeds(cond=cond, uncond=uncond if with_uncond else None)
+            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                prompt=prompts,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=with_uncond,
+                negative_prompt=negatives,
+            )
+            time_ids = self._time_ids(pooled, cond.dtype).to(device).repeat(len(prompts), 1)
+            embeds = PromptEmbeds(cond=cond, cond_added={"text_embeds": pooled, "time_ids": time_ids})
+            if with_uncond:
+                embeds.uncond = uncond
+                embeds.uncond_added = {"text_embeds": uncond_pooled, "time_ids": time_ids.clone()}
+            return embeds
+
+    @staticmethod
+    def _negatives(negative: Sequence[str] | str | None, n: int) -> list[str] | None:
+        if negative is None:
+            return None
+        negatives = [negative] * n if isinstance(negative, str) else list(negative)
+        if len(negatives) != n:
+            raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts; pass one per prompt (or one str)")
+        return negatives
+
+    def _time_ids(self, pooled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL micro-conditioning (1, 6): original_size + crops_coords_top_left (0, 0) + target_size."""
+        size = tuple(self.image_size)
+        if self.text_encoder_2 is None:
+            projection_dim = int(pooled.shape[-1])
+        else:
+            projection_dim = int(self.text_encoder_2.config.projection_dim)
+        get = getattr(self.pipeline, "_get_add_time_ids", None)
+        if get is None:
+            return torch.tensor([list(size + (0, 0) + size)], dtype=dtype)
+        return get(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection_dim)
+
+    # --- denoising ----------------------------------------------------------------------------------------------------
+    def predict(
+        self, x_t: torch.Tensor, t: int | torch.Tensor, embeds: PromptEmbeds, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """Raw guided teacher output ``out(∅) + w·(out(c) − out(∅))`` in ``self.prediction_type``."""
+        return unet_forward(self.unet, x_t, t, embeds, guidance_scale)
+
+    def predict_x0(
+        self, x_t: torch.Tensor, t: int | torch.Tensor, embeds: PromptEmbeds, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """x̂₀ of the guided output via ``schedule.to_x0`` (ε: (x_t − σ_t·ε̂)/a_t; v: a_t·x_t − σ_t·v̂)."""
+        return self.schedule.to_x0(self.predict(x_t, t, embeds, guidance_scale), x_t, t)
+
+    def predict_eps(
+        self, x_t: torch.Tensor, t: int | torch.Tensor, embeds: PromptEmbeds, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """ε̂ of the guided output via ``schedule.to_eps`` (v: a_t·v̂ + σ_t·x_t)."""
+        return self.schedule.to_eps(self.predict(x_t, t, embeds, guidance_scale), x_t, t)
+
+    # --- VAE ----------------------------------------------------------------------------------------------------------
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(mean, std) with ``z_vae = latents·std/scaling_factor + mean``; std = 1 unless the VAE config has
+        latents_mean/latents_std (as the SDXL pipeline handles), mean = shift_factor (or 0)."""
+        cfg = self.vae.config
+        mean_list = getattr(cfg, "latents_mean", None)
+        std_list = getattr(cfg, "latents_std", None)
+        if mean_list is not None and std_list is not None:
+            shape = (1, len(mean_list), 1, 1)
+            mean = torch.tensor(mean_list, device=like.device, dtype=like.dtype).view(shape)
+            std = torch.tensor(std_list, device=like.device, dtype=like.dtype).view(shape)
+            return mean, std
+        shift = getattr(cfg, "shift_factor", None)
+        return (0.0 if shift is None else float(shift)), 1.0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1]: ``vae.decode(latents/scaling_factor + shift_factor)``, clamped.
+        Differentiable (wrap in ``torch.no_grad()`` when not needed). A float16 VAE whose config asks for
+        ``force_upcast`` (SDXL) decodes in float32, as the pipeline does."""
+        vae = self.vae
+        mean, std = self._latent_stats(latents)
+        z = latents * std / vae.config.scaling_factor + mean
+        upcast = _module_dtype(vae) == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            vae_dtype = _module_dtype(vae)
+            image = vae.decode(z.to(device=self.device, dtype=vae_dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        return image.clamp(-1, 1).to(device=latents.device, dtype=latents.dtype)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents ``(posterior_mean − shift_factor)·scaling_factor`` (no sampling)."""
+        vae = self.vae
+        posterior = vae.encode(images.to(device=self.device, dtype=_module_dtype(vae))).latent_dist
+        z = posterior.mean.to(images.dtype)
+        mean, std = self._latent_stats(z)
+        return ((z - mean) * vae.config.scaling_factor / std).to(images.device)
+
+    # --- sampling -----------------------------------------------------------------------------------------------------
+    def sample(
+        self,
+        prompts: Sequence[str] | str,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        negative_prompt: Sequence[str] | str | None = None,
+    ) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] from the diffusers pipeline itself (its scheduler, one batched call).
+        ``guidance_scale <= 1`` disables CFG, as in diffusers."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("sample needs at least one prompt")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        negatives = self._negatives(negative_prompt, len(prompts))
+        with torch.no_grad():
+            out = self.pipeline(
+                prompt=prompts,
+                negative_prompt=negatives,
+                num_inference_steps=int(num_inference_steps),
+                guidance_scale=float(guidance_scale),
+                generator=generator,
+                output_type="pt",
+                return_dict=True,
+            )
+        images = out.images
+        if not isinstance(images, torch.Tensor):
+            images = torch.as_tensor(images)
+        return (images * 2 - 1).clamp(-1, 1)
