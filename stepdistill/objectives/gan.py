@@ -1,0 +1,103 @@
+"""DMD2's GAN branch: a classifier head on the fake-score UNet's bottleneck (Yin et al. 2024, §4.3; official code
+tianweiy/DMD2 ``main/sd_guidance.py`` ``cls_pred_branch`` / ``compute_cls_logits`` and ``main/sd_unet_forward.py``).
+
+The fake-score UNet is run on (optionally slightly noised) latents up to its mid block; the mid-block output (the
+bottleneck, 1280×8×8 for SD1.5 at 512 px) goes through strided 4×4 convolutions + GroupNorm + SiLU down to 1×1 and a
+1×1 convolution to one realism logit. The official code stops the UNet after the mid block with a patched forward;
+here a forward hook on ``unet.mid_block`` captures the output and aborts the rest of the pass (the up path is never
+computed), so any diffusers ``UNet2DConditionModel`` works unmodified.
+
+Losses (non-saturating, as the official code): discriminator ``softplus(D(fake)) + softplus(−D(real))``,
+generator ``softplus(−D(fake))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _BottleneckReached(Exception):
+    def __init__(self, features: torch.Tensor) -> None:
+        super().__init__("bottleneck reached")
+        self.features = features
+
+
+def bottleneck_features(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds) -> torch.Tensor:
+    """The output of ``unet.mid_block`` for input ``x_t`` at timesteps ``t`` under the conditional embeddings
+    (no guidance); the decoder half of the UNet is not evaluated. Autograd follows the caller's grad mode."""
+    from stepdistill.teacher import unet_forward
+
+    if getattr(unet, "mid_block", None) is None:
+        raise ValueError("the fake-score UNet has no mid_block; DMD2's GAN head reads the mid-block output")
+
+    def hook(_module, _inputs, output):
+        raise _BottleneckReached(output[0] if isinstance(output, tuple) else output)
+
+    handle = unet.mid_block.register_forward_hook(hook)
+    try:
+        unet_forward(unet, x_t, t, embeds, guidance_scale=1.0)
+    except _BottleneckReached as stop:
+        return stop.features
+    finally:
+        handle.remove()
+    raise RuntimeError("the UNet forward finished without running its mid_block")
+
+
+def bottleneck_shape(unet: nn.Module, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(channels, height, width) of the mid-block output for latents of shape ``latent_shape`` = (C, H, W):
+    the last ``block_out_channels`` and the latent size halved once per down block that has a downsampler."""
+    channels = int(unet.config.block_out_channels[-1])
+    n_down = sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+    _, h, w = latent_shape
+    for _ in range(n_down):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return channels, h, w
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(32, channels)
+
+
+class ClassifierHead(nn.Module):
+    """Strided convs + GroupNorm + SiLU to one logit per sample.
+
+    ``Conv4×4/2`` blocks halve the bottleneck until it is at most 4×4 (SD1.5: 8×8 → 4×4; SDXL: 32 → 16 → 8 → 4), then a
+    convolution with kernel = stride = the remaining size brings it to 1×1 (the official ``4×4, stride 4``), then a
+    1×1 convolution outputs the logit. Channels stay at the bottleneck width, as in the official branch."""
+
+    def __init__(self, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        h, w = height, width
+        while max(h, w) > 4 and min(h, w) >= 2:
+            layers += [
+                nn.Conv2d(channels, channels, kernel_size=4, stride=2, padding=1),
+                nn.GroupNorm(_groups(channels), channels),
+                nn.SiLU(),
+            ]
+            h, w = h // 2, w // 2
+        layers += [
+            nn.Conv2d(channels, channels, kernel_size=(h, w), stride=(h, w), padding=0),
+            nn.GroupNorm(_groups(channels), channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, 1, kernel_size=1),
+        ]
+        self.net = nn.Sequential(*layers)
+        self.in_shape = (channels, height, width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).flatten(1).squeeze(1)
+
+
+def discriminator_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> torch.Tensor:
+    """``mean softplus(D(fake)) + mean softplus(−D(real))`` (low when D says real on real and fake on fake)."""
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
+def generator_gan_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """``mean softplus(−D(fake))`` (low when D believes the generator's samples are real)."""
+    return F.softplus(-logits_fake).mean()
