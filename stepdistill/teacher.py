@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from stepdistill.schedule import NoiseSchedule
+from stepdistill.toy.assets import TOY_TEACHER
 
 __all__ = [
     "PromptEmbeds",
@@ -36,7 +37,7 @@ SUPPORTED_PIPELINES: dict[str, str] = {
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 #: Where ``Teacher.load("toy")`` looks: ``<repo>/assets/toy-teacher``.
-TOY_TEACHER_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-teacher"
+TOY_TEACHER_DIR = TOY_TEACHER
 _SUPPORTED_TEXT = ", ".join(f"{k} ({'SD1.x/2.x' if v == 'sd' else 'SDXL'})" for k, v in SUPPORTED_PIPELINES.items())
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stepdistill.toy import world
-from stepdistill.toy.assets import TOY_EVALUATOR
+from stepdistill.toy.assets import TOY_EVALUATOR, TOY_TEACHER
 from stepdistill.toy.tokenizer import build_tokenizer_files
 
 
@@ -70,3 +70,21 @@ def test_shipped_evaluator_reads_real_samples():
     for name, truth in attrs.discrete().items():
         assert (out[name].argmax(1).numpy() == truth).mean() >= 0.98, name
     assert np.abs(out["continuous"].numpy() - attrs.continuous()).mean() < 0.03
+
+
+@pytest.mark.skipif(not (TOY_TEACHER / "model_index.json").is_file(), reason="toy teacher asset not present")
+def test_shipped_teacher_is_a_plain_sd_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    from stepdistill.teacher import Teacher
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_TEACHER, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(["a large red square on a black background"], num_inference_steps=2, guidance_scale=3.0,
+               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3)
+    cfg = pipe.scheduler.config
+    assert (cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type) == (
+        0.00085, 0.012, "scaled_linear", 1000, "epsilon")
+    teacher = Teacher.load("toy")
+    assert teacher.latent_shape == (4, 8, 8)
