@@ -1,0 +1,45 @@
+"""Training: typed run configs, the accelerate loop, EMA and crash-safe checkpoints."""
+
+from stepdistill.training.checkpoint import (
+    CheckpointError,
+    TrainState,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+)
+from stepdistill.training.config import (
+    ConfigError,
+    GeneratorConfig,
+    OptimizerConfig,
+    PromptsConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    load_recipe,
+)
+from stepdistill.training.ema import GeneratorEMA, attach_ema, get_ema
+from stepdistill.training.trainer import PromptSource, Trainer, TrainingDiverged, build_batch, load_prompts
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "GeneratorConfig",
+    "GeneratorEMA",
+    "OptimizerConfig",
+    "PromptSource",
+    "PromptsConfig",
+    "RunConfig",
+    "TrainConfig",
+    "TrainState",
+    "Trainer",
+    "TrainingDiverged",
+    "apply_overrides",
+    "attach_ema",
+    "build_batch",
+    "get_ema",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_prompts",
+    "load_recipe",
+    "resolve_checkpoint",
+]

@@ -1,0 +1,353 @@
+"""Typed, validated run configuration (the ``training/*.yaml`` recipes).
+
+A recipe is a YAML mapping with the sections below; every key is optional except ``objective``::
+
+    generator:        {timesteps: [999], lora_rank: null}
+    optimizer:        {generator_lr: 1.0e-5, aux_lr: 1.0e-5, betas: [0.9, 0.999], weight_decay: 0.01, eps: 1.0e-8}
+    train:            {batch_size: 4, max_steps: 1000, grad_accum: 1, grad_clip: 1.0, mixed_precision: "no",
+                       gradient_checkpointing: false, attention: sdpa, ema_decay: null, checkpoint_every: 500,
+                       keep_checkpoints: 3, sample_every: 0, log_every: 10, seed: 0, num_workers: 0}
+    objective:        dmd2
+    objective_config: {...}            # free-form here; the objective validates it
+    prompts:          {source: toy}    # or a .txt (one prompt per line) / .jsonl ({"prompt": ...}) path
+
+:func:`load_recipe` reads such a file and applies ``key.sub=value`` overrides (values parsed as YAML). An unknown key,
+a wrong type or an impossible value raises :class:`ConfigError` naming the dotted key and the file. ``0`` disables
+``checkpoint_every`` and ``sample_every``; ``grad_clip: null`` disables clipping; ``ema_decay: null`` disables EMA
+(the EMA is diffusers' EMAModel: its decay at update s is min(ema_decay, (1+s)/(10+s))). ``batch_size`` is per
+process. ``num_workers`` is validated and kept for data-loading front ends; the Trainer itself draws prompts and
+noise in-process and does not use it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union
+
+import yaml
+
+MAX_TIMESTEP = 999
+_MISSING = object()
+# PyYAML follows YAML 1.1, where ``1e-5`` (no dot) is a string; accept such strings for float fields.
+_SCI_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+class ConfigError(ValueError):
+    """A recipe problem; ``key`` is the dotted path of the offending key and ``file`` the recipe it came from."""
+
+    def __init__(self, key: str, problem: str, file: str | None = None) -> None:
+        self.key = key
+        self.problem = problem
+        self.file = file
+        where = f"{file}: " if file else ""
+        super().__init__(f"{where}{key}: {problem}")
+
+
+# --- sections ----------------------------------------------------------------------------------------------------
+@dataclass
+class GeneratorConfig:
+    timesteps: list[int] = field(default_factory=lambda: [999])
+    lora_rank: int | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    generator_lr: float = 1.0e-5
+    aux_lr: float = 1.0e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1.0e-8
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    max_steps: int = 1000
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    ema_decay: float | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class PromptsConfig:
+    source: str = "toy"
+
+
+@dataclass
+class RunConfig:
+    objective: str = ""
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective_config: dict[str, Any] = field(default_factory=dict)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+
+    # --- construction / serialisation ----------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], file: str | None = None) -> "RunConfig":
+        """Build and validate from a plain mapping (as read from YAML); errors name ``file``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("<root>", f"the recipe must be a mapping of sections, got {type(data).__name__}", file)
+        data = dict(data)
+        if isinstance(data.get("prompts"), str):  # shorthand ``prompts: toy``
+            data["prompts"] = {"source": data["prompts"]}
+        if data.get("objective_config") is None and "objective_config" in data:
+            data["objective_config"] = {}
+        config = _build(cls, data, "", file)
+        validate(config, file)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["optimizer"]["betas"] = list(out["optimizer"]["betas"])
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml(), encoding="utf-8")
+        return path
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.batch_size": 4, ...}`` (for loggers)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+# --- generic typed construction ----------------------------------------------------------------------------------
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, file: str | None) -> Any:
+    """``value`` checked against the annotation ``tp`` (int accepted for float; bool never accepted for numbers)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"must be a mapping (section), got {value!r}", file)
+        return _build(tp, value, key, file)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(key, f"must be {_type_name(tp)}, got null", file)
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, file)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}", file)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool):
+            raise ConfigError(key, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}", file)
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}", file)
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]", file) for i, v in enumerate(value)]
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}", file)
+        return tuple(_coerce(v, t, f"{key}[{i}]", file) for i, (v, t) in enumerate(zip(value, items)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"must be a mapping, got {value!r}", file)
+        return copy.deepcopy(dict(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}", file)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}", file)
+        return value
+    if tp is float:
+        if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {value!r}", file)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}", file)
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this module, not in the recipe
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, file: str | None) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            allowed = ", ".join(names)
+            raise ConfigError(_join(prefix, str(key)), f"unknown key (allowed here: {allowed})", file)
+    kwargs = {name: _coerce(data[name], hints[name], _join(prefix, name), file) for name in names if name in data}
+    return cls(**kwargs)
+
+
+# --- value checks ------------------------------------------------------------------------------------------------
+def validate(config: RunConfig, file: str | None = None) -> RunConfig:
+    """Range and consistency checks (types were checked while building)."""
+
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(key, problem, file)
+
+    if not config.objective or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", config.objective):
+        fail("objective", f"must name an objective (e.g. 'dmd2'), got {config.objective!r}")
+
+    g = config.generator
+    if not g.timesteps:
+        fail("generator.timesteps", "must hold at least one timestep")
+    for i, t in enumerate(g.timesteps):
+        if not 0 <= t <= MAX_TIMESTEP:
+            fail(f"generator.timesteps[{i}]", f"must lie in [0, {MAX_TIMESTEP}], got {t}")
+    for i in range(1, len(g.timesteps)):
+        if g.timesteps[i] >= g.timesteps[i - 1]:
+            fail(f"generator.timesteps[{i}]", f"timesteps must be strictly decreasing, got {g.timesteps}")
+    if g.lora_rank is not None and g.lora_rank < 1:
+        fail("generator.lora_rank", f"must be >= 1 (or null for full fine-tuning), got {g.lora_rank}")
+
+    o = config.optimizer
+    for name in ("generator_lr", "aux_lr", "eps"):
+        if not getattr(o, name) > 0:
+            fail(f"optimizer.{name}", f"must be > 0, got {getattr(o, name)}")
+    for i, b in enumerate(o.betas):
+        if not 0.0 <= b < 1.0:
+            fail(f"optimizer.betas[{i}]", f"must lie in [0, 1), got {b}")
+    if o.weight_decay < 0:
+        fail("optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+
+    t = config.train
+    for name in ("batch_size", "max_steps", "grad_accum", "log_every", "keep_checkpoints"):
+        if getattr(t, name) < 1:
+            fail(f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+    for name in ("checkpoint_every", "sample_every", "seed", "num_workers"):
+        if getattr(t, name) < 0:
+            fail(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+    if t.grad_clip is not None and not t.grad_clip > 0:
+        fail("train.grad_clip", f"must be > 0 (or null to disable clipping), got {t.grad_clip}")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        fail("train.ema_decay", f"must lie in (0, 1) (or null to disable EMA), got {t.ema_decay}")
+
+    src = config.prompts.source
+    if src != "toy" and Path(src).suffix.lower() not in (".txt", ".jsonl"):
+        fail("prompts.source", f"must be 'toy' or a path to a .txt or .jsonl prompt file, got {src!r}")
+    return config
+
+
+# --- files and overrides -------------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.max_steps=10"`` -> (["train", "max_steps"], 10); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like key.sub=value", None)
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(key or text, "an override must look like key.sub=value", None)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"cannot parse override value {raw!r}: {e}", None) from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], file: str | None = None) -> dict[str, Any]:
+    """Set each ``key.sub=value`` in a copy of ``data``; intermediate mappings are created when absent (an unknown
+    key is then reported by validation)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        try:
+            parts, value = parse_override(text)
+        except ConfigError as e:
+            raise ConfigError(e.key, e.problem, file) from None
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if part == "prompts" and isinstance(nxt, str):
+                nxt = {"source": nxt}
+                node[part] = nxt
+            if nxt is None:
+                nxt = {}
+                node[part] = nxt
+            if not isinstance(nxt, dict):
+                raise ConfigError(".".join(parts[: i + 1]), f"is not a section, cannot set {text!r}", file)
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML recipe, apply ``key.sub=value`` overrides and validate; problems raise :class:`ConfigError`."""
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise ConfigError("<file>", "recipe file not found", file)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError("<file>", f"not valid YAML: {e}", file) from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", f"the recipe must be a mapping of sections, got {type(data).__name__}", file)
+    data = apply_overrides(data, list(overrides), file)
+    try:
+        return RunConfig.from_dict(data, file=file)
+    except ConfigError as e:
+        touched = [o for o in overrides if e.key.split("[")[0] == o.split("=", 1)[0].strip()]
+        if touched:
+            raise ConfigError(e.key, f"{e.problem} (set by override {touched[-1]!r})", file) from None
+        raise

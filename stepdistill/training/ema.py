@@ -1,0 +1,96 @@
+"""Exponential moving average of the generator's trainable weights.
+
+A thin layer over diffusers' :class:`~diffusers.training_utils.EMAModel` (the library's implementation; its decay at
+optimisation step ``s`` is ``min(decay, (1 + s)/(10 + s))``, i.e. a built-in warm-up) that adds what the trainer and
+the exporter need:
+
+- ``state_dict`` / ``load_state_dict`` for ``accelerator.register_for_checkpointing`` — loading moves the shadow
+  weights back onto the parameters' device (accelerate loads custom states on the CPU);
+- :meth:`GeneratorEMA.applied`, a context manager that swaps the EMA weights into the live parameters (sampling,
+  export) and restores the trained weights afterwards;
+- :func:`attach_ema` / :func:`get_ema`, so that ``export_student(..., ema=True)`` finds the EMA of a generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+
+_ATTR = "_stepdistill_ema"
+
+
+class GeneratorEMA:
+    """EMA of ``parameters`` (the generator's trainable ones: all UNet weights, or only the LoRA weights)."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], decay: float) -> None:
+        from diffusers.training_utils import EMAModel
+
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        self.parameters = list(parameters)
+        if not self.parameters:
+            raise ValueError("GeneratorEMA needs at least one parameter")
+        self.ema = EMAModel(self.parameters, decay=decay)
+
+    @property
+    def decay(self) -> float:
+        return float(self.ema.decay)
+
+    @property
+    def optimization_step(self) -> int:
+        return int(self.ema.optimization_step)
+
+    @property
+    def shadow_params(self) -> list[torch.Tensor]:
+        return self.ema.shadow_params
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update the average from the current parameter values (call after each generator update)."""
+        self.ema.step(self.parameters)
+
+    def copy_to(self, parameters: Iterable[torch.nn.Parameter] | None = None) -> None:
+        """Overwrite ``parameters`` (default: the tracked ones) with the EMA weights."""
+        self.ema.copy_to(self.parameters if parameters is None else list(parameters))
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Temporarily put the EMA weights into the tracked parameters."""
+        self.ema.store(self.parameters)
+        self.ema.copy_to(self.parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.parameters)
+
+    def to(self, device: torch.device | str | None = None) -> "GeneratorEMA":
+        self.ema.to(device=device)
+        return self
+
+    # --- checkpointing (accelerate custom object protocol) ------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        shadow = state_dict.get("shadow_params")
+        if shadow is not None and len(shadow) != len(self.parameters):
+            raise ValueError(
+                f"EMA checkpoint holds {len(shadow)} tensors but the generator has {len(self.parameters)} trainable "
+                "parameters (was it saved for a different generator, e.g. LoRA vs full?)"
+            )
+        self.ema.load_state_dict(state_dict)
+        for s, p in zip(self.ema.shadow_params, self.parameters):
+            if s.shape != p.shape:
+                raise ValueError(f"EMA checkpoint tensor of shape {tuple(s.shape)} does not match parameter {tuple(p.shape)}")
+        self.ema.shadow_params = [s.to(device=p.device, dtype=p.dtype) for s, p in zip(self.ema.shadow_params, self.parameters)]
+
+
+def attach_ema(generator: torch.nn.Module, ema: GeneratorEMA | None) -> None:
+    """Remember ``ema`` on ``generator`` (a plain attribute, not a submodule or state-dict entry)."""
+    object.__setattr__(generator, _ATTR, ema)
+
+
+def get_ema(generator: torch.nn.Module) -> GeneratorEMA | None:
+    return getattr(generator, _ATTR, None)

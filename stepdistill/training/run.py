@@ -1,0 +1,179 @@
+"""``stepdistill distill``: compose a model choice (pipelines/*.yaml), a recipe (training/*.yaml) and an output folder
+into a training run, then export the student as a diffusers pipeline folder (``<out>/student``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+
+PIPELINE_KEYS = {"teacher", "dtype", "single_file_config", "real_images", "resolution"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PipelineSpec:
+    teacher: str
+    dtype: str = "float32"
+    single_file_config: str | None = None
+    real_images: str | None = None
+    resolution: int | None = None
+
+
+def load_pipeline_spec(path: str | Path) -> PipelineSpec:
+    """Read and validate a pipelines/*.yaml file; unknown keys and bad values name the key and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pipeline spec {path} not found (see pipelines/*.yaml for examples)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of {sorted(PIPELINE_KEYS)}")
+    unknown = sorted(set(data) - PIPELINE_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(PIPELINE_KEYS))}")
+    if "teacher" not in data:
+        raise ValueError(f"{path}: missing key 'teacher' (a diffusers folder, a .safetensors file or 'toy')")
+    if data.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"{path}: dtype must be one of {sorted(DTYPES)}, got {data.get('dtype')!r}")
+    if data.get("real_images") not in (None, "toy"):
+        raise ValueError(f"{path}: real_images: only 'toy' (or null) is supported so far, got {data['real_images']!r}")
+    return PipelineSpec(**data)
+
+
+def toy_real_latents(teacher, seed: int = 0):
+    """A real-data source for DMD2's GAN on the toy world: ``(n, torch.Generator) -> (latents, prompts)``, rendering
+    fresh world images and encoding them with the teacher's VAE."""
+    from stepdistill.toy import world
+
+    def source(n: int, generator: torch.Generator):
+        draw = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        images, attrs = world.sample(seed * 1_000_003 + draw, n)
+        with torch.no_grad():
+            latents = teacher.encode(torch.from_numpy(images).to(teacher.device, teacher.dtype))
+        return latents.float(), attrs.prompts()
+
+    return source
+
+
+def with_regression_pairs(pairs, base_batch_fn):
+    """Wrap the trainer's batch builder so each batch also carries a random subset of DMD's (z_ref, c_ref, y_ref)."""
+
+    def batch_fn(teacher, prompts, noise, *args, **kwargs):
+        batch = base_batch_fn(teacher, prompts, noise, *args, **kwargs)
+        idx = torch.randint(0, len(pairs), (len(prompts),))
+        chosen = pairs.select(idx).to(noise.device)
+        batch.ref_noise, batch.ref_embeds, batch.ref_latents = chosen.noise, chosen.embeds, chosen.latents
+        return batch
+
+    return batch_fn
+
+
+def make_sample_fn(teacher, prompts: Sequence[str], seed: int = 1234):
+    """``(generator, step) -> PIL grid`` of the generator's samples for fixed prompts and noise."""
+    from stepdistill.eval.generate import image_grid
+
+    prompts = list(prompts)
+    noise = torch.randn((len(prompts), *teacher.latent_shape), generator=torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def sample_fn(generator, step: int):
+        embeds = teacher.encode_prompt(prompts, with_uncond=False)
+        device = next(generator.parameters()).device
+        x0 = generator.sample(noise.to(device), embeds.to(device), generator=torch.Generator(device).manual_seed(seed))
+        images = teacher.decode(x0.to(teacher.dtype)).float().cpu()
+        return image_grid(images, rows=1, cols=len(prompts), scale=4)
+
+    return sample_fn
+
+
+def _build(spec: PipelineSpec, config):
+    from stepdistill.objectives import build_objective
+    from stepdistill.student import Generator
+    from stepdistill.teacher import Teacher
+
+    teacher = Teacher.load(spec.teacher, dtype=DTYPES[spec.dtype], config=spec.single_file_config)
+    generator = Generator.from_teacher(teacher, timesteps=tuple(config.generator.timesteps),
+                                       lora_rank=config.generator.lora_rank)
+    objective = build_objective(config.objective, teacher, generator, config.objective_config)
+    return teacher, generator, objective
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: str = "latest") -> Path:
+    """Export the student of a distillation run (its ``run_config.yaml``, ``pipeline.yaml`` and a checkpoint) as a
+    diffusers pipeline folder (default ``<run_dir>/student``)."""
+    from stepdistill.pipelines.export import export_student
+    from stepdistill.training.config import load_recipe
+    from stepdistill.training.trainer import Trainer
+
+    run = Path(run_dir)
+    for name in ("run_config.yaml", "pipeline.yaml"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{run / name} not found: {run} is not a `stepdistill distill` output folder")
+    spec = load_pipeline_spec(run / "pipeline.yaml")
+    config = load_recipe(run / "run_config.yaml")
+    teacher, generator, objective = _build(spec, config)
+    trainer = Trainer(config, teacher, generator, objective, ["unused"], run)
+    loaded = trainer.load_checkpoint(checkpoint)
+    if loaded is None:
+        raise FileNotFoundError(f"no checkpoint {checkpoint!r} under {run / 'checkpoints'}")
+    return export_student(teacher, generator, Path(out_dir) if out_dir else run / "student", method=config.objective,
+                          steps_info={"steps": trainer.state.step, "checkpoint": str(loaded)})
+
+
+def distill(
+    pipeline: str | Path,
+    recipe: str | Path,
+    out_dir: str | Path,
+    overrides: Sequence[str] = (),
+    resume: str | None = None,
+    export: bool = True,
+) -> dict[str, Any]:
+    """Train a student as ``recipe`` says on the teacher ``pipeline`` names; export it to ``<out_dir>/student``."""
+    from stepdistill.pipelines.export import export_student
+    from stepdistill.training.config import load_recipe
+    from stepdistill.training.trainer import Trainer, build_batch, load_prompts
+
+    spec = load_pipeline_spec(pipeline)
+    config = load_recipe(recipe, overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.yaml").write_text(Path(pipeline).read_text())
+    t0 = time.time()
+    teacher, generator, objective = _build(spec, config)
+    prompts = load_prompts(config.prompts.source)
+
+    batch_fn = build_batch
+    if config.objective == "dmd" and objective.config.get("regression_weight", 0) > 0:
+        from stepdistill.objectives.dmd import make_regression_pairs
+
+        n_pairs = int(objective.config.get("regression_pairs", 0) or 0) or 4 * config.train.batch_size
+        pair_prompts = prompts.sample(n_pairs, torch.Generator().manual_seed(config.train.seed + 17))
+        pairs = make_regression_pairs(teacher, pair_prompts, num_steps=25,
+                                      guidance=objective.config["real_guidance_scale"],
+                                      generator=torch.Generator().manual_seed(config.train.seed + 18))
+        batch_fn = with_regression_pairs(pairs, build_batch)
+
+    needs_real = config.objective == "dmd2" and objective.config.get("gan_enabled", False)
+    real_source = None
+    if needs_real:
+        if spec.real_images != "toy":
+            raise ValueError(f"{pipeline}: the DMD2 GAN term needs real images; set real_images: toy (other sources "
+                             "are not supported yet) or objective_config.gan_enabled=false")
+        real_source = toy_real_latents(teacher, config.train.seed)
+
+    sample_prompts = prompts.sample(8, torch.Generator().manual_seed(99))
+    trainer = Trainer(config, teacher, generator, objective, prompts, out, real_latent_source=real_source,
+                      sample_fn=make_sample_fn(teacher, sample_prompts), batch_fn=batch_fn)
+    summary = trainer.train(resume=resume)
+    summary["total_seconds"] = round(time.time() - t0, 1)
+    if export and trainer.accelerator.is_main_process:
+        student_dir = export_student(teacher, generator, out / "student", method=config.objective,
+                                     steps_info=summary, example_prompt=sample_prompts[0])
+        summary["student"] = str(student_dir)
+    (out / "distill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,690 @@
+"""The training loop: any :class:`~stepdistill.objectives.base.Objective` on ``accelerate``.
+
+One generator update per step, preceded by ``objective.aux_updates_per_generator_update`` auxiliary updates (two
+time-scale update rule). Each update is ``train.grad_accum`` micro-batches through ``accelerator.accumulate``,
+gradient clipping by ``accelerator.clip_grad_norm_`` and one AdamW step (one optimizer for the generator, one per
+``objective.auxiliary_parameters()`` entry). After the generator update the EMA (if any) is updated.
+
+What is prepared by accelerate: a single module holding the objective (its auxiliary networks) and the generator,
+whose ``forward(batch, turn)`` calls ``objective.generator_loss`` or ``objective.auxiliary_loss``. Routing the losses
+through the prepared module's forward is what lets DistributedDataParallel synchronise the gradients of whatever the
+objective touches (``find_unused_parameters=True``: each turn only trains a subset). The teacher is frozen and moved
+to ``accelerator.device``; it is not part of the prepared module.
+
+Reproducibility: ``accelerate.utils.set_seed(train.seed, device_specific=True)`` for the global RNGs (objectives
+draw timesteps from them) and, per micro-batch, a ``torch.Generator`` seeded from (seed, step, turn, update,
+micro-batch, process) for the prompts, the generator noise and the real latents, so a batch depends only on where it
+is in the run. Checkpoints restore the RNG states, the optimizers, the EMA and the step counter, so a run resumed
+from step k reaches step n with the same parameters as an uninterrupted one.
+
+Outputs under ``out_dir``: ``checkpoints/step_XXXXXX`` + ``checkpoints/latest`` (see :mod:`.checkpoint`),
+``logs/metrics.csv``, ``logs/tensorboard/``, ``logs/summary.json``, ``samples/step_XXXXXX.png`` (when a
+``sample_fn`` is given) and ``run_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from stepdistill.training.checkpoint import (
+    CheckpointError,
+    TrainableStateHooks,
+    TrainState,
+    checkpoint_name,
+    latest_checkpoint,
+    read_marker,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
+from stepdistill.training.config import RunConfig
+from stepdistill.training.ema import GeneratorEMA, attach_ema
+
+logger = logging.getLogger(__name__)
+
+TURNS = {"aux": 0, "generator": 1}
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss (or gradient norm) became NaN/inf. ``step`` is the 1-based number of the update that failed; nothing of
+    that update was applied and no checkpoint of it was written."""
+
+    def __init__(self, step: int, what: str, value: float, last_checkpoint: str | None = None) -> None:
+        self.step = step
+        self.what = what
+        self.value = value
+        self.last_checkpoint = last_checkpoint
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"training diverged at step {step}: {what} is {value} (non-finite). The update was not applied and no "
+            f"checkpoint of this state was written; {where}. Lower the learning rate, enable grad_clip or check "
+            "the objective's settings."
+        )
+
+
+# --- prompts ------------------------------------------------------------------------------------------------------
+class PromptSource:
+    """A fixed list of prompts sampled uniformly with replacement."""
+
+    def __init__(self, prompts: Sequence[str], name: str = "prompts") -> None:
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError(f"{name}: no prompts")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"{name}: prompts must be strings, got {bad[0]!r}")
+        self.prompts = prompts
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[str]:
+        idx = torch.randint(len(self.prompts), (n,), generator=generator)
+        return [self.prompts[i] for i in idx.tolist()]
+
+    @classmethod
+    def from_spec(cls, source: str | Path) -> "PromptSource":
+        """``"toy"`` (every prompt of the toy world), a ``.txt`` file (one prompt per non-empty line) or a ``.jsonl``
+        file (one ``{"prompt": ...}`` object per line)."""
+        if str(source) == "toy":
+            from stepdistill.toy.world import all_prompts
+
+            return cls(all_prompts(), name="toy")
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} not found (expected 'toy', a .txt or a .jsonl file)")
+        suffix = path.suffix.lower()
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".txt":
+            prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        elif suffix == ".jsonl":
+            prompts = []
+            for no, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{no}: not valid JSON ({e})") from e
+                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                    raise ValueError(f'{path}:{no}: expected an object with a string "prompt" field, got {line.strip()[:80]!r}')
+                prompts.append(obj["prompt"])
+        else:
+            raise ValueError(f"prompt file {path}: expected a .txt or .jsonl file, got {suffix!r}")
+        return cls(prompts, name=str(path))
+
+
+def load_prompts(source: str | Path) -> PromptSource:
+    return PromptSource.from_spec(source)
+
+
+def _as_prompt_sampler(source: Any) -> Callable[[int, torch.Generator], list[str]]:
+    if isinstance(source, PromptSource):
+        return source.sample
+    if isinstance(source, (str, Path)):
+        return PromptSource.from_spec(source).sample
+    if hasattr(source, "sample") and callable(source.sample):
+        return source.sample
+    if callable(source):
+        return source
+    if isinstance(source, Sequence):
+        return PromptSource(source).sample
+    raise TypeError(f"prompt_source must be a PromptSource, a spec string, a list of prompts or a callable, got {type(source).__name__}")
+
+
+# --- batches ------------------------------------------------------------------------------------------------------
+def build_batch(
+    teacher,
+    prompts: Sequence[str],
+    noise: torch.Tensor,
+    real_latents: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    with_uncond: bool = True,
+    real_prompts: Sequence[str] | None = None,
+):
+    """THE place where training batches are made (extend it here when an objective needs more fields).
+
+    Prompts are encoded by the teacher (with the unconditional embeddings, for CFG); ``noise`` is the generator input
+    (B, C, H, W); ``real_latents`` are optional encoded real images (DMD2's GAN) and ``real_prompts`` their captions
+    (encoded into ``Batch.real_embeds``; without them the real latents are judged under the batch's prompts)."""
+    from stepdistill.objectives.base import Batch
+
+    extra = {}
+    with torch.no_grad():
+        embeds = teacher.encode_prompt(list(prompts), with_uncond=with_uncond)
+        if real_prompts is not None:
+            extra["real_embeds"] = teacher.encode_prompt(list(real_prompts), with_uncond=False)
+    if device is not None:
+        embeds = embeds.to(device)
+        noise = noise.to(device)
+        real_latents = None if real_latents is None else real_latents.to(device)
+        extra = {k: v.to(device) for k, v in extra.items()}
+    return Batch(embeds=embeds, noise=noise, real_latents=real_latents, **extra)
+
+
+class _TrainModule(torch.nn.Module):
+    """What accelerate prepares: the objective (its auxiliary networks) plus the generator; the forward computes one
+    of the two losses so that DDP sees every parameter the objective uses."""
+
+    def __init__(self, objective: torch.nn.Module, generator: torch.nn.Module) -> None:
+        super().__init__()
+        self.objective = objective
+        if not any(m is generator for m in objective.modules()):
+            self.generator = generator
+
+    def forward(self, batch, turn: str):
+        if turn == "generator":
+            return self.objective.generator_loss(batch)
+        return self.objective.auxiliary_loss(batch)
+
+
+# --- logging ------------------------------------------------------------------------------------------------------
+class CSVLogger:
+    """``metrics.csv`` with a header that grows when new keys appear (the file is then rewritten atomically)."""
+
+    def __init__(self, path: str | Path, keep_until_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fields: list[str] = ["step"]
+        self.rows: list[dict[str, Any]] = []
+        if keep_until_step is not None and self.path.is_file():  # resuming: keep the rows up to the checkpoint
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                self.fields = list(reader.fieldnames or ["step"])
+                for row in reader:
+                    try:
+                        if int(float(row.get("step") or 0)) <= keep_until_step:
+                            self.rows.append(row)
+                    except ValueError:
+                        continue
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.fields, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.path, buf.getvalue())
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        row = dict(row)
+        self.rows.append(row)
+        new = [k for k in row if k not in self.fields]
+        if new:
+            self.fields.extend(new)
+            self._rewrite()
+            return
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, fieldnames=self.fields, restval="", extrasaction="ignore").writerow(row)
+
+
+def _hparams(config: RunConfig) -> dict[str, Any]:
+    """TensorBoard hparams accept only scalars and strings."""
+    out = {}
+    for k, v in config.flat().items():
+        out[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process max RSS (getrusage)"
+
+
+def _seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
+
+
+# --- the trainer --------------------------------------------------------------------------------------------------
+class Trainer:
+    """Train ``generator`` with ``objective`` (see the module docstring).
+
+    ``prompt_source``: a :class:`PromptSource`, a spec (``"toy"`` / a .txt / .jsonl path), a list of prompts or a
+    callable ``(n, torch.Generator) -> list[str]``. ``real_latent_source``: optional ``(n, torch.Generator) -> tensor``
+    of encoded real images, or ``-> (tensor, prompts)`` to condition them on their own captions. ``sample_fn``:
+    optional ``(generator, step) -> PIL.Image`` called every ``train.sample_every`` steps on the main process (again
+    with the EMA weights when EMA is on), under ``torch.no_grad`` and a forked RNG so that it does not change the
+    training run. ``batch_fn`` replaces :func:`build_batch` (same signature). ``accelerator``: reuse an existing
+    one (else one is built from the config).
+
+    Not supported: FSDP / DeepSpeed with objectives that have auxiliary networks (refused with a clear error).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig | Mapping[str, Any],
+        teacher,
+        generator: torch.nn.Module,
+        objective: torch.nn.Module,
+        prompt_source: Any,
+        out_dir: str | Path,
+        real_latent_source: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+        *,
+        sample_fn: Callable[[torch.nn.Module, int], Any] | None = None,
+        batch_fn: Callable[..., Any] | None = None,
+        accelerator=None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+        if not isinstance(config, RunConfig):
+            config = RunConfig.from_dict(config)
+        self.config = config
+        tc = config.train
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.log_dir = self.out_dir / "logs"
+        self.teacher = teacher
+        self.generator = generator
+        self.objective = objective
+        self.sample_prompts = _as_prompt_sampler(prompt_source)
+        self.real_latent_source = real_latent_source
+        self.sample_fn = sample_fn
+        self.batch_fn = batch_fn or build_batch
+
+        if accelerator is None:
+            accelerator = Accelerator(
+                mixed_precision=tc.mixed_precision,
+                gradient_accumulation_steps=tc.grad_accum,
+                log_with="tensorboard",
+                project_config=ProjectConfiguration(project_dir=str(self.out_dir), logging_dir=str(self.log_dir)),
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            )
+        self.accelerator = accelerator
+        set_seed(tc.seed, device_specific=True)
+        device = accelerator.device
+
+        # frozen teacher on the training device
+        teacher_device = getattr(teacher, "device", None)
+        if hasattr(teacher, "to") and (teacher_device is None or torch.device(teacher_device) != device):
+            teacher.to(device)
+
+        self._configure_modules()
+
+        # optimizers: one for the generator, one per auxiliary parameter group
+        oc = config.optimizer
+        gen_params = (
+            list(generator.trainable_parameters())
+            if hasattr(generator, "trainable_parameters")
+            else [p for p in generator.parameters() if p.requires_grad]
+        )
+        if not gen_params:
+            raise ValueError("the generator has no trainable parameters (requires_grad=True)")
+        gen_ids = {id(p) for p in gen_params}
+        aux_groups: dict[str, list[torch.nn.Parameter]] = {}
+        for name, params in dict(objective.auxiliary_parameters()).items():
+            params = [p for p in params if p.requires_grad]
+            if not params:
+                logger.warning("auxiliary parameter group %r is empty; it gets no optimizer", name)
+                continue
+            if any(id(p) in gen_ids for p in params):
+                raise ValueError(f"auxiliary parameter group {name!r} shares parameters with the generator")
+            aux_groups[name] = params
+        self.aux_ratio = int(getattr(objective, "aux_updates_per_generator_update", 0) or 0)
+        if self.aux_ratio > 0 and not aux_groups:
+            logger.warning("objective %s declares auxiliary updates but has no auxiliary parameters; skipping them",
+                           getattr(objective, "name", type(objective).__name__))
+            self.aux_ratio = 0
+
+        from accelerate.utils import DistributedType
+
+        if aux_groups and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise NotImplementedError(
+                f"{accelerator.distributed_type.value} is not supported for objectives with auxiliary networks "
+                f"({', '.join(aux_groups)}): they need several optimizers over one prepared module. Use DDP "
+                "(training/accelerate/ddp.yaml) or a single GPU."
+            )
+
+        def adamw(params, lr):
+            return torch.optim.AdamW(params, lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
+
+        self.module = _TrainModule(objective, generator)
+        gen_opt = adamw(gen_params, oc.generator_lr)
+        aux_opts = [adamw(params, oc.aux_lr) for params in aux_groups.values()]
+        prepared = accelerator.prepare(self.module, gen_opt, *aux_opts)
+        self.model = prepared[0]
+        self.gen_opt = prepared[1]
+        self.aux_opts = dict(zip(aux_groups, prepared[2:]))
+        self.gen_params = gen_params
+        self.aux_groups = aux_groups
+        self._all_params = gen_params + [p for ps in aux_groups.values() for p in ps]
+
+        # EMA, step counter, checkpoint hooks (registration order is part of the checkpoint format)
+        self.state = TrainState()
+        self.ema = GeneratorEMA(gen_params, tc.ema_decay) if tc.ema_decay is not None else None
+        attach_ema(generator, self.ema)
+        accelerator.register_for_checkpointing(self.state)
+        if self.ema is not None:
+            accelerator.register_for_checkpointing(self.ema)
+        self._hooks = TrainableStateHooks(accelerator, self.module)
+        self.last_checkpoint: Path | None = None
+        self._resumed_from: Path | None = None
+
+    # --- setup helpers ------------------------------------------------------------------------------------------------
+    def _diffusers_models(self, include_teacher: bool) -> list[torch.nn.Module]:
+        from diffusers import ModelMixin
+
+        roots: list[torch.nn.Module] = [self.generator, self.objective]
+        if include_teacher and isinstance(getattr(self.teacher, "unet", None), torch.nn.Module):
+            roots.append(self.teacher.unet)
+        found, seen = [], set()
+        for root in roots:
+            for m in root.modules():
+                if isinstance(m, ModelMixin) and id(m) not in seen:
+                    seen.add(id(m))
+                    found.append(m)
+        return found
+
+    def _configure_modules(self) -> None:
+        tc = self.config.train
+        if tc.gradient_checkpointing:
+            enabled = 0
+            for m in self._diffusers_models(include_teacher=False):
+                if getattr(m, "_supports_gradient_checkpointing", False):
+                    m.enable_gradient_checkpointing()
+                    enabled += 1
+            if not enabled:
+                logger.warning("train.gradient_checkpointing is on but no model supports it")
+        if tc.attention == "xformers":
+            if importlib.util.find_spec("xformers") is None:
+                raise RuntimeError(
+                    "train.attention is 'xformers' but the xformers package is not installed. Install it "
+                    "(pip install 'stepdistill[xformers]', matching your torch build) or use attention: sdpa "
+                    "(PyTorch scaled_dot_product_attention, the default)."
+                )
+            for m in self._diffusers_models(include_teacher=True):
+                if hasattr(m, "enable_xformers_memory_efficient_attention"):
+                    m.enable_xformers_memory_efficient_attention()
+
+    # --- batches ------------------------------------------------------------------------------------------------------
+    def make_batch(self, step: int, turn: str, update: int, micro: int):
+        """The batch of micro-batch ``micro`` of update ``update`` of ``turn`` at (0-based) ``step``; its prompts,
+        noise and real latents come from a ``torch.Generator`` seeded by that position (and the process index)."""
+        tc = self.config.train
+        g = torch.Generator().manual_seed(
+            _seed_for(tc.seed, step, TURNS[turn], update, micro, self.accelerator.process_index)
+        )
+        n = tc.batch_size
+        prompts = self.sample_prompts(n, g)
+        noise = torch.randn((n, *tuple(self.teacher.latent_shape)), generator=g)
+        real, real_prompts = None, None
+        if self.real_latent_source is not None:
+            real = self.real_latent_source(n, g)
+            if isinstance(real, (tuple, list)):  # (latents, their prompts)
+                real, real_prompts = real
+        kwargs = {"real_prompts": real_prompts} if real_prompts is not None else {}
+        return self.batch_fn(self.teacher, prompts, noise, real_latents=real, device=self.accelerator.device, **kwargs)
+
+    # --- one update ---------------------------------------------------------------------------------------------------
+    def _zero_grads(self) -> None:
+        for p in self._all_params:
+            p.grad = None
+
+    def _check_finite(self, value: torch.Tensor, what: str) -> None:
+        bad = not bool(torch.isfinite(value.detach()).all())
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([1.0 if bad else 0.0], device=self.accelerator.device)
+            bad = float(self.accelerator.reduce(flag, reduction="sum").item()) > 0
+        if bad:
+            v = value.detach().float().reshape(-1)
+            raise TrainingDiverged(
+                self.state.step + 1, what, float(v[0]) if v.numel() else float("nan"),
+                str(self.last_checkpoint or latest_checkpoint(self.ckpt_dir) or "") or None,
+            )
+
+    def _clip_and_step(self, opts: dict, groups: dict, logs: dict) -> None:
+        """Clip each parameter group and step its optimizer.
+
+        fp16: accelerate's ``clip_grad_norm_`` unscales *every* optimizer and each ``AcceleratedOptimizer.step`` calls
+        ``scaler.update()``, which with several optimizers in one update (e.g. fake score + discriminator) would
+        unscale the later ones twice; so the turn's optimizers are unscaled once, stepped through the scaler and the
+        scale is updated once."""
+        acc = self.accelerator
+        clip = self.config.train.grad_clip
+        scaler = getattr(acc, "scaler", None) if self.config.train.mixed_precision == "fp16" else None
+        if scaler is not None:
+            for opt in opts.values():
+                scaler.unscale_(opt.optimizer)
+        for name, params in groups.items():
+            if clip is None:
+                continue
+            if scaler is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            else:
+                norm = acc.clip_grad_norm_(params, clip)
+            if norm is None:  # DeepSpeed clips inside its engine
+                continue
+            norm = torch.as_tensor(norm)
+            if scaler is None:  # fp16: inf gradients are expected now and then; the scaler skips those steps
+                self._check_finite(norm, f"the gradient norm of {name}")
+            logs[f"grad_norm/{name}"] = logs.get(f"grad_norm/{name}", 0.0) + float(norm)
+        if scaler is not None:
+            for opt in opts.values():
+                scaler.step(opt.optimizer)
+            scaler.update()
+        else:
+            for opt in opts.values():
+                opt.step()
+
+    def _update(self, turn: str, update: int) -> tuple[float, dict[str, float]]:
+        acc = self.accelerator
+        tc = self.config.train
+        if turn == "generator":
+            opts = {"generator": self.gen_opt}
+            groups = {"generator": self.gen_params}
+        else:
+            opts = self.aux_opts
+            groups = self.aux_groups
+        self._zero_grads()
+        losses, logs_sum = [], {}
+        for micro in range(tc.grad_accum):
+            batch = self.make_batch(self.state.step, turn, update, micro)
+            with acc.accumulate(self.model):
+                loss, logs = self.model(batch, turn)
+                self._check_finite(loss, f"the {turn} loss" if turn == "generator" else "the auxiliary loss")
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    self._clip_and_step(opts, groups, logs_sum)
+            losses.append(float(loss.detach()))
+            for k, v in (logs or {}).items():
+                if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
+                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
+        self._zero_grads()
+        n = tc.grad_accum
+        logs = {k: (v if k.startswith("grad_norm/") else v / n) for k, v in logs_sum.items()}
+        return sum(losses) / len(losses), logs
+
+    # --- checkpoints --------------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        meta = {
+            "objective": getattr(self.objective, "name", type(self.objective).__name__),
+            "config": self.config.to_dict(),
+        }
+        self.last_checkpoint = save_checkpoint(
+            self.accelerator, self.ckpt_dir, self.state.step, self.config.train.keep_checkpoints, meta
+        )
+        return self.last_checkpoint
+
+    def load_checkpoint(self, resume: str | Path) -> Path | None:
+        """Restore a checkpoint: ``"latest"`` (the newest complete one under ``out_dir/checkpoints``; None and a fresh
+        start when there is none) or a path (a checkpoint, checkpoints or run folder). Returns the folder used."""
+        if str(resume) == "latest":
+            path = latest_checkpoint(self.ckpt_dir)
+            if path is None:
+                logger.warning("resume='latest' but %s holds no complete checkpoint; starting from scratch", self.ckpt_dir)
+                return None
+        else:
+            path = resolve_checkpoint(resume)
+        info = read_marker(path)
+        saved = info.get("config") or {}
+        mine = self.config.to_dict()
+        for section, key in (("generator", "timesteps"), ("generator", "lora_rank"), ("train", "batch_size"),
+                             ("train", "grad_accum"), ("train", "seed")):
+            if saved.get(section, {}).get(key, mine[section][key]) != mine[section][key]:
+                logger.warning("resuming from %s written with %s.%s=%r, now %r: the run will not replay exactly",
+                               path, section, key, saved[section][key], mine[section][key])
+        if info.get("num_processes", self.accelerator.num_processes) != self.accelerator.num_processes:
+            logger.warning("resuming from %s written by %s processes with %s: RNG streams differ", path,
+                           info.get("num_processes"), self.accelerator.num_processes)
+        try:
+            self.accelerator.load_state(str(path))
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - name the folder
+            raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}") from e
+        self.last_checkpoint = path
+        self._resumed_from = path
+        return path
+
+    # --- sampling -----------------------------------------------------------------------------------------------------
+    def _sample(self) -> None:
+        if self.sample_fn is None or not self.accelerator.is_main_process:
+            return
+        step = self.state.step
+        gen = self.generator
+        was_training = gen.training
+        device = self.accelerator.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        out = self.out_dir / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        images = {}
+        gen.eval()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                images[""] = self.sample_fn(gen, step)
+                if self.ema is not None:
+                    with self.ema.applied():
+                        images["_ema"] = self.sample_fn(gen, step)
+        finally:
+            gen.train(was_training)
+        for suffix, image in images.items():
+            if image is None:
+                continue
+            image.save(out / f"{checkpoint_name(step)}{suffix}.png")
+            try:
+                tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
+                tracker.add_image(f"samples{suffix or '/raw'}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            except Exception:  # noqa: BLE001 - image logging is best effort
+                pass
+
+    # --- the loop -----------------------------------------------------------------------------------------------------
+    def train(self, resume: str | Path | None = None) -> dict[str, Any]:
+        """Run until ``train.max_steps`` generator updates; returns a summary dict. ``resume``: None (fresh),
+        ``"latest"`` or a checkpoint path. A non-finite loss raises :class:`TrainingDiverged`."""
+        from tqdm.auto import tqdm
+
+        acc = self.accelerator
+        tc = self.config.train
+        if resume is not None:
+            self.load_checkpoint(resume)
+        elif latest_checkpoint(self.ckpt_dir) is not None:
+            logger.warning("%s already holds checkpoints but this run starts from scratch (resume=None); they will be "
+                           "overwritten or pruned as this run saves its own", self.ckpt_dir)
+        start_step = self.state.step
+        device = acc.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        csv_log = None
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.config.save(self.out_dir / "run_config.yaml")
+            csv_log = CSVLogger(self.log_dir / "metrics.csv", keep_until_step=start_step if self._resumed_from else None)
+        acc.init_trackers("tensorboard", config=_hparams(self.config))
+
+        pbar = tqdm(total=tc.max_steps, initial=start_step, disable=not acc.is_local_main_process,
+                    desc=f"distill[{getattr(self.objective, 'name', 'objective')}]", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        last_log_t, last_log_step = t0, start_step
+        last = {}
+        try:
+            while self.state.step < tc.max_steps:
+                aux_loss, aux_logs = None, {}
+                if self.aux_opts:
+                    vals = []
+                    for j in range(self.aux_ratio):
+                        loss, logs = self._update("aux", j)
+                        vals.append(loss)
+                        aux_logs = logs
+                    aux_loss = sum(vals) / len(vals) if vals else None
+                gen_loss, gen_logs = self._update("generator", 0)
+                self.state.step += 1
+                if self.ema is not None:
+                    self.ema.step()
+                step = self.state.step
+                post = {"gen": f"{gen_loss:.4g}"}
+                if aux_loss is not None:
+                    post["aux"] = f"{aux_loss:.4g}"
+                pbar.set_postfix(post, refresh=False)
+                pbar.update(1)
+
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    now = time.perf_counter()
+                    vals = torch.tensor([gen_loss, aux_loss if aux_loss is not None else 0.0], device=device)
+                    if acc.num_processes > 1:
+                        vals = acc.reduce(vals, reduction="mean")
+                    row: dict[str, Any] = {"step": step, "time_s": round(now - t0, 4),
+                                           "steps_per_s": (step - last_log_step) / max(now - last_log_t, 1e-9),
+                                           "loss/generator": float(vals[0]),
+                                           "lr/generator": self.gen_opt.param_groups[0]["lr"]}
+                    if aux_loss is not None:
+                        row["loss/aux"] = float(vals[1])
+                    row.update({f"gen/{k}": v for k, v in gen_logs.items() if not k.startswith("grad_norm/")})
+                    row.update({k: v for k, v in gen_logs.items() if k.startswith("grad_norm/")})
+                    row.update({f"aux/{k}": v for k, v in aux_logs.items() if not k.startswith("grad_norm/")})
+                    row.update({k: v for k, v in aux_logs.items() if k.startswith("grad_norm/")})
+                    last = row
+                    last_log_t, last_log_step = now, step
+                    if csv_log is not None:
+                        csv_log.log(row)
+                    acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+                if tc.sample_every and step % tc.sample_every == 0:
+                    self._sample()
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if tc.checkpoint_every and self.state.step > start_step and (
+                self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.state.step)
+            ):
+                self.save_checkpoint()  # the final state
+        finally:
+            pbar.close()
+            acc.end_training()
+
+        wall = time.perf_counter() - t0
+        done = self.state.step - start_step
+        peak, peak_source = _peak_memory(device)
+        summary = {
+            "steps": self.state.step,
+            "start_step": start_step,
+            "steps_this_run": done,
+            "wall_time_s": wall,
+            "steps_per_s": done / wall if wall > 0 else math.nan,
+            "peak_memory_bytes": peak,
+            "peak_memory_source": peak_source,
+            "device": str(device),
+            "num_processes": acc.num_processes,
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "resumed_from": str(self._resumed_from) if self._resumed_from else None,
+            "last_logs": last,
+        }
+        if acc.is_main_process:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.log_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        return summary
