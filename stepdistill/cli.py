@@ -1,0 +1,375 @@
+"""The ``stepdistill`` command line: distill | export | generate | eval | bench | demo | toy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from stepdistill.eval.generate import generate, image_grid, load_pipeline
+
+    pipe = load_pipeline(args.pipeline)
+    prompts = [args.prompt] * args.num
+    seeds = list(range(args.seed, args.seed + args.num))
+    images = generate(pipe, prompts, seeds, args.steps, args.guidance, negative_prompt=args.negative_prompt,
+                      desc="generate")
+    cols = min(args.num, 8)
+    rows = (args.num + cols - 1) // cols
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, rows, cols, scale=args.scale).save(out)
+    print(f"wrote {out} ({args.num} images, {args.steps} steps, guidance {args.guidance:g})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distill / export
+# ---------------------------------------------------------------------------------------------------------------
+def cmd_distill(args: argparse.Namespace) -> int:
+    from stepdistill.training.run import distill
+
+    summary = distill(args.pipeline, args.recipe, args.out, overrides=args.set or (), resume=args.resume,
+                      export=not args.no_export)
+    print(json.dumps({k: summary[k] for k in ("steps", "wall_time_s", "steps_per_s", "student") if k in summary},
+                     indent=2, default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stepdistill.training.run import export_run
+
+    path = export_run(args.run, args.out, args.checkpoint)
+    print(f"exported the student to {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# toy
+# ---------------------------------------------------------------------------------------------------------------
+def cmd_toy_train_teacher(args: argparse.Namespace) -> int:
+    from stepdistill.toy.train import train_teacher
+
+    info = train_teacher(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                         batch_size=args.batch_size)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_toy_train_evaluator(args: argparse.Namespace) -> int:
+    from stepdistill.toy.train import train_evaluator
+
+    info = train_evaluator(args.out, seed=args.seed, steps=args.steps)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------------------------
+DEMO_TEACHER_STEPS = (1, 4, 25, 50)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default: distil the toy teacher into a one-step student (unless --skip-distill),
+    export it to <out>/student, evaluate teacher (1/4/25/50 steps, CFG) and student with the toy evaluator, report."""
+    import torch
+
+    from stepdistill.eval.bench import evaluate_configuration
+    from stepdistill.eval.generate import generate, image_grid, load_pipeline, sample_seeds
+    from stepdistill.eval.report import write_report
+    from stepdistill.eval.toy_metrics import ToyJudge
+    from stepdistill.toy import world
+
+    t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    student_dir = out / "student"
+    distill_summary = None
+    if not args.skip_distill:
+        from stepdistill.training.run import distill
+
+        print(f"[demo] distilling the toy teacher with {args.recipe} into {student_dir}", flush=True)
+        distill_summary = distill(args.pipeline, args.recipe, out / "run", resume="latest", export=False)
+        from stepdistill.training.run import export_run
+
+        export_run(out / "run", student_dir)
+        print(f"[demo] distillation: {distill_summary['steps']} steps in {distill_summary['wall_time_s']:.0f} s "
+              f"({distill_summary['steps_per_s']:.2f} steps/s); student exported to {student_dir}", flush=True)
+
+    teacher_pipe = load_pipeline(args.teacher)
+    judge = ToyJudge(args.evaluator)
+    prompts = world.all_prompts()
+    entries = []
+    grid_prompts = [  # every shape twice, six colours, both sizes, all backgrounds
+        world.make_prompt(world.SHAPES[i % 4], tuple(world.COLORS)[(i * 5) % 6], tuple(world.SIZES)[(i // 2) % 2],
+                          tuple(world.BACKGROUNDS)[i % 3])
+        for i in range(8)
+    ]
+    grid_seeds = sample_seeds(len(grid_prompts), 1, 10_000)
+    grid_rows, row_names = [], []
+
+    def run(pipe, name, role, steps, guidance):
+        entry, _ = evaluate_configuration(pipe, judge, name, role, steps, guidance, prompts, args.samples_per_prompt,
+                                          seed=args.seed, latency_batch=args.latency_batch)
+        entries.append(entry)
+        print(f"[demo] {name:>8} {steps:>2} step(s) w={guidance:g}: FID_toy {entry['fid']:.2f}  adherence "
+              f"{entry['adherence']:.3f}  diversity {entry['diversity']:.4f}  latency/img "
+              f"{entry['latency_ms']['batchN']:.2f} ms (batch 1: {entry['latency_ms']['batch1']:.1f} ms)", flush=True)
+        grid_rows.append(generate(pipe, grid_prompts, grid_seeds, steps, guidance, progress=False))
+        row_names.append(f"{name} {steps} step(s), w={guidance:g}")
+
+    for steps in DEMO_TEACHER_STEPS:
+        run(teacher_pipe, "teacher", "teacher", steps, args.guidance)
+    if student_dir.is_dir():
+        student_pipe = load_pipeline(student_dir)
+        method = json.loads((student_dir / "stepdistill_export.json").read_text()).get("method", "student")
+        run(student_pipe, method, "student", 1, 1.0)
+    grid = image_grid(torch.cat(grid_rows), rows=len(grid_rows), cols=len(grid_prompts), scale=4)
+    grid.save(out / "grid.png")
+    legend = ("Grid rows, top to bottom: " + "; ".join(row_names) + ".\n\nGrid prompts, left to right: "
+              + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(grid_prompts)))
+    extra = legend
+    if distill_summary is not None:
+        extra += (f"\n\nDistillation ({args.recipe}): {distill_summary['steps']} generator steps, "
+                  f"{distill_summary['wall_time_s']:.0f} s, {distill_summary['steps_per_s']:.2f} steps/s.")
+    extra += f"\n\nTotal demo wall time: {time.time() - t_start:.0f} s."
+    write_report(out, "toy-demo", entries, extra_md=extra, images={"Samples (same prompts and seeds in every row)": "grid.png"})
+    print(f"[demo] wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'grid.png'} in {time.time() - t_start:.0f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval / bench
+# ---------------------------------------------------------------------------------------------------------------
+def _guarded(command: str, fn) -> int:
+    """Run ``fn()``; any failure is one clear line on stderr and a non-zero exit (2: invalid input or unavailable
+    metric, 1: anything else, 130: interrupted). STEPDISTILL_DEBUG=1 adds the traceback."""
+    from stepdistill.eval.errors import MetricUnavailable
+
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        print(f"stepdistill {command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (MetricUnavailable, ValueError, FileNotFoundError, NotADirectoryError) as err:
+        if os.environ.get("STEPDISTILL_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"stepdistill {command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
+        if os.environ.get("STEPDISTILL_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"stepdistill {command}: error: {type(err).__name__}: {err} (set STEPDISTILL_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """One pipeline, one prompt set, one (steps, guidance): the bench engine with a single entry -> a JSON file."""
+
+    def run() -> int:
+        from stepdistill.eval.report import atomic_write_text, markdown_table
+        from stepdistill.eval.runner import run_suite
+        from stepdistill.eval.suite import suite_from_dict
+
+        data: dict = {
+            "suite": args.name if args.suite_name is None else args.suite_name,
+            "metrics": args.metrics,
+            "prompts": args.prompts,
+            "samples_per_prompt": args.samples_per_prompt,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "latency": {"batch": args.latency_batch, "repeats": args.latency_repeats, "warmup": args.latency_warmup}
+            if args.latency_batch > 0 else False,
+            "entries": [{"name": args.name, "role": args.role, "pipeline": args.pipeline, "steps": args.steps,
+                         "guidance": args.guidance, "scheduler": args.scheduler,
+                         "negative_prompt": args.negative_prompt}],
+        }
+        optional = {
+            "max_prompts": args.max_prompts, "resolution": args.resolution, "device": args.device,
+            "dtype": args.dtype, "toy_evaluator": args.toy_evaluator, "toy_reference_size": args.toy_reference_size,
+            "inception": args.inception, "reference_images": args.reference_images,
+            "reference_stats": args.reference_stats, "fid_resize": args.fid_resize, "clip_model": args.clip_model,
+            "clip_backend": args.clip_backend, "clip_arch": args.clip_arch, "hps_checkpoint": args.hps_checkpoint,
+            "hps_version": args.hps_version,
+        }
+        data.update({k: v for k, v in optional.items() if v is not None})
+        suite = suite_from_dict(data, base_dir=Path.cwd(), source="stepdistill eval")
+        out = Path(args.out)
+        work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}_samples"
+        report = run_suite(suite, work, write_files=False)
+        atomic_write_text(out, json.dumps(report, indent=2))
+        print(markdown_table(report["entries"]))
+        print(f"wrote {out} (samples under {work}) in {report['run']['wall_seconds']:.0f} s")
+        return 0
+
+    return _guarded("eval", run)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark suite file and write report.json, report.md, quality.png, metrics.png and grid.png."""
+
+    def run() -> int:
+        from stepdistill.eval.report import markdown_table
+        from stepdistill.eval.runner import run_suite
+        from stepdistill.eval.suite import load_suite
+
+        suite = load_suite(args.suite)
+        if args.samples_per_prompt is not None or args.max_prompts is not None:
+            suite = suite.with_overrides(args.samples_per_prompt, args.max_prompts)
+        out = Path(args.out)
+        report = run_suite(suite, out)
+        print()
+        print(markdown_table(report["entries"]))
+        wall = report["run"]["wall_seconds"]
+        print(f"\nwrote {out / 'report.json'}, {out / 'report.md'}, {out / 'quality.png'}, {out / 'grid.png'} "
+              f"in {wall:.0f} s ({time.strftime('%H:%M:%S', time.gmtime(wall))})")
+        return 0
+
+    return _guarded("bench", run)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate an image grid from a diffusers pipeline folder (or 'toy')")
+    g.add_argument("--pipeline", required=True, help="diffusers pipeline folder, or 'toy' for the shipped teacher")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=3.0)
+    g.add_argument("--num", type=int, default=8, help="number of images (seeds seed..seed+num-1)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--scale", type=int, default=1, help="enlarge each image this many times in the grid")
+    g.add_argument("--out", required=True, help="output PNG path")
+    g.set_defaults(func=cmd_generate)
+
+    di = sub.add_parser("distill", help="distil a teacher into a student with a recipe; exports <out>/student")
+    di.add_argument("--pipeline", required=True, help="model choice, e.g. pipelines/toy.yaml")
+    di.add_argument("--recipe", required=True, help="method and hyper-parameters, e.g. training/dmd2.yaml")
+    di.add_argument("--out", required=True, help="run folder (checkpoints, logs, samples, student)")
+    di.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. train.max_steps=50")
+    di.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    di.add_argument("--no-export", action="store_true", help="skip exporting the student pipeline")
+    di.set_defaults(func=cmd_distill)
+
+    ex = sub.add_parser("export", help="export a run's student as a diffusers pipeline folder")
+    ex.add_argument("--run", required=True, help="a `stepdistill distill` output folder")
+    ex.add_argument("--checkpoint", default="latest")
+    ex.add_argument("--out", default=None, help="output folder (default <run>/student)")
+    ex.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", help="the main job on the embedded toy default; writes a report under --out")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--guidance", type=float, default=3.0, help="teacher CFG scale")
+    d.add_argument("--samples-per-prompt", type=int, default=10, help="samples for each of the 144 toy prompts")
+    d.add_argument("--latency-batch", type=int, default=64)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--teacher", default="toy", help="teacher pipeline folder (default: the shipped toy teacher)")
+    d.add_argument("--pipeline", default="pipelines/toy.yaml", help="model choice for the distillation")
+    d.add_argument("--recipe", default="training/toy-dmd2.yaml", help="distillation recipe")
+    d.add_argument("--skip-distill", action="store_true", help="evaluate only (uses <out>/student if present)")
+    d.add_argument("--evaluator", default=None, help="toy evaluator folder (default: the shipped one)")
+    d.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="score one pipeline on one prompt set (the bench engine, one entry) -> JSON")
+    ev.add_argument("--pipeline", required=True, help="diffusers pipeline folder, or 'toy'")
+    ev.add_argument("--prompts", required=True,
+                    help="'toy' (the 144 toy prompts), 'hpsv2' (the HPSv2 benchmark prompts), or a .txt / .jsonl / "
+                         ".json prompt file")
+    ev.add_argument("--steps", type=int, required=True)
+    ev.add_argument("--guidance", type=float, required=True)
+    ev.add_argument("--metrics", default="toy", help="comma-separated subset of toy,fid,clip,hpsv2 (default: toy)")
+    ev.add_argument("--out", required=True, help="output JSON file ({suite, device, entries: [one entry], run})")
+    ev.add_argument("--work-dir", default=None, help="where samples are kept for resuming (default: <out stem>_samples "
+                                                     "next to --out)")
+    ev.add_argument("--name", default="eval", help="entry name in the JSON (e.g. the student's method)")
+    ev.add_argument("--suite-name", default=None, help="the JSON's suite field (default: --name)")
+    ev.add_argument("--role", choices=("teacher", "student"), default="student")
+    ev.add_argument("--samples-per-prompt", type=int, default=4)
+    ev.add_argument("--max-prompts", type=int, default=None, help="use this many prompts, spread over the prompt list")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--resolution", type=int, default=None, help="image side passed to the pipeline (default: its own)")
+    ev.add_argument("--scheduler", default=None, help="diffusers scheduler class to swap in (from_config)")
+    ev.add_argument("--negative-prompt", default=None)
+    ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ev.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    ev.add_argument("--latency-batch", type=int, default=64, help="large batch for the latency; 0 = no latency")
+    ev.add_argument("--latency-repeats", type=int, default=5)
+    ev.add_argument("--latency-warmup", type=int, default=2)
+    ev.add_argument("--toy-evaluator", default=None, help="toy evaluator folder (default: the shipped one)")
+    ev.add_argument("--toy-reference-size", type=int, default=None)
+    ev.add_argument("--inception", default=None, help="Inception weights file or folder (or $STEPDISTILL_INCEPTION)")
+    ev.add_argument("--reference-images", default=None, help="folder of real images for FID")
+    ev.add_argument("--reference-stats", default=None, help=".npz reference statistics (cache path with "
+                                                            "--reference-images)")
+    ev.add_argument("--fid-resize", type=int, default=None, help="resize both sides to this square size before "
+                                                                 "Inception (COCO protocol: 256)")
+    ev.add_argument("--clip-model", default=None, help="transformers CLIP folder, or open_clip checkpoint file")
+    ev.add_argument("--clip-backend", default=None, choices=("transformers", "open_clip"))
+    ev.add_argument("--clip-arch", default=None, help="open_clip architecture (default ViT-g-14)")
+    ev.add_argument("--hps-checkpoint", default=None)
+    ev.add_argument("--hps-version", default=None, choices=("2.0", "2.1"))
+    ev.set_defaults(func=cmd_eval)
+
+    bn = sub.add_parser("bench", help="run a benchmark suite (eval/*.yaml); resumable; writes the report under --out")
+    bn.add_argument("--suite", required=True, help="suite YAML file, e.g. eval/toy.yaml")
+    bn.add_argument("--out", default="runs/bench", help="output folder (samples, report.json, report.md, plots, grid)")
+    bn.add_argument("--samples-per-prompt", type=int, default=None, help="override the suite's (recorded in the report)")
+    bn.add_argument("--max-prompts", type=int, default=None, help="use this many prompts, spread over the suite's "
+                                                                  "(recorded in the report)")
+    bn.set_defaults(func=cmd_bench)
+
+    toy = sub.add_parser("toy", help="train the embedded toy teacher / evaluator").add_subparsers(dest="toy_cmd", required=True)
+    tt = toy.add_parser("train-teacher", help="train the toy SD teacher and save it as a diffusers folder")
+    tt.add_argument("--out", default="assets/toy-teacher")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--vae-steps", type=int, default=1000)
+    tt.add_argument("--unet-steps", type=int, default=5000)
+    tt.add_argument("--batch-size", type=int, default=128)
+    tt.set_defaults(func=cmd_toy_train_teacher)
+    te = toy.add_parser("train-evaluator", help="train the toy evaluator (attribute predictor)")
+    te.add_argument("--out", default="assets/toy-evaluator")
+    te.add_argument("--seed", type=int, default=0)
+    te.add_argument("--steps", type=int, default=3000)
+    te.set_defaults(func=cmd_toy_train_evaluator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _set_threads(args.threads)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"stepdistill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Evaluate one (pipeline, steps, guidance) configuration: toy metrics, NFE and latency per image."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from stepdistill.eval.generate import generate, sample_seeds
+from stepdistill.eval.latency import measure_latency
+from stepdistill.eval.report import nfe
+
+
+class _UnetTimer:
+    """Accumulates wall time spent inside ``pipe.unet`` forward calls (forward pre/post hooks)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.total = 0.0
+        self._start = 0.0
+        self._handles = [
+            unet.register_forward_pre_hook(lambda *_: self._begin()),
+            unet.register_forward_hook(lambda *_: self._end()),
+        ]
+
+    def _begin(self) -> None:
+        self._start = time.perf_counter()
+
+    def _end(self) -> None:
+        self.total += time.perf_counter() - self._start
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def measure_pipeline_latency(pipe: Any, prompt: str, steps: int, guidance: float, batch: int = 64,
+                             warmup: int = 2, repeats: int = 5) -> dict:
+    """Median wall time of a full pipeline call (text encoder + UNet + VAE decode) at batch 1 and at ``batch``
+    (reported per image), in milliseconds, plus the share of the batch-N time spent in the UNet."""
+
+    def call(n: int):
+        return pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                    generator=torch.Generator().manual_seed(0))
+
+    b1 = measure_latency(lambda: call(1), warmup=warmup, repeats=repeats)
+    call(batch)  # warm-up at the large batch, outside the UNet timer
+    timer = _UnetTimer(pipe.unet)
+    try:
+        bn = measure_latency(lambda: call(batch), warmup=0, repeats=max(2, repeats // 2), batch_size=batch)
+    finally:
+        timer.close()
+    return {
+        "batch1": 1000 * b1["median_s"],
+        "batchN": 1000 * bn["median_s"] / batch,
+        "n": batch,
+        "unet_share": timer.total / sum(bn["times_s"]),
+        "repeats": repeats,
+    }
+
+
+def evaluate_configuration(
+    pipe: Any,
+    judge: Any,
+    name: str,
+    role: str,
+    steps: int,
+    guidance: float,
+    prompts: list[str],
+    samples_per_prompt: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    latency_batch: int = 64,
+    latency_repeats: int = 5,
+    extra: dict | None = None,
+) -> tuple[dict, torch.Tensor]:
+    """Generate ``samples_per_prompt`` images for every prompt (fixed seeds), score them, time the pipeline."""
+    all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+    seeds = sample_seeds(len(prompts), samples_per_prompt, seed)
+    t0 = time.time()
+    images = generate(pipe, all_prompts, seeds, steps, guidance, batch_size=batch_size,
+                      desc=f"{name} {steps} step(s) w={guidance:g}")
+    gen_seconds = time.time() - t0
+    metrics = judge.score(images, all_prompts)
+    latency = measure_pipeline_latency(pipe, prompts[0], steps, guidance, batch=latency_batch, repeats=latency_repeats)
+    entry = {
+        "name": name,
+        "role": role,
+        "steps": steps,
+        "guidance": guidance,
+        "nfe": nfe(steps, guidance),
+        **metrics,
+        "latency_ms": latency,
+        "generation_seconds": round(gen_seconds, 1),
+        **(extra or {}),
+    }
+    return entry, images

@@ -1,0 +1,100 @@
+"""Deterministic, batched image generation from any diffusers pipeline folder (teacher or exported student)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+class PipelineLoadError(ValueError):
+    """A pipeline folder that does not exist or is not a diffusers pipeline."""
+
+
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """``DiffusionPipeline.from_pretrained`` on a local folder, offline; ``"toy"`` names the shipped toy teacher."""
+    from diffusers import DiffusionPipeline
+
+    if str(path) == "toy":
+        from stepdistill.toy.assets import toy_teacher_path
+
+        path = toy_teacher_path()
+    path = Path(path)
+    if not path.exists():
+        raise PipelineLoadError(f"pipeline path {path} does not exist: pass a diffusers pipeline folder or 'toy'")
+    if not (path / "model_index.json").is_file():
+        raise PipelineLoadError(
+            f"{path} is not a diffusers pipeline folder: expected {path / 'model_index.json'} "
+            "(save one with pipe.save_pretrained(folder))"
+        )
+    kwargs: dict[str, Any] = {"local_files_only": True, "torch_dtype": dtype}
+    if "safety_checker" in (path / "model_index.json").read_text():
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def sample_seeds(num_prompts: int, samples_per_prompt: int, base_seed: int = 0) -> list[int]:
+    """Seed of sample j of prompt i: base + i * samples_per_prompt + j, so a sample never depends on batching."""
+    return [base_seed + i * samples_per_prompt + j for i in range(num_prompts) for j in range(samples_per_prompt)]
+
+
+@torch.no_grad()
+def generate(
+    pipe: Any,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    batch_size: int = 256,
+    negative_prompt: str | None = None,
+    desc: str = "generate",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] for ``prompts[i]`` drawn from ``seeds[i]`` (one torch.Generator each)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds")
+    if not prompts:
+        raise ValueError("no prompts to generate: the prompt list is empty")
+    device = getattr(pipe, "device", torch.device("cpu"))
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        batch_prompts = prompts[start:start + batch_size]
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
+        kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                                      output_type="pt")
+        if negative_prompt is not None:
+            kwargs["negative_prompt"] = [negative_prompt] * len(batch_prompts)
+        images = pipe(batch_prompts, **kwargs).images
+        out.append(images.float().cpu() * 2 - 1)
+    del device
+    return torch.cat(out)
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Round [-1, 1] images to 8-bit levels (as saved PNGs would be) and map back to [-1, 1]."""
+    levels = ((images.clamp(-1, 1) + 1) * 127.5).round()
+    return levels / 127.5 - 1
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: torch.Tensor, rows: int, cols: int, scale: int = 1):
+    """A PIL grid of the first rows*cols images, each enlarged ``scale`` times (nearest)."""
+    from PIL import Image
+
+    arr = to_uint8(images[: rows * cols])
+    n, h, w, _ = arr.shape
+    canvas = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        canvas[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = arr[k]
+    img = Image.fromarray(canvas)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img

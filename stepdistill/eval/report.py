@@ -1,0 +1,114 @@
+"""The report format (DESIGN.md section 4): report.json, report.md, a quality-vs-steps/latency plot.
+
+``report.json`` = ``{"suite", "device", "entries": [...]}``; each entry has at least ``name``, ``role``, ``steps``,
+``guidance``, ``nfe``, ``fid``, ``fid_features``, ``adherence``, ``diversity``, ``latency_ms``
+(``{"batch1", "batchN", "n"}``) and ``num_samples``. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REQUIRED_KEYS = ("name", "role", "steps", "guidance", "nfe", "fid", "fid_features", "adherence", "diversity",
+                 "latency_ms", "num_samples")
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def nfe(steps: int, guidance: float) -> int:
+    """UNet evaluations per image: one per step, two when classifier-free guidance is on (w > 1)."""
+    return steps * (2 if guidance > 1.0 else 1)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown_table(entries: list[dict]) -> str:
+    head = ("| name | role | steps | guidance | NFE | FID_toy ↓ | adherence ↑ | all-correct ↑ | diversity | coverage (x/y/r) "
+            "| latency b1 (ms) | latency/img bN (ms) | samples |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for e in entries:
+        cov = e.get("coverage") or {}
+        cov_s = "/".join(f"{cov[k]:.2f}" for k in ("x", "y", "radius") if k in cov) or "—"
+        lat = e.get("latency_ms") or {}
+        lines.append(
+            f"| {e['name']} | {e['role']} | {e['steps']} | {e['guidance']:g} | {e['nfe']} | {_fmt(e.get('fid'), '.2f')} "
+            f"| {_fmt(e.get('adherence'), '.3f')} | {_fmt(e.get('adherence_all'), '.3f')} | {_fmt(e.get('diversity'), '.4f')} "
+            f"| {cov_s} | {_fmt(lat.get('batch1'), '.1f')} | {_fmt(lat.get('batchN'), '.2f')} (n={lat.get('n', '—')}) "
+            f"| {e['num_samples']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_quality(entries: list[dict], path: Path) -> None:
+    """FID_toy against steps and against latency per image, one series per (name, guidance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    series: dict[str, list[dict]] = {}
+    for e in entries:
+        if e.get("fid") is None:
+            continue
+        series.setdefault(f"{e['name']} (w={e['guidance']:g})", []).append(e)
+    for label, es in series.items():
+        es = sorted(es, key=lambda e: e["steps"])
+        marker = "o-" if es[0]["role"] == "teacher" else "*"
+        axes[0].plot([e["steps"] for e in es], [e["fid"] for e in es], marker, label=label, markersize=9)
+        lat = [(e["latency_ms"] or {}).get("batchN") for e in es]
+        if all(v is not None for v in lat):
+            axes[1].plot(lat, [e["fid"] for e in es], marker, label=label, markersize=9)
+    axes[0].set(xscale="log", xlabel="sampling steps", ylabel=f"FID ({entries[0].get('fid_features', '')}) ↓",
+                title="quality vs steps")
+    axes[1].set(xscale="log", xlabel="latency per image, large batch (ms)", ylabel="FID ↓", title="quality vs latency")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(out_dir: str | Path, suite: str, entries: list[dict], extra_md: str = "", images: dict[str, str] | None = None) -> dict:
+    """Write report.json, report.md and quality.png under ``out_dir``; returns the JSON object."""
+    out = Path(out_dir)
+    for e in entries:
+        missing = [k for k in REQUIRED_KEYS if k not in e]
+        if missing:
+            raise ValueError(f"report entry {e.get('name')!r} lacks {missing}")
+    report = {"suite": suite, "device": device_description(), "entries": entries}
+    plot_quality(entries, out / "quality.png")
+    md = [f"# stepdistill report — {suite}", "", f"Device: {report['device']}", "", markdown_table(entries), ""]
+    md += ["![quality vs steps and latency](quality.png)", ""]
+    for title, fname in (images or {}).items():
+        md += [f"## {title}", "", f"![{title}]({fname})", ""]
+    if extra_md:
+        md += [extra_md, ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    return report
