@@ -1,0 +1,75 @@
+"""The toy evaluation path and a tiny end-to-end distill -> export -> load run."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stepdistill.eval.report import REQUIRED_KEYS, markdown_table, nfe, write_report
+from stepdistill.toy import world
+from stepdistill.toy.assets import TOY_EVALUATOR
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not TOY_EVALUATOR.is_dir(), reason="toy evaluator asset not present")
+def test_toy_judge_scores_real_images_as_perfect_and_noise_as_bad():
+    from stepdistill.eval.toy_metrics import ToyJudge
+
+    judge = ToyJudge(reference_size=2000)
+    prompts = [p for p in world.all_prompts()[:24] for _ in range(4)]
+    real, _ = world.sample(77, len(prompts), prompts=prompts)
+    good = judge.score(torch.from_numpy(real), prompts)
+    assert good["adherence"] == 1.0 and good["adherence_all"] == 1.0
+    # same prompts' real images: spread equals the real spread up to sampling noise
+    assert all(0.6 < v < 1.6 for v in good["coverage"].values())
+    collapsed = torch.from_numpy(np.repeat(real[::4], 4, axis=0))  # one image per prompt, repeated: mode collapse
+    bad = judge.score(collapsed, prompts)
+    assert bad["diversity"] < 1e-6 and max(bad["coverage"].values()) < 1e-3
+    # FID_toy: fresh real images drawn like the reference are close to it; noise is far
+    uniform, attrs = world.sample(78, 600)
+    real_fid = judge.score(torch.from_numpy(uniform), attrs.prompts())["fid"]
+    noise = torch.rand(600, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    worse = judge.score(noise, attrs.prompts())
+    assert worse["fid"] > 10 * real_fid and worse["adherence"] < 0.6
+
+
+def test_report_format(tmp_path):
+    entry = {"name": "teacher", "role": "teacher", "steps": 4, "guidance": 3.0, "nfe": nfe(4, 3.0), "fid": 12.5,
+             "fid_features": "toy", "adherence": 0.9, "diversity": 0.05, "num_samples": 10,
+             "latency_ms": {"batch1": 20.0, "batchN": 5.0, "n": 64}}
+    assert entry["nfe"] == 8 and nfe(1, 1.0) == 1
+    report = write_report(tmp_path, "unit", [entry, {**entry, "name": "dmd2", "role": "student", "steps": 1,
+                                                     "guidance": 1.0, "nfe": 1}])
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report)) and on_disk["suite"] == "unit"
+    assert set(REQUIRED_KEYS) <= set(on_disk["entries"][0])
+    assert (tmp_path / "quality.png").stat().st_size > 0
+    assert "| dmd2 | student | 1 |" in markdown_table(on_disk["entries"])
+    with pytest.raises(ValueError, match="lacks"):
+        write_report(tmp_path / "bad", "unit", [{"name": "x"}])
+
+
+def test_distill_export_and_plain_diffusers_load(tmp_path):
+    from tiny_models import make_tiny_sd_pipeline
+
+    from stepdistill.eval.generate import generate, load_pipeline
+    from stepdistill.training.run import distill, export_run
+
+    make_tiny_sd_pipeline(tmp_path / "teacher")
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    summary = distill(spec, REPO / "training" / "toy-dmd2.yaml", tmp_path / "run",
+                      overrides=["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1",
+                                 "train.sample_every=0", "objective_config.aux_updates_per_generator_update=1"])
+    assert summary["steps"] == 2 and Path(summary["student"]).is_dir()
+    again = export_run(tmp_path / "run", tmp_path / "student2")
+    pipe = load_pipeline(again)
+    images = generate(pipe, ["a red circle"] * 2, [0, 1], steps=1, guidance=1.0, progress=False)
+    assert images.shape[0] == 2 and images.min() >= -1 and images.max() <= 1
+    with pytest.raises(ValueError, match="unknown key"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("teacher: toy\nteachr: x\n")
+        distill(bad, REPO / "training" / "toy-dmd2.yaml", tmp_path / "run2")
