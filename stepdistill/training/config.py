@@ -187,6 +187,8 @@ def _coerce(value: Any, tp: Any, key: str, file: str | None) -> Any:
         raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}", file)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if value is False and "no" in choices:  # YAML 1.1 reads an unquoted `no` as false
+            value = "no"
         if value not in choices or isinstance(value, bool):
             raise ConfigError(key, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}", file)
         return value
