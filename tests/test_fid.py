@@ -197,13 +197,6 @@ def test_quantize_and_clean_resize():
 
 
 # --- Inception-v3 --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two-core CI machines: one intra-op thread avoids oversubscription when tests run in parallel workers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,6 @@ from stepdistill.eval.errors import MetricUnavailable  # noqa: E402
 from stepdistill.eval.latency import measure_latency  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --- diversity -----------------------------------------------------------------------------------------------------

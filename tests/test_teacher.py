@@ -20,13 +20,6 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 PROMPTS = ["a red circle on a blue background", "a small green square"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with 2 threads on a busy 2-core machine they slow down ~100x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)
