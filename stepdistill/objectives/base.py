@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from stepdistill.student import add_lora, copy_unet, trainable_parameters
+from stepdistill.student import add_lora, copy_unet, trainable_parameters  # noqa: F401 (re-exported)
 
 
 # --- data --------------------------------------------------------------------------------------------------------

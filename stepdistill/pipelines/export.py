@@ -221,7 +221,7 @@ def _card(
         "- `guidance_scale=1.0`: the student already embeds the teacher's classifier-free guidance. In diffusers' "
         "Stable Diffusion pipelines a `guidance_scale <= 1` disables CFG (one UNet evaluation per step); a larger "
         "value would apply guidance a second time and double the cost.",
-        f"- The scheduler is an `LCMScheduler` with the teacher's noise schedule; "
+        "- The scheduler is an `LCMScheduler` with the teacher's noise schedule; "
         + (f"`num_inference_steps={n}` yields exactly the timesteps {timesteps}."
            if default_call_ok else f"pass `timesteps={timesteps}` (no `original_inference_steps` reproduces them).")
         + " Its `timestep_scaling` is set very large so that the boundary condition returns the model's x0 "
