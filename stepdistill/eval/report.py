@@ -36,6 +36,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be read
     os.replace(tmp, path)
 
 
@@ -44,7 +45,9 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def markdown_table(entries: list[dict]) -> str:
-    head = ("| name | role | steps | guidance | NFE | FID_toy ↓ | adherence ↑ | all-correct ↑ | diversity | coverage (x/y/r) "
+    features = entries[0].get("fid_features", "toy") if entries else "toy"
+    fid_name = "FID_toy" if features == "toy" else f"FID ({features})"
+    head = (f"| name | role | steps | guidance | NFE | {fid_name} ↓ | adherence ↑ | all-correct ↑ | diversity | coverage (x/y/r) "
             "| latency b1 (ms) | latency/img bN (ms) | samples |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for e in entries:
@@ -85,7 +88,8 @@ def plot_quality(entries: list[dict], path: Path) -> None:
     axes[1].set(xscale="log", xlabel="latency per image, large batch (ms)", ylabel="FID ↓", title="quality vs latency")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
