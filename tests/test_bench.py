@@ -19,12 +19,6 @@ from stepdistill.eval.suite import SuiteError, load_suite  # noqa: E402
 from tiny_models import make_tiny_sd_pipeline  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -263,6 +263,17 @@ class Objective(torch.nn.Module):
             err = err * weight.to(err).reshape(-1, *([1] * (err.ndim - 1)))
         return err.mean()
 
+    def generate_and_match(self, batch: Batch, timesteps=None, noise=None):
+        """The step DMD and DMD2 share: x₀ = G_θ(z, c) with gradient, then :meth:`distribution_matching` against the
+        fake score at t ~ U[min_t_ratio·T, max_t_ratio·T] (or the given ``timesteps``/``noise``).
+        Returns ``(x0, loss_dm, logs)``."""
+        x0 = self.generate(batch, grad=True)
+        n = x0.shape[0]
+        t = self._timesteps_or(timesteps, n, x0.device, lambda: self.sample_timesteps(n, x0.device))
+        eps = torch.randn_like(x0) if noise is None else noise
+        loss, logs = self.distribution_matching(x0, batch.embeds, self.fake_unet, self.config["real_guidance_scale"], t, eps)
+        return x0, loss, logs
+
     def distribution_matching(
         self,
         x0: torch.Tensor,

@@ -233,11 +233,7 @@ class DMD(Objective):
 
     def generator_loss(self, batch: Batch, *, timesteps=None, noise=None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        x0 = self.generate(batch, grad=True)
-        n = x0.shape[0]
-        t = self._timesteps_or(timesteps, n, x0.device, lambda: self.sample_timesteps(n, x0.device))
-        eps = torch.randn_like(x0) if noise is None else noise
-        loss, logs = self.distribution_matching(x0, batch.embeds, self.fake_unet, cfg["real_guidance_scale"], t, eps)
+        x0, loss, logs = self.generate_and_match(batch, timesteps, noise)
         if cfg["regression_weight"] > 0:
             loss_reg = self.regression_loss(batch)
             loss = loss + cfg["regression_weight"] * loss_reg

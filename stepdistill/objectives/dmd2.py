@@ -107,11 +107,7 @@ class DMD2(Objective):
     # --- losses ---------------------------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, *, timesteps=None, noise=None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        x0 = self.generate(batch, grad=True)
-        n = x0.shape[0]
-        t = self._timesteps_or(timesteps, n, x0.device, lambda: self.sample_timesteps(n, x0.device))
-        eps = torch.randn_like(x0) if noise is None else noise
-        loss_dm, logs = self.distribution_matching(x0, batch.embeds, self.fake_unet, cfg["real_guidance_scale"], t, eps)
+        x0, loss_dm, logs = self.generate_and_match(batch, timesteps, noise)
         loss = cfg["dm_weight"] * loss_dm
         if self.cls_head is not None:
             # gradient reaches x0 (hence the generator) but not the fake score or the head
