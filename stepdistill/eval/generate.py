@@ -60,7 +60,6 @@ def generate(
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds")
     if not prompts:
         raise ValueError("no prompts to generate: the prompt list is empty")
-    device = getattr(pipe, "device", torch.device("cpu"))
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         batch_prompts = prompts[start:start + batch_size]
@@ -71,7 +70,6 @@ def generate(
             kwargs["negative_prompt"] = [negative_prompt] * len(batch_prompts)
         images = pipe(batch_prompts, **kwargs).images
         out.append(images.float().cpu() * 2 - 1)
-    del device
     return torch.cat(out)
 
 
