@@ -58,17 +58,20 @@ def make_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, max
 
 
 def make_unet() -> UNet2DConditionModel:
-    """An SD-style UNet for 8x8x4 latents with cross-attention to the text encoder."""
+    """An SD-style UNet for 8x8x4 latents with cross-attention to the text encoder (7.1M parameters).
+
+    Widths (48, 96, 192): the first teacher used (32, 64, 128) and drew large squares with rounded corners
+    (shape adherence 0.71 at 50 steps); the wider one costs about 1.3x per training step."""
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 128),
+        block_out_channels=(48, 96, 192),
         layers_per_block=1,
         cross_attention_dim=TEXT_DIM,
-        attention_head_dim=32,
+        attention_head_dim=24,
         norm_num_groups=16,
     )
 

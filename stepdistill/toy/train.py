@@ -92,9 +92,9 @@ def train_teacher(
     seed: int = 0,
     vae_steps: int = 1000,
     vae_batch_size: int = 64,
-    unet_steps: int = 5000,
-    batch_size: int = 128,
-    lr: float = 8e-4,
+    unet_steps: int = 7000,
+    batch_size: int = 96,
+    lr: float = 6e-4,
     num_latents: int = 60_000,
     ema_decay: float = 0.999,
     cond_dropout: float = 0.1,
@@ -110,12 +110,18 @@ def train_teacher(
 
     if vae_cache is not None and (Path(vae_cache) / "config.json").is_file():  # resume after an interrupted run
         vae = AutoencoderKL.from_pretrained(vae_cache, local_files_only=True).eval()
-        vae_rec = json.loads((Path(vae_cache) / "vae_info.json").read_text())["vae_reconstruction_mse"]
+        vae_from_cache = True
+        vae_info = json.loads((Path(vae_cache) / "vae_info.json").read_text())
+        vae_rec = vae_info["vae_reconstruction_mse"]
+        t_start -= vae_info.get("vae_seconds", 0.0)  # count the cached VAE's own training time in the total
     else:
+        vae_from_cache = False
         vae, vae_rec = train_vae(vae_steps, vae_batch_size, seed)
         if vae_cache is not None:
             vae.save_pretrained(vae_cache)
-            (Path(vae_cache) / "vae_info.json").write_text(json.dumps({"vae_reconstruction_mse": vae_rec}))
+            (Path(vae_cache) / "vae_info.json").write_text(json.dumps(
+                {"vae_reconstruction_mse": vae_rec, "vae_seconds": round(time.time() - t_start, 1),
+                 "vae_steps": vae_steps, "vae_batch_size": vae_batch_size, "seed": seed}))
     t_vae = time.time() - t_start
 
     raw_latents, prompts = encode_dataset(vae, num_latents, seed + 1)
@@ -171,9 +177,16 @@ def train_teacher(
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(tok_dir, safe_serialization=True)
+    for config_file in tok_dir.glob("*/config.json"):  # a cached VAE would record its local cache path
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     info = {
         "seed": seed, "vae_steps": vae_steps, "vae_batch_size": vae_batch_size, "vae_reconstruction_mse": vae_rec,
-        "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr, "num_latents": num_latents,
+        "unet_steps": unet_steps, "batch_size": batch_size,
+        "unet_block_out_channels": list(unet.config.block_out_channels),
+        "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "vae_from_cache": vae_from_cache, "lr": lr, "num_latents": num_latents,
         "ema_decay": ema_decay, "cond_dropout": cond_dropout, "final_loss_ema": running,
         "scaling_factor": scaling_factor, "vae_seconds": round(t_vae, 1),
         "total_seconds": round(time.time() - t_start, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
