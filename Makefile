@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench distill-cost clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/stepdistill bench --suite eval/toy.yaml --out runs/bench
+
+distill-cost: $(STAMP)
+	$(BIN)/stepdistill distill-cost --out runs/distill-cost
 
 clean:
 	rm -rf runs

@@ -50,6 +50,19 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill_cost(args: argparse.Namespace) -> int:
+    from stepdistill.eval.distill_cost import markdown_table, run_distill_cost
+
+    def run() -> int:
+        report = run_distill_cost(args.pipeline, args.recipes, args.out, steps=args.steps, warmup=args.warmup,
+                                  overrides=args.set or (), threads=args.threads)
+        print(markdown_table(report["entries"]))
+        print(f"wrote {Path(args.out) / 'report.md'} and report.json")
+        return 0
+
+    return _guarded("distill-cost", run)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from stepdistill.training.run import export_run
 
@@ -65,7 +78,7 @@ def cmd_toy_train_teacher(args: argparse.Namespace) -> int:
     from stepdistill.toy.train import train_teacher
 
     info = train_teacher(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, lr=args.lr, vae_cache=args.vae_cache)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -81,7 +94,8 @@ def cmd_toy_train_evaluator(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------------------------------------------
-DEMO_TEACHER_STEPS = (1, 4, 25, 50)
+DEMO_TEACHER_STEPS = (1, 4, 25, 50)  # with the demo's CFG scale
+# The teacher at the student's NFE (1 step, no CFG) gives the end-to-end ideal speed-up (see eval.report.speedups).
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -133,6 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         grid_rows.append(generate(pipe, grid_prompts, grid_seeds, steps, guidance, progress=False))
         row_names.append(f"{name} {steps} step(s), w={guidance:g}")
 
+    run(teacher_pipe, "teacher", "teacher", 1, 1.0)
     for steps in DEMO_TEACHER_STEPS:
         run(teacher_pipe, "teacher", "teacher", steps, args.guidance)
     if student_dir.is_dir():
@@ -275,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--no-export", action="store_true", help="skip exporting the student pipeline")
     di.set_defaults(func=cmd_distill)
 
+    dc = sub.add_parser("distill-cost", help="the distill-cost benchmark: steps/s and peak memory of each recipe's "
+                                             "training step, one process per recipe")
+    dc.add_argument("--pipeline", default="pipelines/toy.yaml")
+    dc.add_argument("--recipes", nargs="+", default=["training/toy-dmd.yaml", "training/toy-dmd2.yaml",
+                                                      "training/toy-vsd.yaml"])
+    dc.add_argument("--steps", type=int, default=20, help="generator steps measured per recipe")
+    dc.add_argument("--warmup", type=int, default=3, help="steps left out of the rate")
+    dc.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every recipe")
+    dc.add_argument("--out", default="runs/distill-cost")
+    dc.set_defaults(func=cmd_distill_cost)
+
     ex = sub.add_parser("export", help="export a run's student as a diffusers pipeline folder")
     ex.add_argument("--run", required=True, help="a `stepdistill distill` output folder")
     ex.add_argument("--checkpoint", default="latest")
@@ -348,8 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", default="assets/toy-teacher")
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--vae-steps", type=int, default=1000)
-    tt.add_argument("--unet-steps", type=int, default=5000)
-    tt.add_argument("--batch-size", type=int, default=128)
+    tt.add_argument("--unet-steps", type=int, default=7000)
+    tt.add_argument("--batch-size", type=int, default=96)
+    tt.add_argument("--lr", type=float, default=6e-4)
+    tt.add_argument("--vae-cache", default=None,
+                    help="folder that keeps the trained VAE: reused if it holds one (a rerun skips the VAE stage)")
     tt.set_defaults(func=cmd_toy_train_teacher)
     te = toy.add_parser("train-evaluator", help="train the toy evaluator (attribute predictor)")
     te.add_argument("--out", default="assets/toy-evaluator")

@@ -75,9 +75,9 @@ def test_distill_export_and_plain_diffusers_load(tmp_path):
         distill(bad, REPO / "training" / "toy-dmd2.yaml", tmp_path / "run2")
 
 
-@pytest.mark.parametrize("recipe", ["dmd.yaml", "dmd2.yaml", "vsd.yaml"])
+@pytest.mark.parametrize("recipe", ["dmd.yaml", "dmd2.yaml", "vsd.yaml", "toy-dmd.yaml", "toy-vsd.yaml"])
 def test_every_shipped_recipe_runs_a_step(tmp_path, recipe):
-    """The SD1.5 recipes run end to end on a tiny teacher (DMD with its regression pairs wired in by run.py)."""
+    """The SD1.5 and toy recipes run end to end on a tiny teacher (DMD with its regression pairs wired in by run.py)."""
     from tiny_models import make_tiny_sd_pipeline
 
     from stepdistill.training.run import distill
@@ -88,8 +88,10 @@ def test_every_shipped_recipe_runs_a_step(tmp_path, recipe):
     overrides = ["train.max_steps=1", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
                  "train.mixed_precision=no", "train.gradient_checkpointing=false",
                  "objective_config.aux_updates_per_generator_update=1"]
-    if recipe == "vsd.yaml":
+    if recipe.endswith("vsd.yaml"):
         overrides.append("objective_config.fake_lora_rank=4")
+    if recipe == "toy-dmd.yaml":
+        overrides.append("objective_config.regression_pairs=4")
     summary = distill(spec, REPO / "training" / recipe, tmp_path / "run", overrides=overrides, export=False)
     assert summary["steps"] == 1
     rows = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()

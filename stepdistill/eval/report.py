@@ -63,6 +63,48 @@ def markdown_table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def speedups(entries: list[dict]) -> list[dict]:
+    """Each student's latency speed-up over the slowest teacher entry (the 50-step CFG teacher in our suites).
+
+    ``measured = T_teacher / T_student`` (per image at the large batch). Two ideals: ``nfe_ratio`` =
+    NFE_teacher / NFE_student (what a pipeline whose every cost scales with the UNet calls would reach), and
+    ``end_to_end`` = T_teacher / T_teacher_at_student_nfe, measured on a teacher entry with the student's NFE (e.g. the
+    teacher at 1 step without CFG): the best a student can do when the text encoder and the VAE decode, which run once
+    per image in both pipelines, are counted. ``measured / ideal`` is reported for both (None where no such entry)."""
+
+    def lat(e: dict) -> float | None:
+        return (e.get("latency_ms") or {}).get("batchN")
+
+    teachers = [e for e in entries if e["role"] == "teacher" and lat(e)]
+    if not teachers:
+        return []
+    ref = max(teachers, key=lambda e: (e["nfe"], lat(e)))
+    rows = []
+    for e in entries:
+        if e["role"] != "student" or not lat(e):
+            continue
+        same_nfe = [t for t in teachers if t["nfe"] == e["nfe"]]
+        measured = lat(ref) / lat(e)
+        nfe_ratio = ref["nfe"] / e["nfe"]
+        end_to_end = lat(ref) / lat(same_nfe[0]) if same_nfe else None
+        rows.append({
+            "name": e["name"], "steps": e["steps"], "reference": f"teacher {ref['steps']} steps, w={ref['guidance']:g}",
+            "measured": measured, "nfe_ratio": nfe_ratio, "of_nfe_ratio": measured / nfe_ratio,
+            "end_to_end_ideal": end_to_end, "of_end_to_end_ideal": measured / end_to_end if end_to_end else None,
+        })
+    return rows
+
+
+def speedup_table(rows: list[dict]) -> str:
+    lines = ["| student | steps | vs | measured speed-up | ideal: NFE ratio (share reached) "
+             "| ideal: end to end (share reached) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        e2e = "—" if r["end_to_end_ideal"] is None else f"{r['end_to_end_ideal']:.1f}× ({r['of_end_to_end_ideal']:.2f})"
+        lines.append(f"| {r['name']} | {r['steps']} | {r['reference']} | {r['measured']:.1f}× "
+                     f"| {r['nfe_ratio']:.0f}× ({r['of_nfe_ratio']:.2f}) | {e2e} |")
+    return "\n".join(lines)
+
+
 def plot_quality(entries: list[dict], path: Path) -> None:
     """FID_toy against steps and against latency per image, one series per (name, guidance)."""
     import matplotlib
@@ -106,8 +148,15 @@ def write_report(out_dir: str | Path, suite: str, entries: list[dict], extra_md:
         if missing:
             raise ValueError(f"report entry {e.get('name')!r} lacks {missing}")
     report = {"suite": suite, "device": device_description(), "entries": entries}
+    rows = speedups(entries)
+    if rows:
+        report["speedups"] = rows
     plot_quality(entries, out / "quality.png")
     md = [f"# stepdistill report — {suite}", "", f"Device: {report['device']}", "", markdown_table(entries), ""]
+    if rows:
+        md += ["Latency speed-ups (per image at the large batch; the end-to-end ideal divides by the teacher at the "
+               "student's NFE, so the text encoder and VAE decode that both run once are counted):", "",
+               speedup_table(rows), ""]
     md += ["![quality vs steps and latency](quality.png)", ""]
     for title, fname in (images or {}).items():
         md += [f"## {title}", "", f"![{title}]({fname})", ""]

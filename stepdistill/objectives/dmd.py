@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from stepdistill.objectives.base import (
     Batch,
     Objective,
+    check_int,
     check_number,
     make_fake_score,
     trainable_parameters,
@@ -184,7 +185,9 @@ def make_regression_pairs(
 class DMD(Objective):
     """See the module docstring. Config keys: real_guidance_scale (3.0, the paper's SD1.5 FID model), min_t_ratio
     0.02, max_t_ratio 0.98, aux_updates_per_generator_update 1, fake_lora_rank null / fake_lora_alpha null,
-    regression_weight 0.25, regression_distance "mse", regression_space "latent" | "image"."""
+    regression_weight 0.25, regression_distance "mse", regression_space "latent" | "image", regression_pairs (number
+    of teacher (noise, image) pairs made before training; null: 4 x the batch size), regression_steps 25 (DDIM steps
+    of the teacher's ODE for those pairs)."""
 
     name = "dmd"
     DEFAULTS = {
@@ -197,6 +200,8 @@ class DMD(Objective):
         "regression_weight": 0.25,
         "regression_distance": "mse",
         "regression_space": "latent",
+        "regression_pairs": None,
+        "regression_steps": 25,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -209,6 +214,8 @@ class DMD(Objective):
         super().validate_config(cfg)
         check_number(self.name, "real_guidance_scale", cfg["real_guidance_scale"])
         check_number(self.name, "regression_weight", cfg["regression_weight"], low=0.0)
+        check_int(self.name, "regression_pairs", cfg["regression_pairs"], low=1, optional=True)
+        check_int(self.name, "regression_steps", cfg["regression_steps"], low=1)
         if cfg["regression_space"] not in ("latent", "image"):
             raise ValueError(f"dmd config 'regression_space' must be 'latent' or 'image', got {cfg['regression_space']!r}")
 

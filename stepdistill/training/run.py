@@ -151,9 +151,9 @@ def distill(
     if config.objective == "dmd" and objective.config.get("regression_weight", 0) > 0:
         from stepdistill.objectives.dmd import make_regression_pairs
 
-        n_pairs = int(objective.config.get("regression_pairs", 0) or 0) or 4 * config.train.batch_size
+        n_pairs = int(objective.config["regression_pairs"] or 4 * config.train.batch_size)
         pair_prompts = prompts.sample(n_pairs, torch.Generator().manual_seed(config.train.seed + 17))
-        pairs = make_regression_pairs(teacher, pair_prompts, num_steps=25,
+        pairs = make_regression_pairs(teacher, pair_prompts, num_steps=int(objective.config["regression_steps"]),
                                       guidance=objective.config["real_guidance_scale"],
                                       generator=torch.Generator().manual_seed(config.train.seed + 18))
         batch_fn = with_regression_pairs(pairs, build_batch)

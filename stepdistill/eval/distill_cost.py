@@ -1,0 +1,151 @@
+"""The distill-cost benchmark (DESIGN.md section 4): wall time, steps per second and peak memory of each objective's
+training step on a teacher (the toy by default).
+
+Each recipe runs in its own ``stepdistill distill`` subprocess, so the peak memory it reports (``torch.cuda``'s peak
+allocation on a GPU, the process' maximum resident set size on a CPU) belongs to that objective alone, and one
+objective's caches never speed up the next. The run is the recipe itself with ``train.max_steps`` replaced by the
+number of measured steps and checkpoints, sample grids and export switched off; its CSV log (one row per step)
+gives the steady-state rate after ``warmup`` steps. The full-run projection is ``setup + max_steps / rate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from stepdistill.eval.report import atomic_write_text, device_description
+
+
+class DistillCostError(RuntimeError):
+    """A measured run failed; the message carries the tail of its output."""
+
+
+def _steady_rate(metrics_csv: Path, warmup: int) -> tuple[float, int]:
+    """Generator steps per second between the end of step ``warmup`` and the last logged step (time_s column)."""
+    with metrics_csv.open() as f:
+        rows = [(int(r["step"]), float(r["time_s"])) for r in csv.DictReader(f)]
+    if not rows:
+        raise DistillCostError(f"{metrics_csv} holds no rows")
+    start = next(((s, t) for s, t in rows if s >= warmup), rows[0])
+    end = rows[-1]
+    if end[0] <= start[0]:  # too few steps for a warm-up: use the whole run
+        return end[0] / max(end[1], 1e-9), end[0]
+    return (end[0] - start[0]) / (end[1] - start[1]), end[0] - start[0]
+
+
+def measure_recipe(
+    pipeline: str | Path,
+    recipe: str | Path,
+    work_dir: str | Path,
+    steps: int = 20,
+    warmup: int = 3,
+    overrides: Sequence[str] = (),
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run ``steps`` generator updates of ``recipe`` in a fresh process and return its cost figures."""
+    from stepdistill.training.config import load_recipe
+
+    if steps <= warmup:
+        raise ValueError(f"steps ({steps}) must exceed warmup ({warmup})")
+    config = load_recipe(recipe, overrides)
+    work = Path(work_dir)
+    if work.exists():
+        shutil.rmtree(work)
+    cmd = [sys.executable, "-m", "stepdistill.cli"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    cmd += ["distill", "--pipeline", str(pipeline), "--recipe", str(recipe), "--out", str(work), "--no-export"]
+    forced = [f"train.max_steps={steps}", "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=1"]
+    for item in [*overrides, *forced]:
+        cmd += ["--set", item]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise DistillCostError(f"{recipe}: `stepdistill distill` exited with {proc.returncode}:\n{tail}")
+    summary = json.loads((work / "distill_summary.json").read_text())
+    rate, measured_steps = _steady_rate(work / "logs" / "metrics.csv", warmup)
+    setup_s = float(summary["total_seconds"]) - float(summary["wall_time_s"])
+    full_steps = int(config.train.max_steps)
+    return {
+        "recipe": str(recipe),
+        "objective": config.objective,
+        "batch_size": int(config.train.batch_size),
+        "aux_updates_per_generator_update": int(config.objective_config.get("aux_updates_per_generator_update", 1)),
+        "generator_lora_rank": config.generator.lora_rank,
+        "mixed_precision": config.train.mixed_precision,
+        "gradient_checkpointing": bool(config.train.gradient_checkpointing),
+        "measured_steps": measured_steps,
+        "warmup_steps": warmup,
+        "steps_per_s": rate,
+        "seconds_per_step": 1.0 / rate,
+        "setup_s": setup_s,
+        "process_wall_s": elapsed,
+        "peak_memory_bytes": int(summary["peak_memory_bytes"]),
+        "peak_memory_source": summary["peak_memory_source"],
+        "device": summary["device"],
+        "recipe_max_steps": full_steps,
+        "projected_full_run_s": setup_s + full_steps / rate,
+        "overrides": list(overrides),
+    }
+
+
+def markdown_table(entries: list[dict]) -> str:
+    head = ("| recipe | objective | batch | fake updates / step | steps/s | s/step | setup (s) | peak memory (MiB) "
+            "| recipe steps | projected full run |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for e in entries:
+        lines.append(
+            f"| {e['recipe']} | {e['objective']} | {e['batch_size']} | {e['aux_updates_per_generator_update']} "
+            f"| {e['steps_per_s']:.3f} | {e['seconds_per_step']:.2f} | {e['setup_s']:.1f} "
+            f"| {e['peak_memory_bytes'] / 2**20:.0f} | {e['recipe_max_steps']} | {e['projected_full_run_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def run_distill_cost(
+    pipeline: str | Path,
+    recipes: Sequence[str | Path],
+    out_dir: str | Path,
+    steps: int = 20,
+    warmup: int = 3,
+    overrides: Sequence[str] = (),
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Measure every recipe; write ``report.json`` and ``report.md`` under ``out_dir``. Entries already measured for
+    the same recipe, steps and overrides (from an interrupted invocation) are reused."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = out / "entries"
+    cache_dir.mkdir(exist_ok=True)
+    entries = []
+    for recipe in tqdm(list(recipes), desc="distill-cost", unit="recipe"):
+        key = f"{Path(recipe).stem}-s{steps}-w{warmup}"
+        cached = cache_dir / f"{key}.json"
+        if cached.is_file():
+            entry = json.loads(cached.read_text())
+            if entry.get("overrides") == list(overrides):
+                entries.append(entry)
+                continue
+        entry = measure_recipe(pipeline, recipe, out / "runs" / Path(recipe).stem, steps, warmup, overrides, threads)
+        atomic_write_text(cached, json.dumps(entry, indent=2))
+        entries.append(entry)
+    report = {"suite": "distill-cost", "device": device_description(), "pipeline": str(pipeline), "entries": entries}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    md = (f"# distill-cost\n\nPipeline: `{pipeline}`. Device: {report['device']}.\n\n"
+          f"Each recipe ran {steps} generator steps in its own process (checkpoints, sample grids and export off); the "
+          f"rate is measured after {warmup} warm-up steps. Peak memory: "
+          f"{entries[0]['peak_memory_source'] if entries else '—'}. The projected full run is set-up + the recipe's "
+          "max_steps / rate.\n\n" + markdown_table(entries) + "\n")
+    atomic_write_text(out / "report.md", md)
+    return report

@@ -1,0 +1,78 @@
+"""The distill-cost benchmark: one subprocess per recipe, steady-state rate from the per-step CSV, peak memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stepdistill.eval import distill_cost
+from stepdistill.eval.report import speedups
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_steady_rate_leaves_out_the_warmup(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    # step 1 is slow (warm-up: 5 s), then 0.5 s per step
+    rows = ["step,time_s,loss/generator"] + [f"{s},{5 + 0.5 * (s - 1)},0.1" for s in range(1, 11)]
+    csv.write_text("\n".join(rows) + "\n")
+    rate, measured = distill_cost._steady_rate(csv, warmup=2)
+    assert measured == 8 and rate == pytest.approx(2.0)
+    rate_all, _ = distill_cost._steady_rate(csv, warmup=1)
+    assert rate_all == pytest.approx(2.0)  # from the end of step 1 on, the warm-up is excluded too
+
+
+def test_distill_cost_measures_each_recipe_in_its_own_process(tmp_path, monkeypatch):
+    from tiny_models import make_tiny_sd_pipeline
+
+    make_tiny_sd_pipeline(tmp_path / "teacher")
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    recipes = [REPO / "training" / "toy-dmd2.yaml", REPO / "training" / "toy-vsd.yaml"]
+    overrides = ["train.batch_size=2", "objective_config.aux_updates_per_generator_update=1"]
+    out = tmp_path / "cost"
+    report = distill_cost.run_distill_cost(spec, recipes[:1], out, steps=4, warmup=1, overrides=overrides, threads=1)
+    entry = report["entries"][0]
+    assert entry["objective"] == "dmd2" and entry["measured_steps"] == 3 and entry["batch_size"] == 2
+    assert entry["steps_per_s"] > 0 and entry["seconds_per_step"] == pytest.approx(1 / entry["steps_per_s"])
+    assert entry["peak_memory_bytes"] > 50 * 2**20  # a python process with torch loaded is well above 50 MiB
+    assert entry["projected_full_run_s"] == pytest.approx(entry["setup_s"] + 400 / entry["steps_per_s"])
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["suite"] == "distill-cost" and len(on_disk["entries"]) == 1
+    assert f"| {recipes[0]} | dmd2 | 2 | 1 |" in (out / "report.md").read_text()
+
+    # a second invocation reuses the measured entry and runs only the new recipe
+    real_measure = distill_cost.measure_recipe
+    calls = []
+
+    def measure(pipeline, recipe, *args, **kwargs):
+        calls.append(Path(recipe).stem)
+        return real_measure(pipeline, recipe, *args, **kwargs)
+
+    monkeypatch.setattr(distill_cost, "measure_recipe", measure)
+    report = distill_cost.run_distill_cost(spec, recipes, out, steps=4, warmup=1, overrides=overrides, threads=1)
+    assert [e["objective"] for e in report["entries"]] == ["dmd2", "vsd"] and calls == ["toy-vsd"]
+
+
+def test_distill_cost_failure_names_the_recipe(tmp_path):
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'missing'}\n")
+    with pytest.raises(distill_cost.DistillCostError, match="toy-dmd2.yaml"):
+        distill_cost.measure_recipe(spec, REPO / "training" / "toy-dmd2.yaml", tmp_path / "w", steps=3, warmup=1)
+
+
+def test_speedups_against_the_nfe_ratio_and_the_end_to_end_ideal():
+    def entry(name, role, steps, guidance, nfe, ms):
+        return {"name": name, "role": role, "steps": steps, "guidance": guidance, "nfe": nfe,
+                "latency_ms": {"batch1": ms, "batchN": ms, "n": 8}}
+
+    rows = speedups([entry("teacher", "teacher", 1, 1, 1, 2.0), entry("teacher", "teacher", 50, 3, 100, 100.0),
+                     entry("dmd2", "student", 1, 1, 1, 2.5)])
+    (row,) = rows
+    assert row["measured"] == pytest.approx(40.0) and row["nfe_ratio"] == 100
+    assert row["of_nfe_ratio"] == pytest.approx(0.4)
+    assert row["end_to_end_ideal"] == pytest.approx(50.0) and row["of_end_to_end_ideal"] == pytest.approx(0.8)
+    assert speedups([entry("teacher", "teacher", 50, 3, 100, 100.0), entry("x", "student", 2, 1, 2, 4.0)])[0][
+        "end_to_end_ideal"] is None
