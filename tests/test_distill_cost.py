@@ -9,6 +9,7 @@ import pytest
 
 from stepdistill.eval import distill_cost
 from stepdistill.eval.report import speedups
+from stepdistill.training.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,15 +31,18 @@ def test_distill_cost_measures_each_recipe_in_its_own_process(tmp_path, monkeypa
     make_tiny_sd_pipeline(tmp_path / "teacher")
     spec = tmp_path / "pipe.yaml"
     spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
-    recipes = [REPO / "training" / "toy-dmd2.yaml", REPO / "training" / "toy-vsd.yaml"]
-    overrides = ["train.batch_size=2", "objective_config.aux_updates_per_generator_update=1"]
+    recipes = [REPO / "training" / "dmd2.yaml", REPO / "training" / "vsd.yaml"]
+    overrides = ["train.batch_size=2", "objective_config.aux_updates_per_generator_update=1",
+                 "train.mixed_precision=no", "train.gradient_checkpointing=false"]
     out = tmp_path / "cost"
     report = distill_cost.run_distill_cost(spec, recipes[:1], out, steps=4, warmup=1, overrides=overrides, threads=1)
     entry = report["entries"][0]
     assert entry["objective"] == "dmd2" and entry["measured_steps"] == 3 and entry["batch_size"] == 2
     assert entry["steps_per_s"] > 0 and entry["seconds_per_step"] == pytest.approx(1 / entry["steps_per_s"])
     assert entry["peak_memory_bytes"] > 50 * 2**20  # a python process with torch loaded is well above 50 MiB
-    assert entry["projected_full_run_s"] == pytest.approx(entry["setup_s"] + 400 / entry["steps_per_s"])
+    max_steps = load_recipe(recipes[0]).train.max_steps
+    assert entry["recipe_max_steps"] == max_steps
+    assert entry["projected_full_run_s"] == pytest.approx(entry["setup_s"] + max_steps / entry["steps_per_s"])
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["suite"] == "distill-cost" and len(on_disk["entries"]) == 1
     assert f"| {recipes[0]} | dmd2 | 2 | 1 |" in (out / "report.md").read_text()
@@ -53,7 +57,7 @@ def test_distill_cost_measures_each_recipe_in_its_own_process(tmp_path, monkeypa
 
     monkeypatch.setattr(distill_cost, "measure_recipe", measure)
     report = distill_cost.run_distill_cost(spec, recipes, out, steps=4, warmup=1, overrides=overrides, threads=1)
-    assert [e["objective"] for e in report["entries"]] == ["dmd2", "vsd"] and calls == ["toy-vsd"]
+    assert [e["objective"] for e in report["entries"]] == ["dmd2", "vsd"] and calls == ["vsd"]
 
 
 def test_distill_cost_failure_names_the_recipe(tmp_path):
