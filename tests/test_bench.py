@@ -3,7 +3,6 @@ resume, failure without a report, and the COCO-style path (Inception FID + CLIP 
 
 import json
 import os
-import string
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from stepdistill.cli import main  # noqa: E402
 from stepdistill.eval.report import REQUIRED_KEYS  # noqa: E402
 from stepdistill.eval.runner import run_suite  # noqa: E402
 from stepdistill.eval.suite import SuiteError, load_suite  # noqa: E402
-from tiny_models import make_tiny_sd_pipeline  # noqa: E402
+from tiny_models import make_tiny_clip, make_tiny_sd_pipeline  # noqa: E402
 
 
 
@@ -253,26 +252,6 @@ def test_unavailable_metric_fails_before_generating(tmp_path, models, capsys, mo
 
 
 # --- the COCO-style path: Inception FID + CLIP score on a tiny subset ----------------------------------------------
-def _tiny_clip(folder):
-    from transformers import CLIPConfig, CLIPModel
-
-    folder.mkdir()
-    letters = list(string.ascii_lowercase)
-    vocab = {ch: i for i, ch in enumerate(letters + [ch + "</w>" for ch in letters])}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                  image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(str(folder))
-    return folder
-
-
 def test_coco_style_fid_and_clip(tmp_path, models):
     from PIL import Image
 
@@ -299,7 +278,7 @@ def test_coco_style_fid_and_clip(tmp_path, models):
         "inception": str(tmp_path),  # a folder holding the weights file is enough
         "reference_images": "val2014",
         "reference_stats": "stats/coco-tiny.npz",
-        "clip_model": str(_tiny_clip(tmp_path / "tiny-clip")),
+        "clip_model": str(make_tiny_clip(tmp_path / "tiny-clip")),
         "latency": False,
         "entries": [{"name": "teacher", "role": "teacher", "pipeline": str(models["tiny16"]), "steps": 2,
                      "guidance": 3.0, "negative_prompt": "blurry"}],

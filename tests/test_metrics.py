@@ -3,7 +3,6 @@ OpenCLIP / HPSv2 back-ends reporting themselves unavailable."""
 
 import json
 import os
-import string
 import sys
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from stepdistill.eval.clip_score import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipScorer, OpenClipScorer  # noqa: E402
+from stepdistill.eval.clip_score import ClipScorer, OpenClipScorer  # noqa: E402
 from stepdistill.eval.diversity import coverage, pairwise_diversity, per_prompt_diversity  # noqa: E402
 from stepdistill.eval.errors import MetricUnavailable  # noqa: E402
 from stepdistill.eval.latency import measure_latency  # noqa: E402
@@ -73,36 +72,9 @@ def test_measure_latency_counts_and_syncs():
 # --- CLIP score ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
+    from tiny_models import make_tiny_clip
 
-    folder = tmp_path_factory.mktemp("models") / "tiny-clip"
-    folder.mkdir()
-    # A CLIP BPE vocabulary of single letters (plain and word-final), a few merges, and the two special tokens.
-    letters = list(string.ascii_lowercase)
-    vocab = {ch: i for i, ch in enumerate(letters + [ch + "</w>" for ch in letters])}
-    merges = ["r e", "re d</w>", "c a", "ca t</w>"]
-    for merge in merges:
-        vocab.setdefault(merge.replace(" ", ""), len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True, "size": {"shortest_edge": 32}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
-        "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
-        "do_convert_rgb": True,
-    }), encoding="utf-8")
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(str(folder))
-    return folder
+    return make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
 
 
 def _independent_cosines(folder, images, prompts):

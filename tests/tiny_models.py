@@ -335,3 +335,42 @@ def sd_pipeline_to_single_file(pipe: StableDiffusionPipeline, file: str | Path) 
     state = {k: v.detach().contiguous().clone() for k, v in state.items()}
     save_file(state, str(file))
     return Path(file)
+
+
+def make_tiny_clip(folder: str | Path) -> Path:
+    """A randomly initialised transformers ``CLIPModel`` (2 layers, width 32, 32 px images, projection 16) saved with
+    its tokenizer files (a BPE vocabulary of single letters, plain and word-final, a few merges and the two special
+    tokens) and an OpenAI-CLIP image preprocessor config, so that ``ClipScorer(folder)`` loads it offline."""
+    import string
+
+    from transformers import CLIPConfig, CLIPModel
+
+    from stepdistill.eval.clip_score import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    letters = list(string.ascii_lowercase)
+    vocab = {ch: i for i, ch in enumerate(letters + [ch + "</w>" for ch in letters])}
+    merges = ["r e", "re d</w>", "c a", "ca t</w>"]
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True, "size": {"shortest_edge": 32}, "resample": 3,
+        "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "do_convert_rgb": True,
+    }), encoding="utf-8")
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(str(folder))
+    return folder
