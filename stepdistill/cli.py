@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", default="assets/toy-teacher")
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--vae-steps", type=int, default=1000)
-    tt.add_argument("--unet-steps", type=int, default=7000)
+    tt.add_argument("--unet-steps", type=int, default=5000)
     tt.add_argument("--batch-size", type=int, default=96)
     tt.add_argument("--lr", type=float, default=6e-4)
     tt.add_argument("--vae-cache", default=None,

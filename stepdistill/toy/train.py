@@ -92,7 +92,7 @@ def train_teacher(
     seed: int = 0,
     vae_steps: int = 1000,
     vae_batch_size: int = 64,
-    unet_steps: int = 7000,
+    unet_steps: int = 5000,
     batch_size: int = 96,
     lr: float = 6e-4,
     num_latents: int = 60_000,
