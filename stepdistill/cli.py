@@ -139,7 +139,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     def run(pipe, name, role, steps, guidance):
         entry, _ = evaluate_configuration(pipe, judge, name, role, steps, guidance, prompts, args.samples_per_prompt,
-                                          seed=args.seed, latency_batch=args.latency_batch)
+                                          seed=args.seed, latency_batch=args.latency_batch,
+                                          latency_repeats=args.latency_repeats, latency_warmup=args.latency_warmup)
         entries.append(entry)
         print(f"[demo] {name:>8} {steps:>2} step(s) w={guidance:g}: FID_toy {entry['fid']:.2f}  adherence "
               f"{entry['adherence']:.3f}  diversity {entry['diversity']:.4f}  latency/img "
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples for each of the 144 toy prompts (4: 576 per configuration, so that the demo fits in "
                         "10 minutes on 2 CPU cores; `stepdistill bench --suite eval/toy.yaml` uses 35)")
     d.add_argument("--latency-batch", type=int, default=32)
+    d.add_argument("--latency-repeats", type=int, default=3,
+                   help="timed calls per configuration (median; 3 keeps the demo under 10 minutes, the bench uses 5)")
+    d.add_argument("--latency-warmup", type=int, default=1, help="untimed calls before the timed ones")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--teacher", default="toy", help="teacher pipeline folder (default: the shipped toy teacher)")
     d.add_argument("--pipeline", default="pipelines/toy.yaml", help="model choice for the distillation")

@@ -73,6 +73,7 @@ def evaluate_configuration(
     latency_batch: int = 64,
     latency_repeats: int = 5,
     extra: dict | None = None,
+    latency_warmup: int = 2,
 ) -> tuple[dict, torch.Tensor]:
     """Generate ``samples_per_prompt`` images for every prompt (fixed seeds), score them, time the pipeline."""
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
@@ -82,7 +83,8 @@ def evaluate_configuration(
                       desc=f"{name} {steps} step(s) w={guidance:g}")
     gen_seconds = time.time() - t0
     metrics = judge.score(images, all_prompts)
-    latency = measure_pipeline_latency(pipe, prompts[0], steps, guidance, batch=latency_batch, repeats=latency_repeats)
+    latency = measure_pipeline_latency(pipe, prompts[0], steps, guidance, batch=latency_batch,
+                                       warmup=latency_warmup, repeats=latency_repeats)
     entry = {
         "name": name,
         "role": role,
