@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pipeline", default="pipelines/toy.yaml", help="model choice for the distillation")
     d.add_argument("--recipe", default="training/toy-dmd.yaml",
                    help="distillation recipe (default: DMD with regression pairs, the best toy student we measured "
-                        "for a 5-minute CPU budget)")
+                        "within the demo's 10-minute CPU budget)")
     d.add_argument("--skip-distill", action="store_true", help="evaluate only (uses <out>/student if present)")
     d.add_argument("--evaluator", default=None, help="toy evaluator folder (default: the shipped one)")
     d.set_defaults(func=cmd_demo)
