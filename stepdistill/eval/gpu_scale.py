@@ -84,7 +84,7 @@ def run_gpu_scale(out_dir: str | Path, recipe: str = "training/dmd2.yaml", steps
     """Build the SD1.5-sized pipeline, then measure ``recipe`` (bf16) under each variant; write report.json/md."""
     import torch
 
-    from stepdistill.eval.distill_cost import measure_recipe
+    from stepdistill.eval.distill_cost import DistillCostError, measure_recipe
     from stepdistill.eval.report import atomic_write_text, device_description
 
     out = Path(out_dir)
@@ -93,15 +93,15 @@ def run_gpu_scale(out_dir: str | Path, recipe: str = "training/dmd2.yaml", steps
     if not (folder / "model_index.json").is_file():
         build_sd15_sized_pipeline(folder, scale)
     pipeline_yaml = out / "pipeline.yaml"
-    pipeline_yaml.write_text(f"teacher: {folder.resolve()}\ndtype: bfloat16\nreal_images: null\n"
-                             f"resolution: {resolution}\n")
+    atomic_write_text(pipeline_yaml, f"teacher: {folder.resolve()}\ndtype: bfloat16\nreal_images: null\n"
+                                     f"resolution: {resolution}\n")
     entries = []
     for name, overrides in (variants or VARIANTS).items():
         common = ["train.mixed_precision=bf16", f"train.batch_size={batch_size}"]
         try:
             entry = measure_recipe(pipeline_yaml, recipe, out / "runs" / name.replace(" ", "").replace(",", "_"),
                                    steps, warmup, [*common, *overrides])
-        except Exception as err:  # an out-of-memory variant is a result too; keep measuring the others
+        except DistillCostError as err:  # a failed (e.g. out-of-memory) variant is a result too; measure the others
             entry = {"recipe": recipe, "overrides": [*common, *overrides], "error": str(err)[-2000:]}
         entry["variant"] = name
         entries.append(entry)
