@@ -38,6 +38,7 @@ CASES = [
     ("full_4", "sd", [999, 749, 499, 249], None),
     ("lora_1", "sd", [999], 4),
     ("custom_3", "sd", [999, 800, 500], None),  # not reachable by num_inference_steps: needs timesteps=
+    ("t399_1", "sd", [399], None),  # one step from pure noise conditioned at t = 399 (DMD2's SDXL one-step choice)
     ("sdxl_1", "sdxl", [999], None),
 ]
 
@@ -228,3 +229,18 @@ def test_export_uses_ema_and_is_atomic(exported, monkeypatch):
     with pytest.raises(ExportError, match="timesteps"):
         export_student(teacher, gen, root / "bad", method="x", steps_info={"timesteps": [999, 499]})
     assert not (root / "bad").exists()
+
+
+def test_eval_calls_students_with_their_own_timesteps(exported):
+    """stepdistill's generation and latency code calls a student whose timesteps num_inference_steps cannot
+    reproduce with timesteps=[...] (as its model card says), and refuses another step count."""
+    from stepdistill.eval.generate import load_pipeline, step_kwargs
+
+    root = exported["root"]
+    assert step_kwargs(load_pipeline(root / "full_1"), 1) == {"num_inference_steps": 1}
+    assert step_kwargs(load_pipeline(root / "full_4"), 4) == {"num_inference_steps": 4}
+    assert step_kwargs(load_pipeline(root / "custom_3"), 3) == {"timesteps": [999, 800, 500]}
+    pipe = load_pipeline(root / "t399_1")
+    assert step_kwargs(pipe, 1) == {"timesteps": [399]}
+    with pytest.raises(ValueError, match="only be sampled in 1 step"):
+        step_kwargs(pipe, 4)

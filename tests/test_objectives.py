@@ -298,6 +298,38 @@ def test_dmd_regression_loss_and_pairs(teacher, embeds):
         obj.generator_loss(Batch(embeds=embeds, noise=torch.zeros(B, 4, 8, 8)))
 
 
+@pytest.mark.parametrize("method", ["dmd", "dmd2"])
+def test_ode_warmup_is_regression_alone_then_distribution_matching(teacher, embeds, method):
+    gen = Generator.from_teacher(teacher)
+    obj = build_objective(method, teacher, gen, {"ode_warmup_steps": 2})
+    assert obj.needs_regression_pairs()
+    g = torch.Generator().manual_seed(9)
+    z_ref, y_ref = torch.randn(B, 4, 8, 8, generator=g), torch.randn(B, 4, 8, 8, generator=g)
+    batch = Batch(embeds=embeds, noise=torch.randn(B, 4, 8, 8, generator=g), ref_noise=z_ref, ref_embeds=embeds,
+                  ref_latents=y_ref)
+    for step in (0, 1):  # warm-up: loss = MSE(G(z_ref), y_ref) alone, no auxiliary updates
+        obj.set_train_step(step)
+        assert obj.in_ode_warmup() and not obj.auxiliary_active()
+        loss, logs = obj.generator_loss(batch, timesteps=T_FIXED, noise=fixed_eps())
+        with torch.no_grad():
+            expected = ((gen(z_ref, embeds) - y_ref) ** 2).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert logs["ode_warmup"] == 1.0 and "loss_dm" not in logs
+    obj.set_train_step(2)  # then the objective's own loss (DMD: loss_DM + 0.25·loss_reg; DMD2: loss_DM)
+    assert not obj.in_ode_warmup() and obj.auxiliary_active()
+    loss, logs = obj.generator_loss(batch, timesteps=T_FIXED, noise=fixed_eps())
+    assert "loss_dm" in logs and "ode_warmup" not in logs
+    reg = 0.25 * logs["loss_reg"] if method == "dmd" else 0.0
+    assert loss.item() == pytest.approx(logs["loss_dm"] + reg, rel=1e-5)
+    # warm-up without pairs is a clear error
+    obj.set_train_step(0)
+    with pytest.raises(ValueError, match="ODE pairs"):
+        obj.generator_loss(Batch(embeds=embeds, noise=torch.zeros(B, 4, 8, 8)))
+    assert not build_objective(method, teacher, gen, {"ode_warmup_steps": 0, **({"regression_weight": 0.0} if method == "dmd" else {})}).needs_regression_pairs()
+    with pytest.raises(ValueError, match="ode_warmup_steps"):
+        build_objective(method, teacher, gen, {"ode_warmup_steps": -1})
+
+
 def test_make_regression_pairs_is_the_teacher_ddim_ode(teacher):
     prompts = ["a red circle", "a blue square"]
     pairs = make_regression_pairs(teacher, prompts, num_steps=2, guidance=3.0, generator=torch.Generator().manual_seed(0))

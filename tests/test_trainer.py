@@ -273,6 +273,19 @@ def test_update_ratio_and_grad_accum(tmp_path):
     assert int(trainer.aux_opts["center"].state[objective.center]["step"]) == 12
 
 
+def test_auxiliary_updates_skipped_while_objective_says_so(tmp_path):
+    """An objective with ``auxiliary_active()`` False (DMD's ODE-pair warm-up) gets no auxiliary updates for those
+    steps; the trainer tells it the step through ``set_train_step`` before each update."""
+    teacher, generator, objective = _build(tmp_path, ratio=2)
+    seen = []
+    objective.set_train_step = lambda step: seen.append(step)
+    objective.auxiliary_active = lambda: len(seen) > 0 and seen[-1] >= 3
+    trainer = Trainer(_config(max_steps=5), teacher, generator, objective, PROMPTS, tmp_path / "run")
+    trainer.train()
+    assert seen == [0, 1, 2, 3, 4]
+    assert objective.gen_calls == 5 and objective.aux_calls == 2 * 2  # aux only at steps 3 and 4
+
+
 def test_resume_is_exact_and_ignores_interrupted_writes(tmp_path):
     cfg = _config(max_steps=6, checkpoint_every=3, grad_accum=2, ema_decay=0.8, keep_checkpoints=5)
 

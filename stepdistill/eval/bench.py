@@ -38,10 +38,14 @@ def measure_pipeline_latency(pipe: Any, prompt: str, steps: int, guidance: float
                              warmup: int = 2, repeats: int = 5) -> dict:
     """Median wall time of a full pipeline call (text encoder + UNet + VAE decode) at batch 1 and at ``batch``
     (reported per image), in milliseconds, plus the share of the batch-N time spent in the UNet."""
+    from stepdistill.eval.generate import quiet_custom_timesteps, step_kwargs
+
+    steps_kw = step_kwargs(pipe, steps)
 
     def call(n: int):
-        return pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                    generator=torch.Generator().manual_seed(0))
+        with quiet_custom_timesteps():
+            return pipe([prompt] * n, **steps_kw, guidance_scale=guidance, output_type="pt",
+                        generator=torch.Generator().manual_seed(0))
 
     b1 = measure_latency(lambda: call(1), warmup=warmup, repeats=repeats)
     call(batch)  # warm-up at the large batch, outside the UNet timer

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -38,6 +40,43 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     return pipe.to(device)
 
 
+def step_kwargs(pipe: Any, steps: int) -> dict[str, Any]:
+    """The step arguments of a pipeline call for ``steps`` steps: ``num_inference_steps=steps``, except for an
+    exported stepdistill student whose timesteps that call does not reproduce (``stepdistill_export.json`` says
+    ``num_inference_steps_reproduces_timesteps: false``, e.g. a one-step student conditioned at t = 399), which is
+    called with its own ``timesteps=[...]`` as its model card recommends. Asking such a student for another step
+    count than it was trained for is an error."""
+    import json
+
+    folder = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    info_path = Path(folder) / "stepdistill_export.json" if folder else None
+    if info_path is None or not info_path.is_file():
+        return {"num_inference_steps": steps}
+    info = json.loads(info_path.read_text())
+    timesteps = [int(t) for t in info.get("timesteps") or []]
+    if info.get("num_inference_steps_reproduces_timesteps", True) or not timesteps:
+        return {"num_inference_steps": steps}
+    if steps != len(timesteps):
+        raise ValueError(
+            f"{folder} is a {len(timesteps)}-step student trained at timesteps {timesteps}, which "
+            f"num_inference_steps cannot reproduce; it can only be sampled in {len(timesteps)} step(s), not {steps}"
+        )
+    return {"timesteps": timesteps}
+
+
+@contextlib.contextmanager
+def quiet_custom_timesteps() -> Iterator[None]:
+    """Silence diffusers' LCMScheduler warning that a custom schedule does not start at T−1 (expected for students
+    conditioned at an intermediate timestep; it would otherwise print on every call)."""
+    log = logging.getLogger("diffusers.schedulers.scheduling_lcm")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def sample_seeds(num_prompts: int, samples_per_prompt: int, base_seed: int = 0) -> list[int]:
     """Seed of sample j of prompt i: base + i * samples_per_prompt + j, so a sample never depends on batching."""
     return [base_seed + i * samples_per_prompt + j for i in range(num_prompts) for j in range(samples_per_prompt)]
@@ -64,11 +103,12 @@ def generate(
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         batch_prompts = prompts[start:start + batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
-        kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+        kwargs: dict[str, Any] = dict(**step_kwargs(pipe, steps), guidance_scale=guidance, generator=gens,
                                       output_type="pt")
         if negative_prompt is not None:
             kwargs["negative_prompt"] = [negative_prompt] * len(batch_prompts)
-        images = pipe(batch_prompts, **kwargs).images
+        with quiet_custom_timesteps():
+            images = pipe(batch_prompts, **kwargs).images
         out.append(images.float().cpu() * 2 - 1)
     return torch.cat(out)
 

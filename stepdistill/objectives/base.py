@@ -19,6 +19,14 @@ Shared helpers (used by DMD, DMD2 and VSD, written once here):
 - :meth:`Objective.denoising_loss` — the fake score's denoising loss on ``sg(x₀)`` against
   ``NoiseSchedule.target`` (ε for ε-prediction teachers, v for v-prediction), optionally weighted per sample.
 
+ODE-pair warm-up (``ode_warmup_steps``, DMD and DMD2): the first N generator updates train only a regression of the
+generator's x₀ onto the teacher's deterministic ODE output from the same noise (the precomputed pairs in
+``Batch.ref_*``), with no auxiliary (fake-score / discriminator) updates; distribution matching starts at update N
+with the fake score still equal to its initialisation. DMD2's one-step SDXL recipe warms its generator up on ODE
+pairs this way before distribution matching (Yin et al. 2024, arXiv:2405.14867, section 4.2 / appendix). The trainer
+tells the objective which update it is on through :meth:`Objective.set_train_step` and asks
+:meth:`Objective.auxiliary_active` before the auxiliary updates.
+
 Test hooks: ``generator_loss``/``auxiliary_loss`` accept keyword-only ``timesteps=`` and ``noise=`` that replace the
 random draws, and :meth:`Objective.generate` (the generator's x₀ for a batch) can be monkeypatched.
 """
@@ -179,10 +187,71 @@ class Objective(torch.nn.Module):
             check_number(self.name, "max_t_ratio", hi, 0.0, 1.0)
             if lo > hi:
                 raise ValueError(f"{self.name} config 'min_t_ratio' ({lo}) must not exceed 'max_t_ratio' ({hi})")
+        if "ode_warmup_steps" in cfg:
+            check_int(self.name, "ode_warmup_steps", cfg["ode_warmup_steps"], low=0)
+        for key in ("regression_pairs",):
+            if key in cfg:
+                check_int(self.name, key, cfg[key], low=1, optional=True)
+        if "regression_steps" in cfg:
+            check_int(self.name, "regression_steps", cfg["regression_steps"], low=1)
+        if cfg.get("regression_guidance") is not None:
+            check_number(self.name, "regression_guidance", cfg["regression_guidance"])
         if "fake_lora_rank" in cfg:
             check_int(self.name, "fake_lora_rank", cfg["fake_lora_rank"], low=1, optional=True)
         if cfg.get("fake_lora_alpha") is not None:
             check_number(self.name, "fake_lora_alpha", cfg["fake_lora_alpha"], low=0.0)
+
+    # --- training phase ---------------------------------------------------------------------------------------------
+    #: generator updates done before the current one (set by the trainer through :meth:`set_train_step`)
+    train_step: int = 0
+
+    def set_train_step(self, step: int) -> None:
+        """Called by the trainer before each update with the number of generator updates done so far."""
+        self.train_step = int(step)
+
+    @property
+    def ode_warmup_steps(self) -> int:
+        return int(self.config.get("ode_warmup_steps") or 0)
+
+    def in_ode_warmup(self) -> bool:
+        """True during the first ``ode_warmup_steps`` generator updates (regression on ODE pairs only)."""
+        return self.train_step < self.ode_warmup_steps
+
+    def auxiliary_active(self) -> bool:
+        """Whether the trainer should run the auxiliary updates before this generator update (not in the warm-up)."""
+        return not self.in_ode_warmup()
+
+    def needs_regression_pairs(self) -> bool:
+        """Whether training needs the teacher's (noise, ODE output) pairs in ``Batch.ref_*``."""
+        return self.ode_warmup_steps > 0
+
+    def ode_regression_loss(self, batch: Batch, distance=None, space: str = "latent") -> torch.Tensor:
+        """``distance(G_θ(z_ref, c_ref), y_ref)`` on the precomputed teacher ODE pairs (``Batch.ref_*``); ``distance``
+        defaults to the MSE; ``space="image"`` decodes both sides with ``teacher.decode`` first (gradient through the
+        frozen decoder)."""
+        if batch.ref_noise is None or batch.ref_embeds is None or batch.ref_latents is None:
+            raise ValueError(
+                f"{self.name}: the regression on teacher ODE pairs needs Batch.ref_noise/ref_embeds/ref_latents (see "
+                "stepdistill.objectives.dmd.make_regression_pairs; `stepdistill distill` makes them when the recipe "
+                "asks for them)"
+            )
+        pred = self.generator(batch.ref_noise, batch.ref_embeds, step_index=0)
+        ref = batch.ref_latents.to(pred)
+        if space == "image":
+            pred = self.teacher.decode(pred)
+            if not pred.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError("teacher.decode does not propagate gradients; regression_space 'image' needs it to")
+            with torch.no_grad():
+                ref = self.teacher.decode(ref)
+        if distance is None:
+            return F.mse_loss(pred.float(), ref.float())
+        return distance(pred, ref)
+
+    def ode_warmup_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The generator loss during the ODE-pair warm-up: the regression alone (subclasses pick the distance)."""
+        loss = self.ode_regression_loss(batch)
+        value = float(loss.detach())
+        return loss, {"loss_reg": value, "loss_generator": value, "ode_warmup": 1.0}
 
     # --- the contract ---------------------------------------------------------------------------------------------
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:

@@ -9,6 +9,8 @@ Generator update:
   loss_DM = ½·mean((x₀ − sg(x₀ − grad))²)   (shared helper: ``Objective.distribution_matching``)
   loss_reg = distance(G_θ(z_ref, c_ref), y_ref) on precomputed teacher ODE pairs (``Batch.ref_*``);
   loss = loss_DM + regression_weight·loss_reg, regression_weight = λ_reg = 0.25 (paper).
+Optional ODE-pair warm-up (``ode_warmup_steps``, default 0 = the paper): the first N generator updates use loss_reg
+alone and skip the fake-score updates (see ``stepdistill.objectives.base``).
 Fake-score update: ε-prediction denoising loss (``NoiseSchedule.target``) on sg(x₀) at t ~ U{0 … T−1}.
 
 Regression distance — honest note: the paper uses LPIPS (VGG features, on decoded images). LPIPS needs pretrained
@@ -141,10 +143,12 @@ def make_regression_pairs(
     generator: torch.Generator | None = None,
     batch_size: int = 16,
     negative_prompts: Sequence[str] | None = None,
+    progress: bool = False,
 ) -> RegressionPairs:
     """Run the teacher's multi-step deterministic ODE (DDIM, ``num_steps``, CFG ``guidance``) from noise z_ref drawn
     from ``generator`` for each prompt; returns :class:`RegressionPairs` (z_ref, c_ref, y_ref) on the teacher's
-    device. The DMD paper generated its pairs with the SD1.5 teacher at guidance 3 (PNDM, 50 steps)."""
+    device (``progress`` shows a progress bar). The DMD paper generated its pairs with the SD1.5 teacher at guidance 3
+    (PNDM, 50 steps)."""
     from stepdistill.teacher import PromptEmbeds
 
     device = next(teacher.unet.parameters()).device
@@ -160,7 +164,12 @@ def make_regression_pairs(
     noise = noise.to(device)
     with_uncond = guidance != 1.0
     embeds_parts, latents_parts = [], []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"teacher ODE pairs ({num_steps} steps)", unit="batch")
+    for start in starts:
         chunk = prompts[start : start + batch_size]
         neg = None if negative_prompts is None else list(negative_prompts[start : start + batch_size])
         embeds = teacher.encode_prompt(chunk, negative_prompts=neg, with_uncond=with_uncond)
@@ -187,7 +196,8 @@ class DMD(Objective):
     0.02, max_t_ratio 0.98, aux_updates_per_generator_update 1, fake_lora_rank null / fake_lora_alpha null,
     regression_weight 0.25, regression_distance "mse", regression_space "latent" | "image", regression_pairs (number
     of teacher (noise, image) pairs made before training; null: 4 x the batch size), regression_steps 25 (DDIM steps
-    of the teacher's ODE for those pairs)."""
+    of the teacher's ODE for those pairs), regression_guidance null (CFG of that ODE; null: real_guidance_scale),
+    ode_warmup_steps 0 (generator updates of regression alone before distribution matching starts)."""
 
     name = "dmd"
     DEFAULTS = {
@@ -202,6 +212,8 @@ class DMD(Objective):
         "regression_space": "latent",
         "regression_pairs": None,
         "regression_steps": 25,
+        "regression_guidance": None,
+        "ode_warmup_steps": 0,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -214,32 +226,29 @@ class DMD(Objective):
         super().validate_config(cfg)
         check_number(self.name, "real_guidance_scale", cfg["real_guidance_scale"])
         check_number(self.name, "regression_weight", cfg["regression_weight"], low=0.0)
-        check_int(self.name, "regression_pairs", cfg["regression_pairs"], low=1, optional=True)
-        check_int(self.name, "regression_steps", cfg["regression_steps"], low=1)
         if cfg["regression_space"] not in ("latent", "image"):
             raise ValueError(f"dmd config 'regression_space' must be 'latent' or 'image', got {cfg['regression_space']!r}")
 
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"fake_score": trainable_parameters(self.fake_unet)}
 
+    def needs_regression_pairs(self) -> bool:
+        return self.config["regression_weight"] > 0 or self.ode_warmup_steps > 0
+
     def regression_loss(self, batch: Batch) -> torch.Tensor:
-        if batch.ref_noise is None or batch.ref_embeds is None or batch.ref_latents is None:
-            raise ValueError(
-                "dmd's regression loss needs Batch.ref_noise/ref_embeds/ref_latents (see make_regression_pairs); "
-                "set regression_weight: 0 to train without it"
-            )
-        pred = self.generator(batch.ref_noise, batch.ref_embeds, step_index=0)
-        ref = batch.ref_latents.to(pred)
-        if self.config["regression_space"] == "image":
-            pred = self.teacher.decode(pred)
-            if not pred.requires_grad and torch.is_grad_enabled():
-                raise RuntimeError("teacher.decode does not propagate gradients; regression_space 'image' needs it to")
-            with torch.no_grad():
-                ref = self.teacher.decode(ref)
-        return self.distance(pred, ref)
+        """loss_reg = distance(G_θ(z_ref, c_ref), y_ref) with the configured distance and space (set
+        regression_weight: 0 to train without it)."""
+        return self.ode_regression_loss(batch, self.distance, self.config["regression_space"])
+
+    def ode_warmup_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.regression_loss(batch)
+        value = float(loss.detach())
+        return loss, {"loss_reg": value, "loss_generator": value, "ode_warmup": 1.0}
 
     def generator_loss(self, batch: Batch, *, timesteps=None, noise=None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
+        if self.in_ode_warmup():
+            return self.ode_warmup_loss(batch)
         x0, loss, logs = self.generate_and_match(batch, timesteps, noise)
         if cfg["regression_weight"] > 0:
             loss_reg = self.regression_loss(batch)

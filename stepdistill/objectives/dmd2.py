@@ -23,7 +23,11 @@ Config keys (defaults = the official SD1.5 recipe unless noted):
   gan_enabled false (the from-scratch SD1.5 run; the GAN stage resumes from it with lr 5e-7);
   gan_weight 1e-3 (``gen_cls_loss_weight``); gan_disc_weight 1e-2 (``guidance_cls_loss_weight``);
   diffusion_gan true; diffusion_gan_max_t 1000 (``diffusion_gan_max_timestep`` of the SD1.5/SDXL recipes; the
-  noise timestep is drawn from ``randint(0, max_t)``, i.e. max_t itself is excluded, as in the official code).
+  noise timestep is drawn from ``randint(0, max_t)``, i.e. max_t itself is excluded, as in the official code);
+  ode_warmup_steps 0 (the SD1.5 recipe; DMD2's one-step SDXL generator is first warmed up by regression on teacher
+  ODE pairs: the first N generator updates are then the latent MSE to the pairs alone, with no auxiliary updates),
+  regression_pairs null (4 x the batch size), regression_steps 25 (DDIM steps of the teacher ODE for the pairs),
+  regression_guidance null (its CFG; null: real_guidance_scale).
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ class DMD2(Objective):
         "gan_disc_weight": 1e-2,
         "diffusion_gan": True,
         "diffusion_gan_max_t": 1000,
+        "ode_warmup_steps": 0,
+        "regression_pairs": None,
+        "regression_steps": 25,
+        "regression_guidance": None,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -107,6 +115,8 @@ class DMD2(Objective):
     # --- losses ---------------------------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, *, timesteps=None, noise=None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
+        if self.in_ode_warmup():
+            return self.ode_warmup_loss(batch)
         x0, loss_dm, logs = self.generate_and_match(batch, timesteps, noise)
         loss = cfg["dm_weight"] * loss_dm
         if self.cls_head is not None:

@@ -148,14 +148,19 @@ def distill(
     prompts = load_prompts(config.prompts.source)
 
     batch_fn = build_batch
-    if config.objective == "dmd" and objective.config.get("regression_weight", 0) > 0:
+    pairs_seconds = None
+    if getattr(objective, "needs_regression_pairs", lambda: False)():
         from stepdistill.objectives.dmd import make_regression_pairs
 
-        n_pairs = int(objective.config["regression_pairs"] or 4 * config.train.batch_size)
+        oc = objective.config
+        n_pairs = int(oc["regression_pairs"] or 4 * config.train.batch_size)
+        guidance = oc["regression_guidance"] if oc.get("regression_guidance") is not None else oc["real_guidance_scale"]
         pair_prompts = prompts.sample(n_pairs, torch.Generator().manual_seed(config.train.seed + 17))
-        pairs = make_regression_pairs(teacher, pair_prompts, num_steps=int(objective.config["regression_steps"]),
-                                      guidance=objective.config["real_guidance_scale"],
-                                      generator=torch.Generator().manual_seed(config.train.seed + 18))
+        t_pairs = time.time()
+        pairs = make_regression_pairs(teacher, pair_prompts, num_steps=int(oc["regression_steps"]), guidance=guidance,
+                                      generator=torch.Generator().manual_seed(config.train.seed + 18),
+                                      batch_size=64, progress=True)
+        pairs_seconds = round(time.time() - t_pairs, 1)
         batch_fn = with_regression_pairs(pairs, build_batch)
 
     needs_real = config.objective == "dmd2" and objective.config.get("gan_enabled", False)
@@ -171,6 +176,8 @@ def distill(
                       sample_fn=make_sample_fn(teacher, sample_prompts), batch_fn=batch_fn)
     summary = trainer.train(resume=resume)
     summary["total_seconds"] = round(time.time() - t0, 1)
+    if pairs_seconds is not None:
+        summary["regression_pairs_seconds"] = pairs_seconds
     if export and trainer.accelerator.is_main_process:
         student_dir = export_student(teacher, generator, out / "student", method=config.objective,
                                      steps_info=summary, example_prompt=sample_prompts[0])

@@ -616,7 +616,10 @@ class Trainer:
         try:
             while self.state.step < tc.max_steps:
                 aux_loss, aux_logs = None, {}
-                if self.aux_opts:
+                if hasattr(self.objective, "set_train_step"):
+                    self.objective.set_train_step(self.state.step)
+                aux_active = getattr(self.objective, "auxiliary_active", None)
+                if self.aux_opts and (aux_active is None or aux_active()):
                     vals = []
                     for j in range(self.aux_ratio):
                         loss, logs = self._update("aux", j)
