@@ -99,3 +99,31 @@ def test_every_shipped_recipe_runs_a_step(tmp_path, recipe):
     assert summary["steps"] == 1
     rows = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()
     assert len(rows) >= 2 and "loss/generator" in rows[0]
+
+
+@pytest.mark.parametrize("method", ["dmd", "dmd2"])
+def test_ode_warmup_phase_then_distribution_matching(tmp_path, method):
+    """``stepdistill distill`` makes the teacher ODE pairs for a warm-up, runs the warm-up updates without fake-score
+    updates, then switches to distribution matching (metrics.csv shows both phases)."""
+    import csv
+
+    from tiny_models import make_tiny_sd_pipeline
+
+    from stepdistill.training.run import distill
+
+    make_tiny_sd_pipeline(tmp_path / "teacher")
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=0",
+                 "train.log_every=1", "objective_config.aux_updates_per_generator_update=1",
+                 "objective_config.ode_warmup_steps=2", "objective_config.regression_pairs=4",
+                 "objective_config.regression_steps=2", "generator.timesteps=[399]"]
+    if method == "dmd2":
+        overrides.append("objective_config.gan_enabled=false")
+    summary = distill(spec, REPO / "training" / f"toy-{method}.yaml", tmp_path / "run", overrides=overrides,
+                      export=False)
+    assert summary["steps"] == 3 and summary["regression_pairs_seconds"] >= 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
+    assert [r["gen/ode_warmup"] for r in rows] == ["1.0", "1.0", ""]
+    assert [bool(r["aux/loss_fake"]) for r in rows] == [False, False, True]
+    assert rows[2]["gen/loss_dm"] != ""
