@@ -286,6 +286,20 @@ def test_auxiliary_updates_skipped_while_objective_says_so(tmp_path):
     assert objective.gen_calls == 5 and objective.aux_calls == 2 * 2  # aux only at steps 3 and 4
 
 
+def test_warmup_generator_lr_applies_only_during_the_warmup(tmp_path):
+    teacher, generator, objective = _build(tmp_path)
+    steps = []
+    objective.set_train_step = lambda step: steps.append(step)
+    objective.in_ode_warmup = lambda: steps[-1] < 2
+    config = _config(max_steps=4)
+    config.optimizer.warmup_generator_lr = 0.2
+    Trainer(config, teacher, generator, objective, PROMPTS, tmp_path / "run").train()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
+    assert [float(r["lr/generator"]) for r in rows] == [0.2, 0.2, 0.05, 0.05]
+    with pytest.raises(ConfigError, match="warmup_generator_lr"):
+        RunConfig.from_dict({"objective": "x", "optimizer": {"warmup_generator_lr": 0}})
+
+
 def test_resume_is_exact_and_ignores_interrupted_writes(tmp_path):
     cfg = _config(max_steps=6, checkpoint_every=3, grad_accum=2, ema_decay=0.8, keep_checkpoints=5)
 

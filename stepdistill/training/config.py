@@ -3,7 +3,8 @@
 A recipe is a YAML mapping with the sections below; every key is optional except ``objective``::
 
     generator:        {timesteps: [999], lora_rank: null}
-    optimizer:        {generator_lr: 1.0e-5, aux_lr: 1.0e-5, betas: [0.9, 0.999], weight_decay: 0.01, eps: 1.0e-8}
+    optimizer:        {generator_lr: 1.0e-5, aux_lr: 1.0e-5, betas: [0.9, 0.999], weight_decay: 0.01, eps: 1.0e-8,
+                       warmup_generator_lr: null}
     train:            {batch_size: 4, max_steps: 1000, grad_accum: 1, grad_clip: 1.0, mixed_precision: "no",
                        gradient_checkpointing: false, attention: sdpa, ema_decay: null, checkpoint_every: 500,
                        keep_checkpoints: 3, sample_every: 0, log_every: 10, seed: 0, num_workers: 0}
@@ -16,7 +17,8 @@ a wrong type or an impossible value raises :class:`ConfigError` naming the dotte
 ``checkpoint_every`` and ``sample_every``; ``grad_clip: null`` disables clipping; ``ema_decay: null`` disables EMA
 (the EMA is diffusers' EMAModel: its decay at update s is min(ema_decay, (1+s)/(10+s))). ``batch_size`` is per
 process. ``num_workers`` is validated and kept for data-loading front ends; the Trainer itself draws prompts and
-noise in-process and does not use it.
+noise in-process and does not use it. ``warmup_generator_lr`` is the generator's learning rate while the objective
+is in its ODE-pair warm-up (``objective_config.ode_warmup_steps``; null: ``generator_lr`` throughout).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     eps: float = 1.0e-8
+    warmup_generator_lr: float | None = None
 
 
 @dataclass
@@ -266,6 +269,8 @@ def validate(config: RunConfig, file: str | None = None) -> RunConfig:
     for name in ("generator_lr", "aux_lr", "eps"):
         if not getattr(o, name) > 0:
             fail(f"optimizer.{name}", f"must be > 0, got {getattr(o, name)}")
+    if o.warmup_generator_lr is not None and not o.warmup_generator_lr > 0:
+        fail("optimizer.warmup_generator_lr", f"must be > 0 (or null), got {o.warmup_generator_lr}")
     for i, b in enumerate(o.betas):
         if not 0.0 <= b < 1.0:
             fail(f"optimizer.betas[{i}]", f"must lie in [0, 1), got {b}")

@@ -510,6 +510,16 @@ class Trainer:
         logs = {k: (v if k.startswith("grad_norm/") else v / n) for k, v in logs_sum.items()}
         return sum(losses) / len(losses), logs
 
+    def _set_generator_lr(self) -> None:
+        """``optimizer.warmup_generator_lr`` while the objective is in its ODE-pair warm-up, else ``generator_lr``
+        (set before every update, so a resumed run gets the right one)."""
+        oc = self.config.optimizer
+        in_warmup = getattr(self.objective, "in_ode_warmup", None)
+        lr = oc.warmup_generator_lr if oc.warmup_generator_lr is not None and in_warmup is not None and in_warmup() \
+            else oc.generator_lr
+        for group in self.gen_opt.param_groups:
+            group["lr"] = lr
+
     # --- checkpoints --------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         meta = {
@@ -618,6 +628,7 @@ class Trainer:
                 aux_loss, aux_logs = None, {}
                 if hasattr(self.objective, "set_train_step"):
                     self.objective.set_train_step(self.state.step)
+                self._set_generator_lr()
                 aux_active = getattr(self.objective, "auxiliary_active", None)
                 if self.aux_opts and (aux_active is None or aux_active()):
                     vals = []
