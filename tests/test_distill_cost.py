@@ -25,6 +25,36 @@ def test_steady_rate_leaves_out_the_warmup(tmp_path):
     assert rate_all == pytest.approx(2.0)  # from the end of step 1 on, the warm-up is excluded too
 
 
+def test_steady_rate_of_a_phase(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    # steps 1-4: 0.25 s each (warm-up phase), steps 5-8: 1 s each
+    times = [0.25 * s for s in range(1, 5)] + [1.0 + 1.0 * (s - 4) for s in range(5, 9)]
+    csv.write_text("step,time_s\n" + "".join(f"{s},{t}\n" for s, t in zip(range(1, 9), times)))
+    rate_w, n_w = distill_cost._steady_rate(csv, warmup=1, first=0, last=4)
+    rate_dm, n_dm = distill_cost._steady_rate(csv, warmup=1, first=4)
+    assert (n_w, n_dm) == (3, 3) and rate_w == pytest.approx(4.0) and rate_dm == pytest.approx(1.0)
+
+
+def test_distill_cost_projects_an_ode_warmup_recipe_by_phase(tmp_path):
+    from tiny_models import make_tiny_sd_pipeline
+
+    make_tiny_sd_pipeline(tmp_path / "teacher")
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    overrides = ["train.batch_size=2", "objective_config.aux_updates_per_generator_update=1",
+                 "objective_config.regression_pairs=4", "objective_config.regression_steps=2",
+                 "objective_config.ode_warmup_steps=50", "train.max_steps=80"]
+    entry = distill_cost.measure_recipe(spec, REPO / "training" / "toy-dmd.yaml", tmp_path / "w", steps=4, warmup=1,
+                                        overrides=overrides, threads=1)
+    assert entry["ode_warmup_steps"] == 50 and entry["measured_steps"] == 3
+    rows = (tmp_path / "w" / "logs" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 8  # 4 warm-up + 4 distribution-matching updates, one row each
+    assert entry["ode_warmup_steps_per_s"] > entry["steps_per_s"] > 0  # the warm-up skips the fake-score updates
+    expected = entry["setup_s"] + 50 / entry["ode_warmup_steps_per_s"] + 30 / entry["steps_per_s"]
+    assert entry["projected_full_run_s"] == pytest.approx(expected)
+    assert "| 50 (" in distill_cost.markdown_table([entry])
+
+
 def test_distill_cost_measures_each_recipe_in_its_own_process(tmp_path, monkeypatch):
     from tiny_models import make_tiny_sd_pipeline
 

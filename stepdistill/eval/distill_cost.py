@@ -6,6 +6,10 @@ allocation on a GPU, the process' maximum resident set size on a CPU) belongs to
 objective's caches never speed up the next. The run is the recipe itself with ``train.max_steps`` replaced by the
 number of measured steps and checkpoints, sample grids and export switched off; its CSV log (one row per step)
 gives the steady-state rate after ``warmup`` steps. The full-run projection is ``setup + max_steps / rate``.
+
+A recipe with an ODE-pair warm-up (``objective_config.ode_warmup_steps`` = W > 0, whose updates are much cheaper)
+runs 2 × ``steps`` updates with the warm-up moved to the first ``steps``: each phase gets its own steady rate and
+the projection is ``setup + W / rate_warmup + (max_steps − W) / rate``; the set-up includes making the pairs.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ class DistillCostError(RuntimeError):
     """A measured run failed; the message carries the tail of its output."""
 
 
-def _steady_rate(metrics_csv: Path, warmup: int) -> tuple[float, int]:
-    """Generator steps per second between the end of step ``warmup`` and the last logged step (time_s column)."""
+def _steady_rate(metrics_csv: Path, warmup: int, first: int = 0, last: int | None = None) -> tuple[float, int]:
+    """Generator steps per second between the end of step ``first + warmup`` and the last logged step ≤ ``last``
+    (time_s column)."""
     with metrics_csv.open() as f:
         rows = [(int(r["step"]), float(r["time_s"])) for r in csv.DictReader(f)]
+    rows = [(s - first, t) for s, t in rows if s >= first and (last is None or s <= last)]
     if not rows:
         raise DistillCostError(f"{metrics_csv} holds no rows")
     start = next(((s, t) for s, t in rows if s >= warmup), rows[0])
@@ -61,7 +67,11 @@ def measure_recipe(
     if threads:
         cmd += ["--threads", str(threads)]
     cmd += ["distill", "--pipeline", str(pipeline), "--recipe", str(recipe), "--out", str(work), "--no-export"]
-    forced = [f"train.max_steps={steps}", "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=1"]
+    ode_warmup = int(config.objective_config.get("ode_warmup_steps") or 0)
+    run_steps = 2 * steps if ode_warmup > 0 else steps
+    forced = [f"train.max_steps={run_steps}", "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=1"]
+    if ode_warmup > 0:
+        forced.append(f"objective_config.ode_warmup_steps={steps}")
     for item in [*overrides, *forced]:
         cmd += ["--set", item]
     t0 = time.perf_counter()
@@ -71,9 +81,17 @@ def measure_recipe(
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise DistillCostError(f"{recipe}: `stepdistill distill` exited with {proc.returncode}:\n{tail}")
     summary = json.loads((work / "distill_summary.json").read_text())
-    rate, measured_steps = _steady_rate(work / "logs" / "metrics.csv", warmup)
+    metrics = work / "logs" / "metrics.csv"
     setup_s = float(summary["total_seconds"]) - float(summary["wall_time_s"])
     full_steps = int(config.train.max_steps)
+    warmup_rate = None
+    if ode_warmup > 0:
+        warmup_rate, _ = _steady_rate(metrics, warmup, first=0, last=steps)
+        rate, measured_steps = _steady_rate(metrics, warmup, first=steps)
+        projected = setup_s + min(ode_warmup, full_steps) / warmup_rate + max(full_steps - ode_warmup, 0) / rate
+    else:
+        rate, measured_steps = _steady_rate(metrics, warmup)
+        projected = setup_s + full_steps / rate
     return {
         "recipe": str(recipe),
         "objective": config.objective,
@@ -92,20 +110,29 @@ def measure_recipe(
         "peak_memory_source": summary["peak_memory_source"],
         "device": summary["device"],
         "recipe_max_steps": full_steps,
-        "projected_full_run_s": setup_s + full_steps / rate,
+        "ode_warmup_steps": ode_warmup,
+        "ode_warmup_steps_per_s": warmup_rate,
+        "projected_full_run_s": projected,
         "overrides": list(overrides),
     }
 
 
+def _warmup_cell(entry: dict) -> str:
+    if not entry.get("ode_warmup_steps"):
+        return "—"
+    return f"{entry['ode_warmup_steps']} ({entry['ode_warmup_steps_per_s']:.2f})"
+
+
 def markdown_table(entries: list[dict]) -> str:
     head = ("| recipe | objective | batch | fake updates / step | steps/s | s/step | setup (s) | peak memory (MiB) "
-            "| recipe steps | projected full run |")
+            "| recipe steps | warm-up steps (steps/s) | projected full run |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for e in entries:
         lines.append(
             f"| {e['recipe']} | {e['objective']} | {e['batch_size']} | {e['aux_updates_per_generator_update']} "
             f"| {e['steps_per_s']:.3f} | {e['seconds_per_step']:.2f} | {e['setup_s']:.1f} "
-            f"| {e['peak_memory_bytes'] / 2**20:.0f} | {e['recipe_max_steps']} | {e['projected_full_run_s'] / 60:.1f} min |"
+            f"| {e['peak_memory_bytes'] / 2**20:.0f} | {e['recipe_max_steps']} | {_warmup_cell(e)} "
+            f"| {e['projected_full_run_s'] / 60:.1f} min |"
         )
     return "\n".join(lines)
 
@@ -145,6 +172,6 @@ def run_distill_cost(
           f"Each recipe ran {steps} generator steps in its own process (checkpoints, sample grids and export off); the "
           f"rate is measured after {warmup} warm-up steps. Peak memory: "
           f"{entries[0]['peak_memory_source'] if entries else '—'}. The projected full run is set-up + the recipe's "
-          "max_steps / rate.\n\n" + markdown_table(entries) + "\n")
+          "max_steps / rate (with an ODE-pair warm-up: set-up + W / warm-up rate + (max_steps − W) / rate).\n\n" + markdown_table(entries) + "\n")
     atomic_write_text(out / "report.md", md)
     return report
