@@ -122,8 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from stepdistill.training.run import export_run
 
         export_run(out / "run", student_dir)
-        print(f"[demo] distillation: {distill_summary['steps']} steps in {distill_summary['wall_time_s']:.0f} s "
-              f"({distill_summary['steps_per_s']:.2f} steps/s); student exported to {student_dir}", flush=True)
+        print(f"[demo] distillation: {_distill_line(distill_summary)}; student exported to {student_dir}", flush=True)
 
     teacher_pipe = load_pipeline(args.teacher)
     judge = ToyJudge(args.evaluator)
@@ -161,12 +160,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
               + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(grid_prompts)))
     extra = legend
     if distill_summary is not None:
-        extra += (f"\n\nDistillation ({args.recipe}): {distill_summary['steps']} generator steps, "
-                  f"{distill_summary['wall_time_s']:.0f} s, {distill_summary['steps_per_s']:.2f} steps/s.")
+        extra += f"\n\nDistillation ({args.recipe}): {_distill_line(distill_summary)}."
     extra += f"\n\nTotal demo wall time: {time.time() - t_start:.0f} s."
     write_report(out, "toy-demo", entries, extra_md=extra, images={"Samples (same prompts and seeds in every row)": "grid.png"})
     print(f"[demo] wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'grid.png'} in {time.time() - t_start:.0f} s")
     return 0
+
+
+def _distill_line(summary: dict) -> str:
+    """``N generator steps: training loop X s (R steps/s)[; teacher ODE pairs P s]; Y s in all with set-up``."""
+    line = (f"{summary['steps']} generator steps: training loop {summary['wall_time_s']:.0f} s "
+            f"({summary['steps_per_s']:.2f} steps/s)")
+    if summary.get("regression_pairs_seconds") is not None:
+        line += f"; teacher ODE pairs {summary['regression_pairs_seconds']:.0f} s"
+    if summary.get("total_seconds") is not None:
+        line += f"; {summary['total_seconds']:.0f} s in all with set-up"
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -127,3 +127,13 @@ def test_ode_warmup_phase_then_distribution_matching(tmp_path, method):
     assert [r["gen/ode_warmup"] for r in rows] == ["1.0", "1.0", ""]
     assert [bool(r["aux/loss_fake"]) for r in rows] == [False, False, True]
     assert rows[2]["gen/loss_dm"] != ""
+
+
+def test_demo_distillation_line_reports_pairs_and_total():
+    from stepdistill.cli import _distill_line
+
+    line = _distill_line({"steps": 660, "wall_time_s": 301.4, "steps_per_s": 2.19, "regression_pairs_seconds": 80.2,
+                          "total_seconds": 395.0})
+    assert line == ("660 generator steps: training loop 301 s (2.19 steps/s); teacher ODE pairs 80 s; "
+                    "395 s in all with set-up")
+    assert "pairs" not in _distill_line({"steps": 3, "wall_time_s": 1.0, "steps_per_s": 3.0})
