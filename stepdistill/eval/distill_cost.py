@@ -169,9 +169,10 @@ def run_distill_cost(
     report = {"suite": "distill-cost", "device": device_description(), "pipeline": str(pipeline), "entries": entries}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     md = (f"# distill-cost\n\nPipeline: `{pipeline}`. Device: {report['device']}.\n\n"
-          f"Each recipe ran {steps} generator steps in its own process (checkpoints, sample grids and export off); the "
-          f"rate is measured after {warmup} warm-up steps. Peak memory: "
-          f"{entries[0]['peak_memory_source'] if entries else '—'}. The projected full run is set-up + the recipe's "
-          "max_steps / rate (with an ODE-pair warm-up: set-up + W / warm-up rate + (max_steps − W) / rate).\n\n" + markdown_table(entries) + "\n")
+          f"Each recipe ran {steps} generator steps (2 × {steps} with an ODE-pair warm-up, {steps} in each phase) "
+          f"in its own process (checkpoints, sample grids and export off); the rate is measured after {warmup} "
+          f"warm-up steps. Peak memory: {entries[0]['peak_memory_source'] if entries else '—'}. The projected full "
+          "run is set-up + the recipe's max_steps / rate (with an ODE-pair warm-up: set-up + W / warm-up rate + "
+          "(max_steps − W) / rate).\n\n" + markdown_table(entries) + "\n")
     atomic_write_text(out / "report.md", md)
     return report
