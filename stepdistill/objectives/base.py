@@ -23,7 +23,7 @@ ODE-pair warm-up (``ode_warmup_steps``, DMD and DMD2): the first N generator upd
 generator's x₀ onto the teacher's deterministic ODE output from the same noise (the precomputed pairs in
 ``Batch.ref_*``), with no auxiliary (fake-score / discriminator) updates; distribution matching starts at update N
 with the fake score still equal to its initialisation. DMD2's one-step SDXL recipe warms its generator up on ODE
-pairs this way before distribution matching (Yin et al. 2024, arXiv:2405.14867, section 4.2 / appendix). The trainer
+pairs this way before distribution matching (Yin et al. 2024, arXiv:2405.14867; ../shared/OBJECTIVES.md). The trainer
 tells the objective which update it is on through :meth:`Objective.set_train_step` and asks
 :meth:`Objective.auxiliary_active` before the auxiliary updates.
 
@@ -189,9 +189,8 @@ class Objective(torch.nn.Module):
                 raise ValueError(f"{self.name} config 'min_t_ratio' ({lo}) must not exceed 'max_t_ratio' ({hi})")
         if "ode_warmup_steps" in cfg:
             check_int(self.name, "ode_warmup_steps", cfg["ode_warmup_steps"], low=0)
-        for key in ("regression_pairs",):
-            if key in cfg:
-                check_int(self.name, key, cfg[key], low=1, optional=True)
+        if "regression_pairs" in cfg:
+            check_int(self.name, "regression_pairs", cfg["regression_pairs"], low=1, optional=True)
         if "regression_steps" in cfg:
             check_int(self.name, "regression_steps", cfg["regression_steps"], low=1)
         if cfg.get("regression_guidance") is not None:
@@ -247,9 +246,13 @@ class Objective(torch.nn.Module):
             return F.mse_loss(pred.float(), ref.float())
         return distance(pred, ref)
 
+    def regression_distance_and_space(self) -> tuple[Any, str]:
+        """``(distance, space)`` of the regression on ODE pairs: the MSE on latents here; DMD uses its config's."""
+        return None, "latent"
+
     def ode_warmup_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The generator loss during the ODE-pair warm-up: the regression alone (subclasses pick the distance)."""
-        loss = self.ode_regression_loss(batch)
+        """The generator loss during the ODE-pair warm-up: the regression alone."""
+        loss = self.ode_regression_loss(batch, *self.regression_distance_and_space())
         value = float(loss.detach())
         return loss, {"loss_reg": value, "loss_generator": value, "ode_warmup": 1.0}
 

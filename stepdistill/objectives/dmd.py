@@ -235,15 +235,13 @@ class DMD(Objective):
     def needs_regression_pairs(self) -> bool:
         return self.config["regression_weight"] > 0 or self.ode_warmup_steps > 0
 
+    def regression_distance_and_space(self) -> tuple[Any, str]:
+        return self.distance, self.config["regression_space"]
+
     def regression_loss(self, batch: Batch) -> torch.Tensor:
         """loss_reg = distance(G_θ(z_ref, c_ref), y_ref) with the configured distance and space (set
         regression_weight: 0 to train without it)."""
-        return self.ode_regression_loss(batch, self.distance, self.config["regression_space"])
-
-    def ode_warmup_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = self.regression_loss(batch)
-        value = float(loss.detach())
-        return loss, {"loss_reg": value, "loss_generator": value, "ode_warmup": 1.0}
+        return self.ode_regression_loss(batch, *self.regression_distance_and_space())
 
     def generator_loss(self, batch: Batch, *, timesteps=None, noise=None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
