@@ -321,18 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--guidance", type=float, default=3.0, help="teacher CFG scale")
     d.add_argument("--samples-per-prompt", type=int, default=4,
-                   help="samples for each of the 144 toy prompts (4: 576 per configuration, so that the demo fits in "
-                        "10 minutes on 2 CPU cores; `stepdistill bench --suite eval/toy.yaml` uses 35)")
+                   help="samples for each of the 144 toy prompts (4: 576 per configuration, about 4.5 minutes of "
+                        "evaluation on 2 CPU cores; `stepdistill bench --suite eval/toy.yaml` uses 35)")
     d.add_argument("--latency-batch", type=int, default=32)
     d.add_argument("--latency-repeats", type=int, default=3,
-                   help="timed calls per configuration (median; 3 keeps the demo under 10 minutes, the bench uses 5)")
+                   help="timed calls per configuration (median; the bench uses 5)")
     d.add_argument("--latency-warmup", type=int, default=1, help="untimed calls before the timed ones")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--teacher", default="toy", help="teacher pipeline folder (default: the shipped toy teacher)")
     d.add_argument("--pipeline", default="pipelines/toy.yaml", help="model choice for the distillation")
     d.add_argument("--recipe", default="training/toy-dmd.yaml",
-                   help="distillation recipe (default: DMD with regression pairs, the best toy student we measured "
-                        "within the demo's 10-minute CPU budget)")
+                   help="distillation recipe (default: DMD with an ODE-pair warm-up, which distils in about 6 minutes "
+                        "on 2 CPU cores; training/toy-dmd2.yaml scored about the same in 11)")
     d.add_argument("--skip-distill", action="store_true", help="evaluate only (uses <out>/student if present)")
     d.add_argument("--evaluator", default=None, help="toy evaluator folder (default: the shipped one)")
     d.set_defaults(func=cmd_demo)

@@ -100,10 +100,11 @@ def generate(
     if not prompts:
         raise ValueError("no prompts to generate: the prompt list is empty")
     out = []
+    steps_kw = step_kwargs(pipe, steps)
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         batch_prompts = prompts[start:start + batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
-        kwargs: dict[str, Any] = dict(**step_kwargs(pipe, steps), guidance_scale=guidance, generator=gens,
+        kwargs: dict[str, Any] = dict(**steps_kw, guidance_scale=guidance, generator=gens,
                                       output_type="pt")
         if negative_prompt is not None:
             kwargs["negative_prompt"] = [negative_prompt] * len(batch_prompts)
