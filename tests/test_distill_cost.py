@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stepdistill.eval import distill_cost
-from stepdistill.eval.report import speedups
+from stepdistill.eval.report import quality_gap_table, quality_gaps, speedups
 from stepdistill.training.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +110,22 @@ def test_speedups_against_the_nfe_ratio_and_the_end_to_end_ideal():
     assert row["end_to_end_ideal"] == pytest.approx(50.0) and row["of_end_to_end_ideal"] == pytest.approx(0.8)
     assert speedups([entry("teacher", "teacher", 50, 3, 100, 100.0), entry("x", "student", 2, 1, 2, 4.0)])[0][
         "end_to_end_ideal"] is None
+
+
+def test_quality_gaps_against_the_most_nfe_teacher():
+    def entry(name, role, steps, nfe, fid, adherence, diversity):
+        return {"name": name, "role": role, "steps": steps, "guidance": 3.0 if role == "teacher" else 1.0, "nfe": nfe,
+                "fid": fid, "adherence": adherence, "diversity": diversity, "latency_ms": None}
+
+    entries = [entry("teacher", "teacher", 4, 8, 55.0, 0.95, 0.05), entry("teacher", "teacher", 50, 100, 40.0, 0.97, 0.04),
+               entry("dmd", "student", 1, 1, 130.0, 0.92, 0.06), entry("dmd2", "student", 1, 1, 35.0, None, 0.02)]
+    dmd, dmd2 = quality_gaps(entries)
+    assert dmd["reference"] == "teacher 50 steps, w=3"  # the 50-step teacher, not the 4-step one listed first
+    assert dmd["fid_gap"] == pytest.approx(90.0) and dmd["adherence_gap_points"] == pytest.approx(5.0)
+    assert dmd["diversity_ratio"] == pytest.approx(1.5)
+    assert dmd2["fid_gap"] == pytest.approx(-5.0) and dmd2["adherence_gap_points"] is None
+    assert dmd2["diversity_ratio"] == pytest.approx(0.5)
+    table = quality_gap_table([dmd, dmd2])
+    assert "| dmd | 1 | teacher 50 steps, w=3 | 130.00 (40.00) | +90.00 | 0.920 (0.970) | +5.0 | 1.50 |" in table
+    assert "| -5.00 |" in table and "| — |" in table
+    assert quality_gaps([entry("dmd", "student", 1, 1, 1.0, 1.0, 1.0)]) == []

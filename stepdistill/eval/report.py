@@ -78,7 +78,7 @@ def speedups(entries: list[dict]) -> list[dict]:
     teachers = [e for e in entries if e["role"] == "teacher" and lat(e)]
     if not teachers:
         return []
-    ref = max(teachers, key=lambda e: (e["nfe"], lat(e)))
+    ref = _reference_teacher(teachers)
     rows = []
     for e in entries:
         if e["role"] != "student" or not lat(e):
@@ -102,6 +102,53 @@ def speedup_table(rows: list[dict]) -> str:
         e2e = "—" if r["end_to_end_ideal"] is None else f"{r['end_to_end_ideal']:.1f}× ({r['of_end_to_end_ideal']:.2f})"
         lines.append(f"| {r['name']} | {r['steps']} | {r['reference']} | {r['measured']:.1f}× "
                      f"| {r['nfe_ratio']:.0f}× ({r['of_nfe_ratio']:.2f}) | {e2e} |")
+    return "\n".join(lines)
+
+
+def _reference_teacher(entries: list[dict]) -> dict | None:
+    """The teacher entry students are compared with: the one with the most NFE (then the slowest)."""
+    teachers = [e for e in entries if e["role"] == "teacher"]
+    if not teachers:
+        return None
+    return max(teachers, key=lambda e: (e["nfe"], (e.get("latency_ms") or {}).get("batchN") or 0.0))
+
+
+def quality_gaps(entries: list[dict]) -> list[dict]:
+    """Each student's quality against the reference teacher (most NFE: the 50-step CFG teacher in our suites).
+
+    ``fid_gap = FID_student - FID_teacher`` (negative: the student beats its teacher), ``adherence_gap_points =
+    100 (adherence_teacher - adherence_student)`` (positive: the student follows prompts less well) and
+    ``diversity_ratio = diversity_student / diversity_teacher``. A metric either entry lacks gives None."""
+    ref = _reference_teacher(entries)
+    if ref is None:
+        return []
+
+    def diff(a: Any, b: Any, scale: float = 1.0) -> float | None:
+        return None if a is None or b is None else scale * (a - b)
+
+    rows = []
+    for e in entries:
+        if e["role"] != "student":
+            continue
+        div_s, div_t = e.get("diversity"), ref.get("diversity")
+        rows.append({
+            "name": e["name"], "steps": e["steps"], "reference": f"teacher {ref['steps']} steps, w={ref['guidance']:g}",
+            "fid": e.get("fid"), "teacher_fid": ref.get("fid"), "fid_gap": diff(e.get("fid"), ref.get("fid")),
+            "adherence": e.get("adherence"), "teacher_adherence": ref.get("adherence"),
+            "adherence_gap_points": diff(ref.get("adherence"), e.get("adherence"), 100.0),
+            "diversity_ratio": div_s / div_t if div_s is not None and div_t else None,
+        })
+    return rows
+
+
+def quality_gap_table(rows: list[dict]) -> str:
+    lines = ["| student | steps | vs | FID (teacher) | FID gap | adherence (teacher) | adherence gap, points "
+             "| diversity / teacher's |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['steps']} | {r['reference']} | {_fmt(r['fid'], '.2f')} "
+                     f"({_fmt(r['teacher_fid'], '.2f')}) | {_fmt(r['fid_gap'], '+.2f')} | {_fmt(r['adherence'], '.3f')} "
+                     f"({_fmt(r['teacher_adherence'], '.3f')}) | {_fmt(r['adherence_gap_points'], '+.1f')} "
+                     f"| {_fmt(r['diversity_ratio'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -151,12 +198,18 @@ def write_report(out_dir: str | Path, suite: str, entries: list[dict], extra_md:
     rows = speedups(entries)
     if rows:
         report["speedups"] = rows
+    gaps = quality_gaps(entries)
+    if gaps:
+        report["quality_gaps"] = gaps
     plot_quality(entries, out / "quality.png")
     md = [f"# stepdistill report — {suite}", "", f"Device: {report['device']}", "", markdown_table(entries), ""]
     if rows:
         md += ["Latency speed-ups (per image at the large batch; the end-to-end ideal divides by the teacher at the "
                "student's NFE, so the text encoder and VAE decode that both run once are counted):", "",
                speedup_table(rows), ""]
+    if gaps:
+        md += ["Quality against the teacher (FID gap < 0: the student beats it; adherence gap > 0: the student follows "
+               "prompts less well, in points of accuracy):", "", quality_gap_table(gaps), ""]
     md += ["![quality vs steps and latency](quality.png)", ""]
     for title, fname in (images or {}).items():
         md += [f"## {title}", "", f"![{title}]({fname})", ""]
