@@ -114,7 +114,7 @@ def test_ode_warmup_phase_then_distribution_matching(tmp_path, method):
     make_tiny_sd_pipeline(tmp_path / "teacher")
     spec = tmp_path / "pipe.yaml"
     spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
-    overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=0",
+    overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
                  "train.log_every=1", "objective_config.aux_updates_per_generator_update=1",
                  "objective_config.ode_warmup_steps=2", "objective_config.regression_pairs=4",
                  "objective_config.regression_steps=2", "generator.timesteps=[399]"]
@@ -127,6 +127,39 @@ def test_ode_warmup_phase_then_distribution_matching(tmp_path, method):
     assert [r["gen/ode_warmup"] for r in rows] == ["1.0", "1.0", ""]
     assert [bool(r["aux/loss_fake"]) for r in rows] == [False, False, True]
     assert rows[2]["gen/loss_dm"] != ""
+    # resumed past the warm-up: DMD2 no longer uses the pairs and does not make them again; DMD's regression term does
+    again = distill(spec, REPO / "training" / f"toy-{method}.yaml", tmp_path / "run",
+                    overrides=[*overrides, "train.max_steps=4"], resume="latest", export=False)
+    assert again["steps"] == 4
+    assert ("regression_pairs_seconds" in again) == (method == "dmd")
+    # a run's checkpoint can be named without its path
+    from stepdistill.training.run import export_run
+
+    student = export_run(tmp_path / "run", tmp_path / "student_at_3", checkpoint="step_000003")
+    info = json.loads((student / "stepdistill_export.json").read_text())
+    assert info["steps_info"]["steps"] == 3 and info["steps_info"]["checkpoint"].endswith("step_000003")
+
+
+def test_regression_pairs_follow_the_batch_to_the_training_device():
+    """The trainer makes noise on the CPU and ``build_batch`` moves the batch to the training device; the teacher
+    pairs must land on that device too, not on the CPU noise's (this broke every warm-up run on a GPU). The ``meta``
+    device stands in for a GPU here."""
+    from stepdistill.objectives.dmd import RegressionPairs
+    from stepdistill.teacher import PromptEmbeds
+    from stepdistill.training.run import with_regression_pairs
+
+    class FakeTeacher:
+        def encode_prompt(self, prompts, with_uncond=True):
+            return PromptEmbeds(cond=torch.zeros(len(prompts), 3, 8))
+
+    pairs = RegressionPairs(torch.randn(5, 4, 8, 8), PromptEmbeds(cond=torch.randn(5, 3, 8)), torch.randn(5, 4, 8, 8))
+    from stepdistill.training.trainer import build_batch
+
+    batch = with_regression_pairs(pairs, build_batch)(FakeTeacher(), ["a", "b"], torch.randn(2, 4, 8, 8),
+                                                      device="meta")
+    assert batch.noise.device.type == "meta"
+    assert {batch.ref_noise.device.type, batch.ref_latents.device.type, batch.ref_embeds.cond.device.type} == {"meta"}
+    assert batch.ref_noise.shape == (2, 4, 8, 8)
 
 
 def test_demo_distillation_line_reports_pairs_and_total():

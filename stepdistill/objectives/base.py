@@ -220,9 +220,10 @@ class Objective(torch.nn.Module):
         """Whether the trainer should run the auxiliary updates before this generator update (not in the warm-up)."""
         return not self.in_ode_warmup()
 
-    def needs_regression_pairs(self) -> bool:
-        """Whether training needs the teacher's (noise, ODE output) pairs in ``Batch.ref_*``."""
-        return self.ode_warmup_steps > 0
+    def needs_regression_pairs(self, from_step: int = 0) -> bool:
+        """Whether training from generator update ``from_step`` on (a resumed run starts past 0) needs the teacher's
+        (noise, ODE output) pairs in ``Batch.ref_*``: here only while the ODE-pair warm-up lasts."""
+        return self.ode_warmup_steps > from_step
 
     def ode_regression_loss(self, batch: Batch, distance=None, space: str = "latent") -> torch.Tensor:
         """``distance(G_θ(z_ref, c_ref), y_ref)`` on the precomputed teacher ODE pairs (``Batch.ref_*``); ``distance``

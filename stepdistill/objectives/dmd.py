@@ -232,8 +232,9 @@ class DMD(Objective):
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"fake_score": trainable_parameters(self.fake_unet)}
 
-    def needs_regression_pairs(self) -> bool:
-        return self.config["regression_weight"] > 0 or self.ode_warmup_steps > 0
+    def needs_regression_pairs(self, from_step: int = 0) -> bool:
+        """DMD's regression loss uses the pairs at every update (unless its weight is 0); the warm-up needs them too."""
+        return self.config["regression_weight"] > 0 or self.ode_warmup_steps > from_step
 
     def regression_distance_and_space(self) -> tuple[Any, str]:
         return self.distance, self.config["regression_space"]

@@ -66,7 +66,7 @@ def with_regression_pairs(pairs, base_batch_fn):
     def batch_fn(teacher, prompts, noise, *args, **kwargs):
         batch = base_batch_fn(teacher, prompts, noise, *args, **kwargs)
         idx = torch.randint(0, len(pairs), (len(prompts),))
-        chosen = pairs.select(idx).to(noise.device)
+        chosen = pairs.select(idx).to(batch.noise.device)  # the training device (base_batch_fn moved the batch there)
         batch.ref_noise, batch.ref_embeds, batch.ref_latents = chosen.noise, chosen.embeds, chosen.latents
         return batch
 
@@ -89,6 +89,18 @@ def make_sample_fn(teacher, prompts: Sequence[str], seed: int = 1234):
         return image_grid(images, rows=1, cols=len(prompts), scale=4)
 
     return sample_fn
+
+
+def _resume_step(out: Path, resume: str | None) -> int:
+    """The generator update a run resumed with ``resume`` ('latest' or a checkpoint path) starts from; 0 when it
+    starts fresh. Read from the checkpoint's marker before anything is built, so that set-up work only the skipped
+    updates need (the ODE-pair warm-up's teacher pairs) is not done."""
+    from stepdistill.training.checkpoint import latest_checkpoint, read_marker, resolve_checkpoint
+
+    if not resume:
+        return 0
+    path = latest_checkpoint(out / "checkpoints") if str(resume) == "latest" else resolve_checkpoint(resume)
+    return 0 if path is None else int(read_marker(path).get("step", 0))
 
 
 def _build(spec: PipelineSpec, config):
@@ -149,9 +161,13 @@ def distill(
 
     batch_fn = build_batch
     pairs_seconds = None
-    if getattr(objective, "needs_regression_pairs", lambda: False)():
+    start_step = _resume_step(out, resume)
+    if getattr(objective, "needs_regression_pairs", lambda from_step=0: False)(from_step=start_step):
+        from accelerate import PartialState
+
         from stepdistill.objectives.dmd import make_regression_pairs
 
+        teacher.to(PartialState().device)  # make the pairs on the training device (the Trainer would move it there)
         oc = objective.config
         n_pairs = int(oc["regression_pairs"] or 4 * config.train.batch_size)
         guidance = oc["regression_guidance"] if oc.get("regression_guidance") is not None else oc["real_guidance_scale"]

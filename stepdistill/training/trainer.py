@@ -533,14 +533,16 @@ class Trainer:
 
     def load_checkpoint(self, resume: str | Path) -> Path | None:
         """Restore a checkpoint: ``"latest"`` (the newest complete one under ``out_dir/checkpoints``; None and a fresh
-        start when there is none) or a path (a checkpoint, checkpoints or run folder). Returns the folder used."""
+        start when there is none), the name of one of this run's checkpoints (``"step_000600"``) or a path (a
+        checkpoint, checkpoints or run folder). Returns the folder used."""
         if str(resume) == "latest":
             path = latest_checkpoint(self.ckpt_dir)
             if path is None:
                 logger.warning("resume='latest' but %s holds no complete checkpoint; starting from scratch", self.ckpt_dir)
                 return None
         else:
-            path = resolve_checkpoint(resume)
+            named = self.ckpt_dir / str(resume)  # a bare name such as "step_000600" means this run's checkpoint
+            path = resolve_checkpoint(named if not Path(resume).exists() and named.is_dir() else resume)
         info = read_marker(path)
         saved = info.get("config") or {}
         mine = self.config.to_dict()
