@@ -129,7 +129,7 @@ def test_ode_warmup_phase_then_distribution_matching(tmp_path, method):
     assert rows[2]["gen/loss_dm"] != ""
     # resumed past the warm-up: DMD2 no longer uses the pairs and does not make them again; DMD's regression term does
     again = distill(spec, REPO / "training" / f"toy-{method}.yaml", tmp_path / "run",
-                    overrides=[*overrides, "train.max_steps=4"], resume="latest", export=False)
+                    overrides=[*overrides, "train.max_steps=4"], resume="step_000003", export=False)
     assert again["steps"] == 4
     assert ("regression_pairs_seconds" in again) == (method == "dmd")
     # a run's checkpoint can be named without its path

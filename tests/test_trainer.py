@@ -19,10 +19,11 @@ from stepdistill.training import (
     RunConfig,
     Trainer,
     TrainingDiverged,
+    find_resume_checkpoint,
     latest_checkpoint,
     load_recipe,
 )
-from stepdistill.training.checkpoint import MARKER_FILE
+from stepdistill.training.checkpoint import MARKER_FILE, CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT = (2, 4, 4)
@@ -379,6 +380,20 @@ def test_latest_checkpoint_skips_incomplete(tmp_path):
     assert latest_checkpoint(root).name == "step_000002"  # the pointer wins when it is complete
     (root / "latest").write_text("step_000006\n")
     assert latest_checkpoint(root).name == "step_000004"  # a pointer to an incomplete folder is not trusted
+
+
+def test_find_resume_checkpoint_reads_latest_names_and_paths(tmp_path, monkeypatch):
+    root = tmp_path / "run" / "checkpoints"
+    for name in ("step_000002", "step_000004"):
+        (root / name).mkdir(parents=True)
+        (root / name / MARKER_FILE).write_text("{}")
+    monkeypatch.chdir(tmp_path)  # a bare name is looked up in the run's checkpoints, not the working directory
+    assert find_resume_checkpoint(root, "latest") == root / "step_000004"
+    assert find_resume_checkpoint(root, "step_000002") == root / "step_000002"
+    assert find_resume_checkpoint(root, tmp_path / "run") == root / "step_000004"  # a run folder: its newest
+    assert find_resume_checkpoint(tmp_path / "empty", "latest") is None
+    with pytest.raises(CheckpointError, match="step_000009"):
+        find_resume_checkpoint(root, "step_000009")
 
 
 def test_xformers_missing_is_a_clear_error(tmp_path):

@@ -3,6 +3,7 @@
 from stepdistill.training.checkpoint import (
     CheckpointError,
     TrainState,
+    find_resume_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     resolve_checkpoint,
@@ -37,6 +38,7 @@ __all__ = [
     "attach_ema",
     "build_batch",
     "get_ema",
+    "find_resume_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_prompts",

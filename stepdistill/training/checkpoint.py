@@ -133,6 +133,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def find_resume_checkpoint(ckpt_dir: str | Path, resume: str | Path) -> Path | None:
+    """The checkpoint a run whose checkpoints live in ``ckpt_dir`` resumes from: ``"latest"`` -> the newest complete
+    one there (None when there is none); a bare name such as ``"step_000600"`` -> that checkpoint of this run; any
+    other path -> :func:`resolve_checkpoint` (a checkpoint, checkpoints or run folder)."""
+    ckpt_dir = Path(ckpt_dir)
+    if str(resume) == "latest":
+        return latest_checkpoint(ckpt_dir)
+    named = ckpt_dir / str(resume)
+    return resolve_checkpoint(named if not Path(resume).exists() and named.is_dir() else resume)
+
+
 def prune_checkpoints(root: str | Path, keep: int, protect: str | None = None) -> list[Path]:
     """Delete all but the newest ``keep`` complete checkpoints (never ``protect``), and stale ``.tmp_`` folders."""
     root = Path(root)

@@ -92,14 +92,14 @@ def make_sample_fn(teacher, prompts: Sequence[str], seed: int = 1234):
 
 
 def _resume_step(out: Path, resume: str | None) -> int:
-    """The generator update a run resumed with ``resume`` ('latest' or a checkpoint path) starts from; 0 when it
-    starts fresh. Read from the checkpoint's marker before anything is built, so that set-up work only the skipped
-    updates need (the ODE-pair warm-up's teacher pairs) is not done."""
-    from stepdistill.training.checkpoint import latest_checkpoint, read_marker, resolve_checkpoint
+    """The generator update a run resumed with ``resume`` ('latest', a checkpoint's name or a path; as the Trainer
+    reads it) starts from; 0 when it starts fresh. Read from the checkpoint's marker before anything is built, so that
+    set-up work only the skipped updates need (the ODE-pair warm-up's teacher pairs) is not done."""
+    from stepdistill.training.checkpoint import find_resume_checkpoint, read_marker
 
     if not resume:
         return 0
-    path = latest_checkpoint(out / "checkpoints") if str(resume) == "latest" else resolve_checkpoint(resume)
+    path = find_resume_checkpoint(out / "checkpoints", resume)
     return 0 if path is None else int(read_marker(path).get("step", 0))
 
 

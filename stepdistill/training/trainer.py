@@ -44,9 +44,9 @@ from stepdistill.training.checkpoint import (
     TrainableStateHooks,
     TrainState,
     checkpoint_name,
+    find_resume_checkpoint,
     latest_checkpoint,
     read_marker,
-    resolve_checkpoint,
     save_checkpoint,
     write_text_atomic,
 )
@@ -535,14 +535,10 @@ class Trainer:
         """Restore a checkpoint: ``"latest"`` (the newest complete one under ``out_dir/checkpoints``; None and a fresh
         start when there is none), the name of one of this run's checkpoints (``"step_000600"``) or a path (a
         checkpoint, checkpoints or run folder). Returns the folder used."""
-        if str(resume) == "latest":
-            path = latest_checkpoint(self.ckpt_dir)
-            if path is None:
-                logger.warning("resume='latest' but %s holds no complete checkpoint; starting from scratch", self.ckpt_dir)
-                return None
-        else:
-            named = self.ckpt_dir / str(resume)  # a bare name such as "step_000600" means this run's checkpoint
-            path = resolve_checkpoint(named if not Path(resume).exists() and named.is_dir() else resume)
+        path = find_resume_checkpoint(self.ckpt_dir, resume)
+        if path is None:
+            logger.warning("resume='latest' but %s holds no complete checkpoint; starting from scratch", self.ckpt_dir)
+            return None
         info = read_marker(path)
         saved = info.get("config") or {}
         mine = self.config.to_dict()
