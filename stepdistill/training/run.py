@@ -162,7 +162,7 @@ def distill(
     batch_fn = build_batch
     pairs_seconds = None
     start_step = _resume_step(out, resume)
-    if getattr(objective, "needs_regression_pairs", lambda from_step=0: False)(from_step=start_step):
+    if objective.needs_regression_pairs(from_step=start_step):
         from accelerate import PartialState
 
         from stepdistill.objectives.dmd import make_regression_pairs
