@@ -61,7 +61,8 @@ def test_distill_cost_measures_each_recipe_in_its_own_process(tmp_path, monkeypa
     make_tiny_sd_pipeline(tmp_path / "teacher")
     spec = tmp_path / "pipe.yaml"
     spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
-    recipes = [REPO / "training" / "dmd2.yaml", REPO / "training" / "vsd.yaml"]
+    recipes = [tmp_path / "dmd2.yaml", REPO / "training" / "vsd.yaml"]
+    recipes[0].write_text((REPO / "training" / "dmd2.yaml").read_text())
     overrides = ["train.batch_size=2", "objective_config.aux_updates_per_generator_update=1",
                  "train.mixed_precision=no", "train.gradient_checkpointing=false"]
     out = tmp_path / "cost"
@@ -88,6 +89,11 @@ def test_distill_cost_measures_each_recipe_in_its_own_process(tmp_path, monkeypa
     monkeypatch.setattr(distill_cost, "measure_recipe", measure)
     report = distill_cost.run_distill_cost(spec, recipes, out, steps=4, warmup=1, overrides=overrides, threads=1)
     assert [e["objective"] for e in report["entries"]] == ["dmd2", "vsd"] and calls == ["vsd"]
+
+    # an edited recipe is measured again, not served from the cache
+    recipes[0].write_text(recipes[0].read_text().replace("max_steps:", "max_steps: 7 #", 1))
+    report = distill_cost.run_distill_cost(spec, recipes[:1], out, steps=4, warmup=1, overrides=overrides, threads=1)
+    assert calls == ["vsd", "dmd2"] and report["entries"][0]["recipe_max_steps"] == 7
 
 
 def test_distill_cost_failure_names_the_recipe(tmp_path):

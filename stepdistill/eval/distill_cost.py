@@ -15,6 +15,7 @@ the projection is ``setup + W / rate_warmup + (max_steps − W) / rate``; the se
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import subprocess
@@ -137,6 +138,19 @@ def markdown_table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _entry_fingerprint(pipeline: str | Path, recipe: str | Path, overrides: Sequence[str],
+                       threads: int | None) -> dict[str, Any]:
+    """What a cached entry must match to be reused: the SHA-256 of the recipe file and of the pipeline spec (when it
+    is a file), the overrides and the thread count."""
+
+    def sha256(path: str | Path) -> str | None:
+        path = Path(path)
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+    return {"recipe": str(recipe), "recipe_sha256": sha256(recipe), "pipeline": str(pipeline),
+            "pipeline_sha256": sha256(pipeline), "overrides": list(overrides), "threads": threads}
+
+
 def run_distill_cost(
     pipeline: str | Path,
     recipes: Sequence[str | Path],
@@ -146,8 +160,9 @@ def run_distill_cost(
     overrides: Sequence[str] = (),
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Measure every recipe; write ``report.json`` and ``report.md`` under ``out_dir``. Entries already measured for
-    the same recipe, steps and overrides (from an interrupted invocation) are reused."""
+    """Measure every recipe; write ``report.json`` and ``report.md`` under ``out_dir``. An entry measured earlier (an
+    interrupted invocation) is reused only if its recipe and pipeline files, steps, overrides and threads are the same:
+    an edited recipe is measured again."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -158,12 +173,14 @@ def run_distill_cost(
     for recipe in tqdm(list(recipes), desc="distill-cost", unit="recipe"):
         key = f"{Path(recipe).stem}-s{steps}-w{warmup}"
         cached = cache_dir / f"{key}.json"
+        fingerprint = _entry_fingerprint(pipeline, recipe, overrides, threads)
         if cached.is_file():
             entry = json.loads(cached.read_text())
-            if entry.get("overrides") == list(overrides):
+            if entry.get("fingerprint") == fingerprint:
                 entries.append(entry)
                 continue
         entry = measure_recipe(pipeline, recipe, out / "runs" / Path(recipe).stem, steps, warmup, overrides, threads)
+        entry["fingerprint"] = fingerprint
         atomic_write_text(cached, json.dumps(entry, indent=2))
         entries.append(entry)
     report = {"suite": "distill-cost", "device": device_description(), "pipeline": str(pipeline), "entries": entries}
