@@ -23,6 +23,13 @@ def _set_threads(threads: int | None) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from stepdistill.eval.generate import generate, image_grid, load_pipeline
 
+    for name in ("steps", "num", "scale"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+    if args.guidance < 0:
+        raise ValueError(f"--guidance must be ≥ 0 (values ≤ 1 disable classifier-free guidance), got {args.guidance}")
+    if Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file, got {args.out}")
     pipe = load_pipeline(args.pipeline)
     prompts = [args.prompt] * args.num
     seeds = list(range(args.seed, args.seed + args.num))
@@ -44,9 +51,49 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from stepdistill.training.run import distill
 
     summary = distill(args.pipeline, args.recipe, args.out, overrides=args.set or (), resume=args.resume,
-                      export=not args.no_export)
+                      export=not args.no_export, overwrite=args.overwrite,
+                      allow_config_change=args.allow_config_change, dry_run=args.dry_run)
+    if args.dry_run:
+        import yaml
+
+        print(f"# stepdistill distill --dry-run: nothing was loaded or written. Run fingerprint {summary['fingerprint']}")
+        if summary["resume_from"]:
+            print(f"# would resume from {summary['resume_from']} (step {summary['start_step']})")
+        else:
+            print(f"# would start a fresh run in {summary['out']}")
+        for note in summary["notes"]:
+            print(f"# {note}")
+        print(yaml.safe_dump({"pipeline": summary["pipeline"], **summary["config"]}, sort_keys=False).rstrip())
+        return 0
     print(json.dumps({k: summary[k] for k in ("steps", "wall_time_s", "steps_per_s", "student") if k in summary},
                      indent=2, default=str))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the recipes under --dir with their method and the first line of their header comment."""
+    import yaml
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"recipe folder {folder} not found (run from the repository root or pass --dir)")
+    rows = []
+    for path in sorted(folder.glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue
+        if not isinstance(data, dict) or "objective" not in data:
+            continue
+        comment = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+        rows.append((path.name, str(data["objective"]), comment))
+    if not rows:
+        raise FileNotFoundError(f"no recipes (YAML files with an 'objective' key) in {folder}")
+    width = max(len(r[0]) for r in rows)
+    mwidth = max(len(r[1]) for r in rows)
+    for name, method, comment in rows:
+        print(f"{name:<{width}}  {method:<{mwidth}}  {comment}")
     return 0
 
 
@@ -60,7 +107,7 @@ def cmd_distill_cost(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.out) / 'report.md'} and report.json")
         return 0
 
-    return _guarded("distill-cost", run)
+    return run()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -118,7 +165,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from stepdistill.training.run import distill
 
         print(f"[demo] distilling the toy teacher with {args.recipe} into {student_dir}", flush=True)
-        distill_summary = distill(args.pipeline, args.recipe, out / "run", resume="latest", export=False)
+        distill_summary = distill(args.pipeline, args.recipe, out / "run", resume=None if args.overwrite else "latest",
+                                  export=False, overwrite=args.overwrite)
         from stepdistill.training.run import export_run
 
         export_run(out / "run", student_dir)
@@ -181,30 +229,57 @@ def _distill_line(summary: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # eval / bench
 # ---------------------------------------------------------------------------------------------------------------
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (library messages sometimes span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr for stepdistill's own lines: diffusers/transformers advisory warnings and their model-loading
+    progress bars off (STEPDISTILL_DEBUG=1 keeps them)."""
+    if os.environ.get("STEPDISTILL_DEBUG"):
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        from diffusers.utils import logging as dlogging
+
+        dlogging.set_verbosity_error()
+        dlogging.disable_progress_bar()
+        from transformers.utils import logging as tlogging
+
+        tlogging.set_verbosity_error()
+        tlogging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
 def _guarded(command: str, fn) -> int:
-    """Run ``fn()``; any failure is one clear line on stderr and a non-zero exit (2: invalid input or unavailable
-    metric, 1: anything else, 130: interrupted). STEPDISTILL_DEBUG=1 adds the traceback."""
+    """Run ``fn()``; any failure is one clear line on stderr and a non-zero exit (2: invalid input, a missing or
+    damaged file, an unavailable metric; 1: anything else; 130: interrupted). STEPDISTILL_DEBUG=1 adds the
+    traceback."""
     from stepdistill.eval.errors import MetricUnavailable
+    from stepdistill.training.checkpoint import CheckpointError
 
     try:
         return int(fn() or 0)
     except KeyboardInterrupt:
         print(f"stepdistill {command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (MetricUnavailable, ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (MetricUnavailable, ValueError, OSError, CheckpointError) as err:
         if os.environ.get("STEPDISTILL_DEBUG"):
             import traceback
 
             traceback.print_exc()
-        print(f"stepdistill {command}: error: {err}", file=sys.stderr)
+        print(f"stepdistill {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
         if os.environ.get("STEPDISTILL_DEBUG"):
             import traceback
 
             traceback.print_exc()
-        print(f"stepdistill {command}: error: {type(err).__name__}: {err} (set STEPDISTILL_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(f"stepdistill {command}: error: {type(err).__name__}: {_one_line(err)} (set STEPDISTILL_DEBUG=1 for "
+              "the traceback)", file=sys.stderr)
         return 1
 
 
@@ -247,7 +322,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"wrote {out} (samples under {work}) in {report['run']['wall_seconds']:.0f} s")
         return 0
 
-    return _guarded("eval", run)
+    return run()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -270,12 +345,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"in {wall:.0f} s ({time.strftime('%H:%M:%S', time.gmtime(wall))})")
         return 0
 
-    return _guarded("bench", run)
+    return run()
 
 
 # ---------------------------------------------------------------------------------------------------------------
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (the full usage is one ``--help`` away)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
+    parser = _OneLineParser(prog="stepdistill", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -295,19 +377,34 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--pipeline", required=True, help="model choice, e.g. pipelines/toy.yaml")
     di.add_argument("--recipe", required=True, help="method and hyper-parameters, e.g. training/dmd2.yaml")
     di.add_argument("--out", required=True, help="run folder (checkpoints, logs, samples, student)")
-    di.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. train.max_steps=50")
-    di.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    di.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                    help="override recipe values, e.g. --set train.max_steps=50 train.seed=1 (repeatable)")
+    di.add_argument("--resume", default=None,
+                    help="continue a run: 'latest' (the newest loadable checkpoint), a checkpoint's name "
+                         "(step_000600) or a checkpoint folder")
+    di.add_argument("--overwrite", action="store_true",
+                    help="replace the run already in --out (deletes its checkpoints, logs, samples and student)")
+    di.add_argument("--allow-config-change", action="store_true",
+                    help="resume a checkpoint although its recipe/pipeline fingerprint differs from this run's")
+    di.add_argument("--dry-run", action="store_true",
+                    help="validate, print the resolved config and what would happen, and exit (writes nothing)")
     di.add_argument("--no-export", action="store_true", help="skip exporting the student pipeline")
     di.set_defaults(func=cmd_distill)
+
+    rc = sub.add_parser("recipes", help="list the distillation recipes with their method and description")
+    rc.add_argument("--dir", default="training", help="recipe folder (default: training/)")
+    rc.set_defaults(func=cmd_recipes)
 
     dc = sub.add_parser("distill-cost", help="the distill-cost benchmark: steps/s and peak memory of each recipe's "
                                              "training step, one process per recipe")
     dc.add_argument("--pipeline", default="pipelines/toy.yaml")
     dc.add_argument("--recipes", nargs="+", default=["training/toy-dmd.yaml", "training/toy-dmd2.yaml",
-                                                      "training/toy-vsd.yaml"])
+                                                      "training/toy-vsd.yaml", "training/toy-sid.yaml",
+                                                      "training/toy-sid-4step.yaml"])
     dc.add_argument("--steps", type=int, default=20, help="generator steps measured per recipe")
     dc.add_argument("--warmup", type=int, default=3, help="steps left out of the rate")
-    dc.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every recipe")
+    dc.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                    help="overrides applied to every recipe, e.g. --set train.batch_size=16 train.seed=1 (repeatable)")
     dc.add_argument("--out", default="runs/distill-cost")
     dc.set_defaults(func=cmd_distill_cost)
 
@@ -334,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation recipe (default: DMD with an ODE-pair warm-up, which distils in about 6 minutes "
                         "on 2 CPU cores; training/toy-dmd2.yaml scored about the same in 11)")
     d.add_argument("--skip-distill", action="store_true", help="evaluate only (uses <out>/student if present)")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace a distillation run of another recipe left in <out>/run")
     d.add_argument("--evaluator", default=None, help="toy evaluator folder (default: the shipped one)")
     d.set_defaults(func=cmd_demo)
 
@@ -409,12 +508,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    _set_threads(args.threads)
-    try:
+    command = args.command if args.command != "toy" else f"toy {args.toy_cmd}"
+
+    def run() -> int:
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
+        _set_threads(args.threads)
+        _quiet_libraries()
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"stepdistill {args.command}: error: {err}", file=sys.stderr)
-        return 2
+
+    return _guarded(command, run)
 
 
 if __name__ == "__main__":

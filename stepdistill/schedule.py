@@ -133,6 +133,16 @@ class NoiseSchedule:
         lo, hi = self.timestep_range(min_ratio, max_ratio)
         return torch.randint(lo, hi + 1, (batch_size,), generator=generator).to(device)
 
+    @staticmethod
+    def sid_timesteps(t_init: int, num_steps: int) -> list[int]:
+        """SiD's few-step timesteps ``t_i = ⌊t_init·(1 − i/K)⌋``, i = 0 … K−1, computed as the official code does
+        (a long tensor times a Python float in float32, then ``.to(torch.long)``; mingyuanzhou/SiD-LSG
+        ``sid_sd_sampler``, apple/ml-sid-dit ``sid_dit_generate``)."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        t0 = torch.tensor([int(t_init)], dtype=torch.long)
+        return [int((t0 * (1 - i / num_steps)).to(torch.long)) for i in range(num_steps)]
+
     def timestep_for_snr(self, snr: float) -> int:
         """The timestep whose SNR is closest to ``snr`` (SNR decreases monotonically with t)."""
         log_snr = torch.log(self.snr(torch.arange(self.num_train_timesteps)))

@@ -8,7 +8,10 @@ Sampling (DMD / DMD2, Yin et al. 2023, 2024; official code tianweiy/DMD2 ``main/
 
 - one step: the UNet is evaluated on pure noise ``z`` at a fixed conditioning timestep ``t*`` (default 999) with the
   conditional text embeddings only (guidance 1, no CFG); its output is turned into x₀ by the schedule
-  (``NoiseSchedule.to_x0``, done in float64 as DMD2 does);
+  (``NoiseSchedule.to_x0``, done in float64 as DMD2 does). With ``scaled_input_noise`` the first step's input is
+  ``σ_{t*}·z`` instead of ``z`` — SiD-LSG's Stable Diffusion convention (mingyuanzhou/SiD-LSG
+  ``training/sid_sd_util.py::sid_sd_sampler``: ``add_noise(0, z, t_init)`` at ``t_init = 625``), i.e. the marginal of
+  x_{t*} with the signal term dropped;
 - few steps (e.g. 999, 749, 499, 249): after each step the predicted x₀ is re-noised to the next timestep with
   *fresh* noise (``NoiseSchedule.add_noise``) and fed to the next step;
 - backward simulation (DMD2 §4.4): during training of a few-step generator a step ``k`` is drawn uniformly (one per
@@ -95,12 +98,14 @@ class Generator(torch.nn.Module):
         schedule: NoiseSchedule,
         timesteps: Iterable[int] = (999,),
         lora_rank: int | None = None,
+        scaled_input_noise: bool = False,
     ) -> None:
         super().__init__()
         self.unet = unet
         self.schedule = schedule
         self.timesteps = [int(t) for t in timesteps]
         self.lora_rank = lora_rank
+        self.scaled_input_noise = bool(scaled_input_noise)
         T = schedule.num_train_timesteps
         if not self.timesteps:
             raise ValueError("timesteps must hold at least one timestep")
@@ -119,16 +124,18 @@ class Generator(torch.nn.Module):
         lora_alpha: float | None = None,
         lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
         dtype: torch.dtype = torch.float32,
+        scaled_input_noise: bool = False,
     ) -> "Generator":
         """Initialise from ``teacher.unet``: a full trainable copy (``lora_rank=None``) or a frozen copy with LoRA
-        adapters of rank ``lora_rank`` (``lora_alpha`` defaults to the rank, i.e. scale 1). The teacher is untouched."""
+        adapters of rank ``lora_rank`` (``lora_alpha`` defaults to the rank, i.e. scale 1). The teacher is untouched.
+        ``scaled_input_noise``: the first step's input is σ_{t₀}·z (SiD-LSG), see the module docstring."""
         if lora_rank is None:
             unet = copy_unet(teacher.unet, dtype=dtype, trainable=True)
         else:
             unet = copy_unet(teacher.unet, dtype=dtype, trainable=False)
             add_lora(unet, lora_rank, lora_alpha, lora_targets)
             unet.train()
-        return cls(unet, teacher.schedule, timesteps, lora_rank)
+        return cls(unet, teacher.schedule, timesteps, lora_rank, scaled_input_noise=scaled_input_noise)
 
     @property
     def is_lora(self) -> bool:
@@ -152,15 +159,21 @@ class Generator(torch.nn.Module):
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
 
     # --- sampling -------------------------------------------------------------------------------------------------
+    def initial_input(self, noise: torch.Tensor) -> torch.Tensor:
+        """The first step's input: ``z`` itself, or ``σ_{t₀}·z`` with ``scaled_input_noise``."""
+        if not self.scaled_input_noise:
+            return noise
+        return self.schedule.sigma(self.timesteps[0], noise) * noise
+
     def forward(self, noise: torch.Tensor, embeds, step_index: int = 0, x_t: torch.Tensor | None = None) -> torch.Tensor:
         """x₀ predicted by step ``step_index`` (conditioning timestep ``timesteps[step_index]``) from the input
-        ``x_t``; ``x_t=None`` means the input is ``noise`` itself (pure noise, the first step's input)."""
+        ``x_t``; ``x_t=None`` means the first step's input built from ``noise`` (:meth:`initial_input`)."""
         from stepdistill.teacher import unet_forward
 
         if not -self.num_steps <= step_index < self.num_steps:
             raise IndexError(f"step_index {step_index} out of range for {self.num_steps} step(s)")
         t = self.timesteps[step_index]
-        x_in = noise if x_t is None else x_t
+        x_in = self.initial_input(noise) if x_t is None else x_t
         t_batch = torch.full((x_in.shape[0],), t, dtype=torch.long, device=x_in.device)
         out = unet_forward(self.unet, x_in, t_batch, embeds, guidance_scale=1.0)
         # DMD2 converts to x0 in float64; gradients flow through the casts.
@@ -176,7 +189,7 @@ class Generator(torch.nn.Module):
     def sample(self, noise: torch.Tensor, embeds, generator: torch.Generator | None = None) -> torch.Tensor:
         """Inference: run every step (no gradient), re-noising each x₀ to the next timestep with fresh noise drawn
         from ``generator``; returns the last x₀."""
-        x_t = noise
+        x_t = self.initial_input(noise)
         x0 = noise
         for i in range(self.num_steps):
             x0 = self(noise, embeds, step_index=i, x_t=x_t)
@@ -185,16 +198,20 @@ class Generator(torch.nn.Module):
         return x0
 
     def backward_simulate(
-        self, noise: torch.Tensor, embeds, generator: torch.Generator | None = None
+        self, noise: torch.Tensor, embeds, generator: torch.Generator | None = None, k: int | None = None
     ) -> tuple[torch.Tensor, int]:
         """DMD2 backward simulation: draw ``k ~ U{0 … K−1}`` (one for the whole batch, as in the official
-        ``sample_backward``), run steps ``0 … k−1`` without gradient starting from ``noise`` and return
-        ``(x_t, k)``: the (detached) input of step ``k``. For ``k = 0`` this is ``noise`` itself."""
-        if generator is None:
-            k = int(torch.randint(0, self.num_steps, (1,)))
-        else:
-            k = int(torch.randint(0, self.num_steps, (1,), generator=generator, device=generator.device))
-        x_t = noise
+        ``sample_backward``; or use the given ``k``), run steps ``0 … k−1`` without gradient starting from
+        ``noise`` and return ``(x_t, k)``: the (detached) input of step ``k``. For ``k = 0`` this is the first
+        step's input (:meth:`initial_input`)."""
+        if k is None:
+            if generator is None:
+                k = int(torch.randint(0, self.num_steps, (1,)))
+            else:
+                k = int(torch.randint(0, self.num_steps, (1,), generator=generator, device=generator.device))
+        if not 0 <= k < self.num_steps:
+            raise IndexError(f"step {k} out of range for {self.num_steps} step(s)")
+        x_t = self.initial_input(noise)
         if k > 0:
             with torch.no_grad():
                 for i in range(k):

@@ -118,6 +118,34 @@ def test_speedups_against_the_nfe_ratio_and_the_end_to_end_ideal():
         "end_to_end_ideal"] is None
 
 
+def test_unreliable_latency_is_flagged_in_json_and_markdown(tmp_path):
+    """The demo under load: the 1-step teacher timed 131 ms/img and the same-network student 3.5 ms — a physical
+    inconsistency; and repeats that spread widely. Both mark the speed-up unreliable, in report.json and report.md."""
+    from stepdistill.eval.report import speedup_table, write_report
+
+    def entry(name, role, steps, guidance, nfe, times):
+        med = sorted(times)[len(times) // 2]
+        return {"name": name, "role": role, "steps": steps, "guidance": guidance, "nfe": nfe, "fid": 1.0,
+                "fid_features": "toy", "adherence": 0.9, "diversity": 0.05, "num_samples": 8,
+                "latency_ms": {"batch1": med, "batchN": med, "n": 8, "batchN_times": times,
+                               "batchN_spread": (max(times) - min(times)) / med}}
+
+    steady = [entry("teacher", "teacher", 1, 1.0, 1, [3.4, 3.5, 3.6]), entry("teacher", "teacher", 50, 3.0, 100, [200, 201, 202]),
+              entry("dmd", "student", 1, 1.0, 1, [3.5, 3.5, 3.6])]
+    (row,) = speedups(steady)
+    assert row["reliable"] and row["unreliable_because"] == []
+    loaded = [entry("teacher", "teacher", 1, 1.0, 1, [130, 131, 132]), *steady[1:]]
+    (row,) = speedups(loaded)
+    assert not row["reliable"] and "same networks" in row["unreliable_because"][0]
+    noisy = [steady[0], entry("teacher", "teacher", 50, 3.0, 100, [150, 200, 260]), steady[2]]
+    (row,) = speedups(noisy)
+    assert not row["reliable"] and "spread by 55%" in row["unreliable_because"][0]
+    assert "**no**" in speedup_table([row]) and "unreliable" in speedup_table([row])
+    report = write_report(tmp_path, "t", loaded)
+    assert report["speedups"][0]["reliable"] is False
+    assert "unreliable" in (tmp_path / "report.md").read_text()
+
+
 def test_quality_gaps_against_the_most_nfe_teacher():
     def entry(name, role, steps, nfe, fid, adherence, diversity):
         return {"name": name, "role": role, "steps": steps, "guidance": 3.0 if role == "teacher" else 1.0, "nfe": nfe,

@@ -287,6 +287,28 @@ def test_auxiliary_updates_skipped_while_objective_says_so(tmp_path):
     assert objective.gen_calls == 5 and objective.aux_calls == 2 * 2  # aux only at steps 3 and 4
 
 
+def test_objective_clip_by_value_reaches_its_group_only(tmp_path):
+    """``grad_clip_values()`` (SiDA clips the fake score's gradients by value at 1) clips that auxiliary group's
+    gradients element-wise before its optimizer steps, and leaves the generator's alone."""
+    teacher, generator, objective = _build(tmp_path)
+    objective.grad_clip_values = lambda: {"center": 1e-3}
+    trainer = Trainer(_config(max_steps=2, grad_clip=None), teacher, generator, objective, PROMPTS, tmp_path / "run")
+    seen = {}
+    for name, opt in [("center", trainer.aux_opts["center"]), ("generator", trainer.gen_opt)]:
+        inner = opt.optimizer
+        original = inner.step
+
+        def step(*args, _name=name, _inner=inner, _original=original, **kwargs):
+            grads = [p.grad.abs().max() for g in _inner.param_groups for p in g["params"] if p.grad is not None]
+            seen.setdefault(_name, []).append(float(max(grads)))
+            return _original(*args, **kwargs)
+
+        inner.step = step
+    trainer.train()
+    assert seen["center"] and max(seen["center"]) == pytest.approx(1e-3)  # float32 1e-3, reached (clipped)
+    assert max(seen["generator"]) > 1e-3  # not clipped
+
+
 def test_warmup_generator_lr_applies_only_during_the_warmup(tmp_path):
     teacher, generator, objective = _build(tmp_path)
     steps = []

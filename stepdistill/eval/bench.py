@@ -60,7 +60,22 @@ def measure_pipeline_latency(pipe: Any, prompt: str, steps: int, guidance: float
         "n": batch,
         "unet_share": timer.total / sum(bn["times_s"]),
         "repeats": repeats,
+        # every timed repeat, and its spread (max − min) / median: how far one measurement can be trusted
+        "batch1_times": [1000 * t for t in b1["times_s"]],
+        "batchN_times": [1000 * t / batch for t in bn["times_s"]],
+        "batch1_spread": latency_spread(b1["times_s"]),
+        "batchN_spread": latency_spread(bn["times_s"]),
     }
+
+
+def latency_spread(times: list[float]) -> float:
+    """(max − min) / median of the timed repeats (0 for a single repeat)."""
+    import statistics
+
+    if len(times) < 2:
+        return 0.0
+    med = statistics.median(times)
+    return (max(times) - min(times)) / med if med > 0 else 0.0
 
 
 def evaluate_configuration(

@@ -32,12 +32,36 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
             f"{path} is not a diffusers pipeline folder: expected {path / 'model_index.json'} "
             "(save one with pipe.save_pretrained(folder))"
         )
-    kwargs: dict[str, Any] = {"local_files_only": True, "torch_dtype": dtype}
+    from stepdistill.teacher import _dtype_kwarg
+
+    kwargs: dict[str, Any] = {"local_files_only": True, _dtype_kwarg(): dtype}
     if "safety_checker" in (path / "model_index.json").read_text():
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    if export_info(path).get("trust_remote_code"):  # a stepdistill export shipping its own scheduler file
+        kwargs["trust_remote_code"] = True
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - one clear error naming the folder
+        msg = " ".join(str(e).split())
+        raise PipelineLoadError(
+            f"cannot load the diffusers pipeline at {path}: {type(e).__name__}: {msg} — check that every component's "
+            "weights are complete (a truncated .safetensors file is the usual cause); re-export or copy the folder "
+            "again") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def export_info(folder: str | Path) -> dict[str, Any]:
+    """``stepdistill_export.json`` of an exported student folder ({} for any other folder)."""
+    import json
+
+    path = Path(folder) / "stepdistill_export.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise PipelineLoadError(f"{path} is not valid JSON ({e}); re-export the student") from e
 
 
 def step_kwargs(pipe: Any, steps: int) -> dict[str, Any]:

@@ -7,12 +7,16 @@ downloaded here), writes a pipeline YAML for it, and measures each variant with 
 (one process per variant, so each peak memory is its own). Usage, on a GPU machine::
 
     python -m stepdistill.eval.gpu_scale --out runs/gpu-scale            # dmd2: +/- gradient checkpointing, +/- LoRA
+    python -m stepdistill.eval.gpu_scale --recipe training/sid-lsg.yaml --out runs/gpu-scale-sid   # SiD-LSG
+
+Without a CUDA GPU it stops at once with one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every width (tests only)")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run without a CUDA GPU (tests only: an SD1.5-sized step on a CPU takes hours)")
     args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("gpu_scale: error: no CUDA GPU is visible (torch.cuda.is_available() is False); this benchmark "
+              "measures an SD1.5-sized training step in bf16 and only means something on a GPU. Run it on a GPU "
+              "machine (pass --allow-cpu to force it, for tests)", file=sys.stderr)
+        return 2
     run_gpu_scale(args.out, args.recipe, args.steps, args.warmup, args.batch_size, args.resolution, args.scale)
     return 0
 

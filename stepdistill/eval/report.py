@@ -44,6 +44,11 @@ def _fmt(value: Any, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _spread_text(lat: dict) -> str:
+    spread = lat.get("batchN_spread")
+    return "" if spread is None else f" ±{50 * spread:.0f}%"
+
+
 def markdown_table(entries: list[dict]) -> str:
     features = entries[0].get("fid_features", "toy") if entries else "toy"
     fid_name = "FID_toy" if features == "toy" else f"FID ({features})"
@@ -57,10 +62,46 @@ def markdown_table(entries: list[dict]) -> str:
         lines.append(
             f"| {e['name']} | {e['role']} | {e['steps']} | {e['guidance']:g} | {e['nfe']} | {_fmt(e.get('fid'), '.2f')} "
             f"| {_fmt(e.get('adherence'), '.3f')} | {_fmt(e.get('adherence_all'), '.3f')} | {_fmt(e.get('diversity'), '.4f')} "
-            f"| {cov_s} | {_fmt(lat.get('batch1'), '.1f')} | {_fmt(lat.get('batchN'), '.2f')} (n={lat.get('n', '—')}) "
+            f"| {cov_s} | {_fmt(lat.get('batch1'), '.1f')} | {_fmt(lat.get('batchN'), '.2f')}{_spread_text(lat)} "
+            f"(n={lat.get('n', '—')}) "
             f"| {e['num_samples']} |"
         )
     return "\n".join(lines)
+
+
+#: a speed-up whose timed repeats spread by more than this (max − min over median) is marked unreliable
+SPREAD_LIMIT = 0.10
+
+
+def _spread_range(e: dict) -> tuple[float, float] | None:
+    """(min, max) per-image time of an entry's large-batch repeats, when they were recorded."""
+    times = (e.get("latency_ms") or {}).get("batchN_times")
+    return (min(times), max(times)) if times else None
+
+
+def latency_warnings(student: dict, reference: dict, same_nfe: dict | None) -> list[str]:
+    """Why a measured speed-up cannot be trusted (empty when nothing says so):
+
+    - the timed repeats of the student or of the reference teacher spread by more than :data:`SPREAD_LIMIT`;
+    - a physical inconsistency: the teacher at the student's NFE (e.g. 1 step without CFG) runs the same networks as
+      a same-architecture one-step student, so their times must agree within their repeats' spread; when the gap is
+      larger, the machine's load changed between the two measurements."""
+    out = []
+    for who, e in (("student", student), ("reference teacher", reference)):
+        spread = (e.get("latency_ms") or {}).get("batchN_spread")
+        if spread is not None and spread > SPREAD_LIMIT:
+            out.append(f"the {who}'s repeats spread by {100 * spread:.0f}% (> {100 * SPREAD_LIMIT:.0f}%)")
+    if same_nfe is not None and same_nfe is not student:
+        a, b = _spread_range(student), _spread_range(same_nfe)
+        ts = (student.get("latency_ms") or {}).get("batchN")
+        tt = (same_nfe.get("latency_ms") or {}).get("batchN")
+        if a and b and ts and tt:
+            tolerance = (a[1] - a[0]) + (b[1] - b[0]) + 0.02 * max(ts, tt)
+            if abs(ts - tt) > tolerance:
+                out.append(f"the teacher at the student's NFE ({same_nfe['steps']} step(s), w={same_nfe['guidance']:g}) "
+                           f"timed {tt:.2f} ms/img and the student {ts:.2f} ms/img: a gap of {abs(ts - tt):.2f} ms beyond "
+                           f"their repeats' spread ({tolerance:.2f} ms), though both run the same networks")
+    return out
 
 
 def speedups(entries: list[dict]) -> list[dict]:
@@ -87,22 +128,32 @@ def speedups(entries: list[dict]) -> list[dict]:
         measured = lat(ref) / lat(e)
         nfe_ratio = ref["nfe"] / e["nfe"]
         end_to_end = lat(ref) / lat(same_nfe[0]) if same_nfe else None
+        warnings = latency_warnings(e, ref, same_nfe[0] if same_nfe else None)
         rows.append({
             "name": e["name"], "steps": e["steps"], "reference": f"teacher {ref['steps']} steps, w={ref['guidance']:g}",
             "measured": measured, "nfe_ratio": nfe_ratio, "of_nfe_ratio": measured / nfe_ratio,
             "end_to_end_ideal": end_to_end, "of_end_to_end_ideal": measured / end_to_end if end_to_end else None,
+            "reliable": not warnings, "unreliable_because": warnings,
         })
     return rows
 
 
 def speedup_table(rows: list[dict]) -> str:
     lines = ["| student | steps | vs | measured speed-up | ideal: NFE ratio (share reached) "
-             "| ideal: end to end (share reached) |", "|---|---|---|---|---|---|"]
+             "| ideal: end to end (share reached) | trustworthy? |", "|---|---|---|---|---|---|---|"]
+    notes = []
     for r in rows:
         e2e = "—" if r["end_to_end_ideal"] is None else f"{r['end_to_end_ideal']:.1f}× ({r['of_end_to_end_ideal']:.2f})"
+        trust = "yes"
+        if r.get("unreliable_because"):
+            notes.append(f"- **{r['name']} ({r['steps']} step(s)): unreliable** — " + "; ".join(r["unreliable_because"])
+                         + ". Re-measure on an idle machine (`stepdistill bench` re-times every entry).")
+            trust = "**no** (see below)"
+        elif "reliable" not in r:
+            trust = "—"
         lines.append(f"| {r['name']} | {r['steps']} | {r['reference']} | {r['measured']:.1f}× "
-                     f"| {r['nfe_ratio']:.0f}× ({r['of_nfe_ratio']:.2f}) | {e2e} |")
-    return "\n".join(lines)
+                     f"| {r['nfe_ratio']:.0f}× ({r['of_nfe_ratio']:.2f}) | {e2e} | {trust} |")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _reference_teacher(entries: list[dict]) -> dict | None:

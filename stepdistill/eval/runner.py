@@ -524,11 +524,17 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, log: Callable[[str], Non
     configs = suite.configurations()
     device = _resolve_device(suite)
     dtype = getattr(torch, suite.dtype)
+    created = not out.exists()  # a folder this call made is removed again if it fails before generating anything
     out.mkdir(parents=True, exist_ok=True)
     log(f"suite {suite.name!r}: {len(configs)} configuration(s) x {suite.num_samples} samples "
         f"({len(suite.prompts)} prompts x {suite.samples_per_prompt}), metrics {', '.join(suite.metrics)}, "
         f"device {device}, output {out}")
-    metrics = _Metrics(suite, out, device, log)  # fails here, before any generation, if a metric is unavailable
+    try:
+        metrics = _Metrics(suite, out, device, log)  # fails here, before any generation, if a metric is unavailable
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if write_files:
         _retire_report(out)
     status = _Status(out / "run_status.json", suite, len(configs))
@@ -569,7 +575,10 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, log: Callable[[str], Non
         status.end("interrupted", message="interrupted; run the same command again to resume")
         raise
     except BaseException as err:
-        status.end("failed", message=f"{type(err).__name__}: {err}")
+        if created and stats.generated_images == 0 and not entries:  # nothing worth keeping for a resume
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            status.end("failed", message=f"{type(err).__name__}: {err}")
         raise
     finally:
         if previous_handler is not None:

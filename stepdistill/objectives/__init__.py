@@ -8,24 +8,37 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from stepdistill.objectives.base import Batch, Objective, resolve_config
-from stepdistill.objectives.dmd import DMD, RegressionPairs, make_regression_pairs
+from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, resolve_config  # noqa: F401
+from stepdistill.objectives.dmd import DMD
+from stepdistill.objectives.regression import RegressionPairs, make_regression_pairs
 from stepdistill.objectives.dmd2 import DMD2
+from stepdistill.objectives.sid import SiD
 from stepdistill.objectives.vsd import VSD
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "dmd": DMD,
     "dmd2": DMD2,
+    "sid": SiD,
     "vsd": VSD,
 }
 
 
-def build_objective(name: str, teacher, generator, config: Mapping[str, Any] | None = None) -> Objective:
-    """The objective ``name`` for ``teacher``/``generator`` with ``config`` (keys of its ``DEFAULTS``)."""
+def objective_class(name: str) -> type[Objective]:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}")
-    cls = OBJECTIVES[name]
-    resolve_config(name, cls.DEFAULTS, config)  # fail on unknown keys before building any network
+    return OBJECTIVES[name]
+
+
+def check_objective_config(name: str, config: Mapping[str, Any] | None, num_train_timesteps: int = 1000) -> dict[str, Any]:
+    """Validate ``config`` for objective ``name`` without building anything; returns the resolved config.
+    Raises :class:`ObjectiveConfigError` (naming the key) or ValueError (unknown objective)."""
+    return objective_class(name).check_config(config, num_train_timesteps)
+
+
+def build_objective(name: str, teacher, generator, config: Mapping[str, Any] | None = None) -> Objective:
+    """The objective ``name`` for ``teacher``/``generator`` with ``config`` (keys of its ``DEFAULTS``)."""
+    cls = objective_class(name)
+    cls.check_config(config, teacher.schedule.num_train_timesteps)  # fail before building any network
     return cls(teacher, generator, dict(config or {}))
 
 
@@ -41,9 +54,12 @@ __all__ = [
     "Objective",
     "OBJECTIVES",
     "build_objective",
+    "check_objective_config",
+    "ObjectiveConfigError",
     "objective_defaults",
     "DMD",
     "DMD2",
+    "SiD",
     "VSD",
     "RegressionPairs",
     "make_regression_pairs",

@@ -1,4 +1,4 @@
-"""The interface every distillation objective implements, and the pieces the score-distillation objectives share.
+"""The interface every distillation objective implements.
 
 An objective receives the frozen :class:`~stepdistill.teacher.Teacher` and the :class:`~stepdistill.student.Generator`,
 builds its own auxiliary networks (fake score, discriminator head), and returns
@@ -7,25 +7,15 @@ builds its own auxiliary networks (fake score, discriminator head), and returns
 - ``auxiliary_loss(batch) -> (loss, logs)``: backpropagating ``loss`` puts gradient on the auxiliary networks only;
 
 together with ``aux_updates_per_generator_update`` (the "dfake" two time-scale ratio) and
-``auxiliary_parameters()`` (one optimizer per entry). The trainer knows nothing else about an objective.
+``auxiliary_parameters()`` (one optimizer per entry). The trainer knows nothing else about an objective, except the
+optional phase hooks below (which default to "no phases").
 
-Shared helpers (used by DMD, DMD2 and VSD, written once here):
-
-- :func:`surrogate_loss` — ``½·mean((x₀ − sg(x₀ − g))²)``, whose gradient w.r.t. x₀ is exactly ``g / numel`` (the
-  way SwiftBrush, DMD and DMD2 inject a score-difference gradient through autograd);
-- :func:`distribution_matching_gradient` — the DMD/DMD2 normalised gradient
-  ``(p_real − p_fake) / mean_{C,H,W}|p_real|`` with ``p = x₀ − x̂₀`` in float64, NaNs → 0
-  (tianweiy/DMD2 ``main/sd_guidance.py::compute_distribution_matching_loss``);
-- :meth:`Objective.denoising_loss` — the fake score's denoising loss on ``sg(x₀)`` against
-  ``NoiseSchedule.target`` (ε for ε-prediction teachers, v for v-prediction), optionally weighted per sample.
-
-ODE-pair warm-up (``ode_warmup_steps``, DMD and DMD2): the first N generator updates train only a regression of the
-generator's x₀ onto the teacher's deterministic ODE output from the same noise (the precomputed pairs in
-``Batch.ref_*``), with no auxiliary (fake-score / discriminator) updates; distribution matching starts at update N
-with the fake score still equal to its initialisation. DMD2's one-step SDXL recipe warms its generator up on ODE
-pairs this way before distribution matching (Yin et al. 2024, arXiv:2405.14867; ../shared/OBJECTIVES.md). The trainer
-tells the objective which update it is on through :meth:`Objective.set_train_step` and asks
-:meth:`Objective.auxiliary_active` before the auxiliary updates.
+Phase hooks: the trainer calls :meth:`Objective.set_train_step` before each update, asks
+:meth:`Objective.auxiliary_active` before the auxiliary updates and :meth:`Objective.in_ode_warmup` for the
+generator's warm-up learning rate; ``stepdistill distill`` asks :meth:`Objective.needs_regression_pairs` whether to
+make teacher ODE pairs (``Batch.ref_*``). Maths shared by several objectives lives in
+:mod:`stepdistill.objectives.common` (distribution matching, surrogate loss, fake-score initialisation) and
+:mod:`stepdistill.objectives.regression` (ODE pairs, the ODE-pair warm-up).
 
 Test hooks: ``generator_loss``/``auxiliary_loss`` accept keyword-only ``timesteps=`` and ``noise=`` that replace the
 random draws, and :meth:`Objective.generate` (the generator's x₀ for a batch) can be monkeypatched.
@@ -33,15 +23,12 @@ random draws, and :meth:`Objective.generate` (the generator's x₀ for a batch) 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
-from stepdistill.student import add_lora, copy_unet, trainable_parameters  # noqa: F401 (re-exported)
+from stepdistill.student import trainable_parameters  # noqa: F401 (re-exported for the objectives)
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -49,10 +36,11 @@ from stepdistill.student import add_lora, copy_unet, trainable_parameters  # noq
 class Batch:
     """One training batch.
 
-    ``embeds`` must carry ``uncond`` when the objective uses classifier-free guidance. ``real_latents`` (DMD2 GAN) are
+    ``embeds`` must carry ``uncond`` when the objective uses classifier-free guidance. ``real_latents`` (GAN terms) are
     encoded real images; they are discriminated under ``real_embeds`` when given, else under ``embeds`` (then the
-    rows must correspond). ``ref_noise``/``ref_embeds``/``ref_latents`` are DMD's regression pairs (z_ref, c, y_ref).
-    ``real_embeds`` is an optional addition to the contract in docs/CONTRACTS.md (defaults to None).
+    rows must correspond). ``ref_noise``/``ref_embeds``/``ref_latents`` are the teacher's ODE pairs (z_ref, c, y_ref)
+    of :mod:`stepdistill.objectives.regression`. ``real_embeds`` is an optional addition to the contract in
+    docs/CONTRACTS.md (defaults to None).
     """
 
     embeds: Any  # PromptEmbeds
@@ -65,14 +53,23 @@ class Batch:
 
 
 # --- config validation ------------------------------------------------------------------------------------------
+class ObjectiveConfigError(ValueError):
+    """A bad ``objective_config`` value; ``key`` names it (``distill`` adds the recipe file and the override)."""
+
+    def __init__(self, objective: str, key: str, problem: str) -> None:
+        self.objective = objective
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{objective} config {key!r} {problem}")
+
+
 def resolve_config(name: str, defaults: Mapping[str, Any], config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``defaults`` updated by ``config``; an unknown key is a ValueError naming it and the allowed keys."""
+    """``defaults`` updated by ``config``; an unknown key is an error naming it and the allowed keys."""
     config = dict(config or {})
     unknown = [k for k in config if k not in defaults]
     if unknown:
-        raise ValueError(
-            f"unknown config key {unknown[0]!r} for objective {name!r}; allowed keys: {', '.join(sorted(defaults))}"
-        )
+        raise ObjectiveConfigError(name, unknown[0], f"is an unknown config key of objective {name!r}; allowed keys: "
+                                   f"{', '.join(sorted(defaults))}")
     return {**dict(defaults), **config}
 
 
@@ -80,82 +77,34 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _range_text(low: float | None, high: float | None) -> str:
+    """"must be ≥ 1", "must be ≤ 5" or "must lie in [0, 1]"."""
+    if low is not None and high is not None:
+        return f"must lie in [{low}, {high}]"
+    if low is not None:
+        return f"must be ≥ {low}"
+    return f"must be ≤ {high}"
+
+
 def check_number(name: str, key: str, value: Any, low: float | None = None, high: float | None = None) -> None:
     if not _is_number(value):
-        raise ValueError(f"{name} config {key!r} must be a number, got {value!r}")
+        raise ObjectiveConfigError(name, key, f"must be a number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} config {key!r} must lie in [{low}, {high}], got {value!r}")
+        raise ObjectiveConfigError(name, key, f"{_range_text(low, high)}, got {value!r}")
 
 
 def check_int(name: str, key: str, value: Any, low: int | None = None, high: int | None = None, optional: bool = False) -> None:
     if optional and value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} config {key!r} must be an integer{' or null' if optional else ''}, got {value!r}")
+        raise ObjectiveConfigError(name, key, f"must be an integer{' or null' if optional else ''}, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} config {key!r} must lie in [{low}, {high}], got {value!r}")
+        raise ObjectiveConfigError(name, key, f"{_range_text(low, high)}, got {value!r}")
 
 
 def check_bool(name: str, key: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} config {key!r} must be true or false, got {value!r}")
-
-
-# --- shared maths -------------------------------------------------------------------------------------------------
-def surrogate_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``½·MSE(x₀, sg(x₀ − grad))`` (mean over all elements): ∂loss/∂x₀ = grad / x₀.numel()."""
-    target = (x0.detach().double() - grad.detach().double()).float()
-    return 0.5 * F.mse_loss(x0.float(), target, reduction="mean")
-
-
-def distribution_matching_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
-    """DMD/DMD2 gradient on x₀ (float64, no autograd): with ``p_real = x₀ − x̂₀_real`` and ``p_fake = x₀ − x̂₀_fake``,
-    ``(p_real − p_fake) / mean_{C,H,W}|p_real|`` with NaN/inf mapped by ``torch.nan_to_num`` (as the official code).
-
-    Equivalently ``(x̂₀_fake − x̂₀_real) / mean|x₀ − x̂₀_real|`` — DMD's (Yin et al. 2023, eq. 8) normalised
-    ``(μ_fake − μ_real)·w`` with ``w = 1/mean|x₀ − μ_real|``."""
-    with torch.no_grad():
-        x0 = x0.detach().double()
-        p_real = x0 - x0_real.double()
-        p_fake = x0 - x0_fake.double()
-        dims = tuple(range(1, x0.ndim))
-        grad = (p_real - p_fake) / p_real.abs().mean(dim=dims, keepdim=True)
-        return torch.nan_to_num(grad)
-
-
-@contextlib.contextmanager
-def frozen(*modules: torch.nn.Module | None) -> Iterator[None]:
-    """Temporarily set ``requires_grad=False`` on the parameters of ``modules`` that have it, so a forward pass
-    carries gradient to its *inputs* only (e.g. the generator's GAN term through the discriminator)."""
-    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def make_fake_score(
-    teacher, lora_rank: int | None = None, lora_alpha: float | None = None, lora_targets=None
-) -> torch.nn.Module:
-    """A fake-score network initialised from the teacher's UNet: a full trainable float32 copy, or a frozen copy with
-    LoRA adapters (only those trainable). LoRA B matrices start at zero, so both start equal to the teacher."""
-    if lora_rank is None:
-        return copy_unet(teacher.unet, dtype=torch.float32, trainable=True)
-    unet = copy_unet(teacher.unet, dtype=torch.float32, trainable=False)
-    kwargs = {} if lora_targets is None else {"target_modules": list(lora_targets)}
-    add_lora(unet, lora_rank, lora_alpha, **kwargs)
-    unet.train()
-    return unet
-
-
-def cond_only(embeds):
-    """The same prompt embeddings with the *unconditional* rows used as the condition (classifier-free dropout)."""
-    if embeds.uncond is None:
-        raise ValueError("conditioning dropout needs PromptEmbeds.uncond (encode_prompt(..., with_uncond=True))")
-    return dataclasses.replace(embeds, cond=embeds.uncond, cond_added=embeds.uncond_added)
+        raise ObjectiveConfigError(name, key, f"must be true or false, got {value!r}")
 
 
 # --- the interface ------------------------------------------------------------------------------------------------
@@ -168,39 +117,43 @@ class Objective(torch.nn.Module):
 
     name: str = "base"
     DEFAULTS: dict[str, Any] = {"aux_updates_per_generator_update": 1}
+    #: whether the generator loss backpropagates through the frozen teacher's input (its activations are kept;
+    #: gradient checkpointing then covers the teacher too)
+    grad_through_teacher: bool = False
 
     def __init__(self, teacher, generator, config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "teacher", teacher)
         object.__setattr__(self, "generator", generator)
         self.config = resolve_config(self.name, self.DEFAULTS, config)
-        self.validate_config(self.config)
+        self.validate_config(self.config, teacher.schedule.num_train_timesteps)
         self.aux_updates_per_generator_update = int(self.config.get("aux_updates_per_generator_update", 1))
 
     # --- validation -------------------------------------------------------------------------------------------------
-    def validate_config(self, cfg: dict[str, Any]) -> None:
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any] | None, num_train_timesteps: int = 1000) -> dict[str, Any]:
+        """The resolved config (``DEFAULTS`` updated by ``config``) after every check, *without building any network*
+        (``distill`` calls it before a model loads). Raises :class:`ObjectiveConfigError` naming the key."""
+        cfg = resolve_config(cls.name, cls.DEFAULTS, config)
+        cls.validate_config(cfg, num_train_timesteps)
+        return cfg
+
+    @classmethod
+    def validate_config(cls, cfg: dict[str, Any], num_train_timesteps: int = 1000) -> None:
         """Type and range checks; subclasses extend. Errors name the key."""
-        check_int(self.name, "aux_updates_per_generator_update", cfg["aux_updates_per_generator_update"], low=1)
+        check_int(cls.name, "aux_updates_per_generator_update", cfg["aux_updates_per_generator_update"], low=1)
         if "min_t_ratio" in cfg or "max_t_ratio" in cfg:
             lo, hi = cfg.get("min_t_ratio", 0.0), cfg.get("max_t_ratio", 1.0)
-            check_number(self.name, "min_t_ratio", lo, 0.0, 1.0)
-            check_number(self.name, "max_t_ratio", hi, 0.0, 1.0)
+            check_number(cls.name, "min_t_ratio", lo, 0.0, 1.0)
+            check_number(cls.name, "max_t_ratio", hi, 0.0, 1.0)
             if lo > hi:
-                raise ValueError(f"{self.name} config 'min_t_ratio' ({lo}) must not exceed 'max_t_ratio' ({hi})")
-        if "ode_warmup_steps" in cfg:
-            check_int(self.name, "ode_warmup_steps", cfg["ode_warmup_steps"], low=0)
-        if "regression_pairs" in cfg:
-            check_int(self.name, "regression_pairs", cfg["regression_pairs"], low=1, optional=True)
-        if "regression_steps" in cfg:
-            check_int(self.name, "regression_steps", cfg["regression_steps"], low=1)
-        if cfg.get("regression_guidance") is not None:
-            check_number(self.name, "regression_guidance", cfg["regression_guidance"])
+                raise ObjectiveConfigError(cls.name, "min_t_ratio", f"({lo}) must not exceed 'max_t_ratio' ({hi})")
         if "fake_lora_rank" in cfg:
-            check_int(self.name, "fake_lora_rank", cfg["fake_lora_rank"], low=1, optional=True)
+            check_int(cls.name, "fake_lora_rank", cfg["fake_lora_rank"], low=1, optional=True)
         if cfg.get("fake_lora_alpha") is not None:
-            check_number(self.name, "fake_lora_alpha", cfg["fake_lora_alpha"], low=0.0)
+            check_number(cls.name, "fake_lora_alpha", cfg["fake_lora_alpha"], low=0.0)
 
-    # --- training phase ---------------------------------------------------------------------------------------------
+    # --- training phase (defaults: no phases) -----------------------------------------------------------------------
     #: generator updates done before the current one (set by the trainer through :meth:`set_train_step`)
     train_step: int = 0
 
@@ -208,54 +161,29 @@ class Objective(torch.nn.Module):
         """Called by the trainer before each update with the number of generator updates done so far."""
         self.train_step = int(step)
 
-    @property
-    def ode_warmup_steps(self) -> int:
-        return int(self.config.get("ode_warmup_steps") or 0)
-
     def in_ode_warmup(self) -> bool:
-        """True during the first ``ode_warmup_steps`` generator updates (regression on ODE pairs only)."""
-        return self.train_step < self.ode_warmup_steps
+        """Whether this update is in an ODE-pair warm-up (see :class:`~stepdistill.objectives.regression.ODEPairWarmup`)."""
+        return False
 
     def auxiliary_active(self) -> bool:
-        """Whether the trainer should run the auxiliary updates before this generator update (not in the warm-up)."""
-        return not self.in_ode_warmup()
+        """Whether the trainer should run the auxiliary updates before this generator update."""
+        return True
 
     def needs_regression_pairs(self, from_step: int = 0) -> bool:
-        """Whether training from generator update ``from_step`` on (a resumed run starts past 0) needs the teacher's
-        (noise, ODE output) pairs in ``Batch.ref_*``: here only while the ODE-pair warm-up lasts."""
-        return self.ode_warmup_steps > from_step
+        """Whether training from generator update ``from_step`` on needs the teacher's ODE pairs in ``Batch.ref_*``."""
+        return False
 
-    def ode_regression_loss(self, batch: Batch, distance=None, space: str = "latent") -> torch.Tensor:
-        """``distance(G_θ(z_ref, c_ref), y_ref)`` on the precomputed teacher ODE pairs (``Batch.ref_*``); ``distance``
-        defaults to the MSE; ``space="image"`` decodes both sides with ``teacher.decode`` first (gradient through the
-        frozen decoder)."""
-        if batch.ref_noise is None or batch.ref_embeds is None or batch.ref_latents is None:
-            raise ValueError(
-                f"{self.name}: the regression on teacher ODE pairs needs Batch.ref_noise/ref_embeds/ref_latents (see "
-                "stepdistill.objectives.dmd.make_regression_pairs; `stepdistill distill` makes them when the recipe "
-                "asks for them)"
-            )
-        pred = self.generator(batch.ref_noise, batch.ref_embeds, step_index=0)
-        ref = batch.ref_latents.to(pred)
-        if space == "image":
-            pred = self.teacher.decode(pred)
-            if not pred.requires_grad and torch.is_grad_enabled():
-                raise RuntimeError("teacher.decode does not propagate gradients; regression_space 'image' needs it to")
-            with torch.no_grad():
-                ref = self.teacher.decode(ref)
-        if distance is None:
-            return F.mse_loss(pred.float(), ref.float())
-        return distance(pred, ref)
+    @classmethod
+    def real_images_needed(cls, cfg: Mapping[str, Any]) -> bool:
+        """Whether a run with config ``cfg`` needs encoded real images (``Batch.real_latents``, e.g. a GAN term)."""
+        return False
 
-    def regression_distance_and_space(self) -> tuple[Any, str]:
-        """``(distance, space)`` of the regression on ODE pairs: the MSE on latents here; DMD uses its config's."""
-        return None, "latent"
+    def needs_real_images(self) -> bool:
+        return self.real_images_needed(self.config)
 
-    def ode_warmup_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The generator loss during the ODE-pair warm-up: the regression alone."""
-        loss = self.ode_regression_loss(batch, *self.regression_distance_and_space())
-        value = float(loss.detach())
-        return loss, {"loss_reg": value, "loss_generator": value, "ode_warmup": 1.0}
+    def grad_clip_values(self) -> dict[str, float]:
+        """Clip-by-value thresholds per auxiliary parameter group (applied before the norm clipping); none here."""
+        return {}
 
     # --- the contract ---------------------------------------------------------------------------------------------
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -267,7 +195,7 @@ class Objective(torch.nn.Module):
     def auxiliary_loss(self, batch: Batch, **overrides) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    # --- shared machinery -------------------------------------------------------------------------------------------
+    # --- helpers every objective uses -------------------------------------------------------------------------------
     @property
     def schedule(self):
         return self.teacher.schedule
@@ -308,11 +236,11 @@ class Objective(torch.nn.Module):
             return self.teacher.predict(x_t, t, embeds, guidance_scale=guidance_scale)
 
     def score_prediction(self, unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds, guidance_scale: float = 1.0) -> torch.Tensor:
-        """Raw output of an auxiliary score network (autograd follows the caller's grad mode)."""
+        """Raw output of a score network (autograd follows the caller's grad mode)."""
         from stepdistill.teacher import unet_forward
 
         if guidance_scale != 1.0 and embeds.uncond is None:
-            raise ValueError(f"fake guidance scale {guidance_scale} needs unconditional embeddings (PromptEmbeds.uncond)")
+            raise ValueError(f"guidance scale {guidance_scale} needs unconditional embeddings (PromptEmbeds.uncond)")
         return unet_forward(unet, x_t, t, embeds, guidance_scale=guidance_scale)
 
     def denoising_loss(
@@ -323,59 +251,26 @@ class Objective(torch.nn.Module):
         t: torch.Tensor,
         noise: torch.Tensor,
         weight: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Denoising loss of a score network on sg(x₀): mean over elements of ``w_t·(out(x_t, t, c) − target)²`` with
-        ``x_t = a_t·x₀ + σ_t·ε`` and ``target = NoiseSchedule.target(x₀, ε, t)`` (ε for ε-prediction); ``weight`` is
-        an optional per-sample factor (None = 1). Gradient reaches ``unet`` only."""
+        """Denoising loss of a score network on sg(x₀): ``w_t·(out(x_t, t, c) − target)²`` reduced over all elements
+        (``reduction`` "mean", or "sum_per_sample": the sum divided by the batch size), with ``x_t = a_t·x₀ + σ_t·ε``
+        and ``target = NoiseSchedule.target(x₀, ε, t)`` (ε for ε-prediction, v for v-prediction); ``weight`` is an
+        optional per-sample factor (None = 1); ``guidance_scale`` ≠ 1 regresses the network's CFG combination
+        ``out(∅) + w·(out(c) − out(∅))`` onto the target (SiD-LSG's κ₁). Gradient reaches ``unet`` only."""
         x0 = x0.detach()
         x_t = self.schedule.add_noise(x0, noise, t)
-        out = self.score_prediction(unet, x_t, t, embeds, 1.0).float()
+        out = self.score_prediction(unet, x_t, t, embeds, guidance_scale).float()
         target = self.schedule.target(x0.float(), noise.float(), t)
         err = (out - target) ** 2
         if weight is not None:
             err = err * weight.to(err).reshape(-1, *([1] * (err.ndim - 1)))
-        return err.mean()
-
-    def generate_and_match(self, batch: Batch, timesteps=None, noise=None):
-        """The step DMD and DMD2 share: x₀ = G_θ(z, c) with gradient, then :meth:`distribution_matching` against the
-        fake score at t ~ U[min_t_ratio·T, max_t_ratio·T] (or the given ``timesteps``/``noise``).
-        Returns ``(x0, loss_dm, logs)``."""
-        x0 = self.generate(batch, grad=True)
-        n = x0.shape[0]
-        t = self._timesteps_or(timesteps, n, x0.device, lambda: self.sample_timesteps(n, x0.device))
-        eps = torch.randn_like(x0) if noise is None else noise
-        loss, logs = self.distribution_matching(x0, batch.embeds, self.fake_unet, self.config["real_guidance_scale"], t, eps)
-        return x0, loss, logs
-
-    def distribution_matching(
-        self,
-        x0: torch.Tensor,
-        embeds,
-        fake_unet: torch.nn.Module,
-        real_guidance_scale: float,
-        t: torch.Tensor,
-        noise: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """DMD/DMD2 distribution-matching loss: x_t = noise(sg(x₀), t, ε); x̂₀ of the teacher (CFG ``real_guidance_scale``)
-        and of the fake score (no CFG), both converted in float64; gradient :func:`distribution_matching_gradient`;
-        loss :func:`surrogate_loss`. Returns the loss and logs."""
-        with torch.no_grad():
-            x_t = self.schedule.add_noise(x0.detach(), noise.to(x0), t)
-            out_real = self.teacher_prediction(x_t, t, embeds, real_guidance_scale)
-            out_fake = self.score_prediction(fake_unet, x_t, t, embeds, 1.0)
-            x_t64 = x_t.double()
-            x0_real = self.schedule.to_x0(out_real.double(), x_t64, t)
-            x0_fake = self.schedule.to_x0(out_fake.double(), x_t64, t)
-            grad = distribution_matching_gradient(x0, x0_real, x0_fake)
-        loss = surrogate_loss(x0, grad)
-        logs = {
-            "loss_dm": float(loss.detach()),
-            "dm_grad_norm": float(grad.norm()),
-            "dm_t_mean": float(t.float().mean()),
-            "pred_real_x0_std": float(x0_real.std()),
-            "pred_fake_x0_std": float(x0_fake.std()),
-        }
-        return loss, logs
+        if reduction == "mean":
+            return err.mean()
+        if reduction == "sum_per_sample":
+            return err.sum() / err.shape[0]
+        raise ValueError(f"reduction must be 'mean' or 'sum_per_sample', got {reduction!r}")
 
     @staticmethod
     def x0_stats(x0: torch.Tensor) -> dict[str, float]:

@@ -6,11 +6,11 @@ Generator update:
   x₀ = G_θ(z, c); t ~ U{⌊0.02T⌋ … ⌊0.98T⌋}; x_t = a_t·sg(x₀) + σ_t·ε;
   μ_real = x̂₀ of the frozen teacher with CFG ``real_guidance_scale``; μ_fake = x̂₀ of the online fake score (no CFG);
   weight = 1 / mean_{C,H,W}|x₀ − μ_real| (per sample, no grad); grad = (μ_fake − μ_real)·weight;
-  loss_DM = ½·mean((x₀ − sg(x₀ − grad))²)   (shared helper: ``Objective.distribution_matching``)
+  loss_DM = ½·mean((x₀ − sg(x₀ − grad))²)   (shared: ``objectives.common.DistributionMatching``)
   loss_reg = distance(G_θ(z_ref, c_ref), y_ref) on precomputed teacher ODE pairs (``Batch.ref_*``);
   loss = loss_DM + regression_weight·loss_reg, regression_weight = λ_reg = 0.25 (paper).
 Optional ODE-pair warm-up (``ode_warmup_steps``, default 0 = the paper): the first N generator updates use loss_reg
-alone and skip the fake-score updates (see ``stepdistill.objectives.base``).
+alone and skip the fake-score updates (``objectives.regression.ODEPairWarmup``).
 Fake-score update: ε-prediction denoising loss (``NoiseSchedule.target``) on sg(x₀) at t ~ U{0 … T−1}.
 
 Regression distance — honest note: the paper uses LPIPS (VGG features, on decoded images). LPIPS needs pretrained
@@ -21,26 +21,24 @@ one (a class is instantiated without arguments), and ``regression_space: "image"
 ``teacher.decode`` (images in [−1, 1], gradient through the frozen VAE decoder) before measuring. ``"lpips"`` as a bare
 string is rejected with this explanation rather than silently replaced.
 
-The regression pairs come from :func:`make_regression_pairs`: the teacher's deterministic DDIM ODE (η = 0) from
+The regression pairs come from :func:`stepdistill.objectives.regression.make_regression_pairs`: the teacher's deterministic DDIM ODE (η = 0) from
 pure noise z_ref at t = T−1 ("trailing" spacing), returning the x̂₀ of its last step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from stepdistill.objectives.base import (
-    Batch,
-    Objective,
-    check_int,
-    check_number,
-    make_fake_score,
-    trainable_parameters,
+from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_number, trainable_parameters
+from stepdistill.objectives.common import DistributionMatching, make_fake_score
+from stepdistill.objectives.regression import (  # noqa: F401 (RegressionPairs, make_regression_pairs re-exported)
+    ODEPairWarmup,
+    RegressionPairs,
+    make_regression_pairs,
 )
 
 _LPIPS_MESSAGE = (
@@ -84,114 +82,8 @@ def resolve_distance(spec: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.
     raise ValueError(f"dmd config 'regression_distance' must be 'mse', 'l1', a callable or 'module:attr', got {spec!r}")
 
 
-# --- regression pairs ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class RegressionPairs:
-    """DMD's precomputed (z_ref, c_ref, y_ref): ``noise`` (N, C, H, W), ``embeds`` (PromptEmbeds of N rows; CFG rows
-    included when the teacher used guidance) and ``latents`` (N, C, H, W) = the teacher ODE's output from ``noise``."""
-
-    noise: torch.Tensor
-    embeds: Any
-    latents: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.noise.shape[0]
-
-    def select(self, index) -> "RegressionPairs":
-        return RegressionPairs(self.noise[index], self.embeds.select(index), self.latents[index])
-
-    def to(self, device=None, dtype=None) -> "RegressionPairs":
-        return RegressionPairs(
-            self.noise.to(device=device, dtype=dtype),
-            self.embeds.to(device=device, dtype=dtype),
-            self.latents.to(device=device, dtype=dtype),
-        )
-
-
-def ddim_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
-    """"Trailing" DDIM timesteps (Lin et al. 2024): the first is T−1, so the ODE starts from pure noise as G does."""
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must lie in [1, {num_train_timesteps}], got {num_steps}")
-    step = num_train_timesteps / num_steps
-    return [int(round(num_train_timesteps - i * step)) - 1 for i in range(num_steps)]
-
-
-@torch.no_grad()
-def teacher_ode(teacher, noise: torch.Tensor, embeds, num_steps: int, guidance: float) -> torch.Tensor:
-    """Deterministic DDIM (η = 0) with the teacher (CFG ``guidance``) from pure noise: at each step
-    x̂₀ = to_x0(out), ε̂ = to_eps(out), x_{t'} = a_{t'}·x̂₀ + σ_{t'}·ε̂; returns the last step's x̂₀."""
-    schedule = teacher.schedule
-    x = noise
-    ts = ddim_timesteps(schedule.num_train_timesteps, num_steps)
-    x0 = x
-    for i, t in enumerate(ts):
-        t_b = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        out = teacher.predict(x, t_b, embeds, guidance_scale=guidance)
-        x0 = schedule.to_x0(out.double(), x.double(), t_b)
-        if i + 1 < len(ts):
-            eps = schedule.to_eps(out.double(), x.double(), t_b)
-            x = schedule.add_noise(x0, eps, ts[i + 1]).to(noise.dtype)
-    return x0.to(noise.dtype)
-
-
-@torch.no_grad()
-def make_regression_pairs(
-    teacher,
-    prompts: Sequence[str],
-    num_steps: int = 50,
-    guidance: float = 3.0,
-    generator: torch.Generator | None = None,
-    batch_size: int = 16,
-    negative_prompts: Sequence[str] | None = None,
-    progress: bool = False,
-) -> RegressionPairs:
-    """Run the teacher's multi-step deterministic ODE (DDIM, ``num_steps``, CFG ``guidance``) from noise z_ref drawn
-    from ``generator`` for each prompt; returns :class:`RegressionPairs` (z_ref, c_ref, y_ref) on the teacher's
-    device (``progress`` shows a progress bar). The DMD paper generated its pairs with the SD1.5 teacher at guidance 3
-    (PNDM, 50 steps)."""
-    from stepdistill.teacher import PromptEmbeds
-
-    device = next(teacher.unet.parameters()).device
-    dtype = next(teacher.unet.parameters()).dtype
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("make_regression_pairs needs at least one prompt")
-    shape = (len(prompts), *teacher.latent_shape)
-    if generator is None:
-        noise = torch.randn(shape, dtype=torch.float32)
-    else:
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    noise = noise.to(device)
-    with_uncond = guidance != 1.0
-    embeds_parts, latents_parts = [], []
-    starts = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=f"teacher ODE pairs ({num_steps} steps)", unit="batch")
-    for start in starts:
-        chunk = prompts[start : start + batch_size]
-        neg = None if negative_prompts is None else list(negative_prompts[start : start + batch_size])
-        embeds = teacher.encode_prompt(chunk, negative_prompts=neg, with_uncond=with_uncond)
-        z = noise[start : start + len(chunk)]
-        y = teacher_ode(teacher, z.to(dtype), embeds, num_steps, guidance).float()
-        embeds_parts.append(embeds)
-        latents_parts.append(y)
-
-    def cat(name):
-        values = [getattr(e, name) for e in embeds_parts]
-        if values[0] is None:
-            return None
-        if isinstance(values[0], dict):
-            return {k: torch.cat([v[k] for v in values]) for k in values[0]}
-        return torch.cat(values)
-
-    embeds = PromptEmbeds(cond=cat("cond"), uncond=cat("uncond"), cond_added=cat("cond_added"), uncond_added=cat("uncond_added"))
-    return RegressionPairs(noise, embeds, torch.cat(latents_parts))
-
-
 # --- the objective ----------------------------------------------------------------------------------------------------
-class DMD(Objective):
+class DMD(ODEPairWarmup, DistributionMatching, Objective):
     """See the module docstring. Config keys: real_guidance_scale (3.0, the paper's SD1.5 FID model), min_t_ratio
     0.02, max_t_ratio 0.98, aux_updates_per_generator_update 1, fake_lora_rank null / fake_lora_alpha null,
     regression_weight 0.25, regression_distance "mse", regression_space "latent" | "image", regression_pairs (number
@@ -222,12 +114,18 @@ class DMD(Objective):
         self.distance = resolve_distance(cfg["regression_distance"])
         self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"])
 
-    def validate_config(self, cfg) -> None:
-        super().validate_config(cfg)
-        check_number(self.name, "real_guidance_scale", cfg["real_guidance_scale"])
-        check_number(self.name, "regression_weight", cfg["regression_weight"], low=0.0)
+    @classmethod
+    def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
+        super().validate_config(cfg, num_train_timesteps)
+        cls.validate_regression_config(cfg)
+        try:
+            resolve_distance(cfg["regression_distance"])
+        except ValueError as e:
+            raise ObjectiveConfigError("dmd", "regression_distance", str(e).split("regression_distance' ", 1)[-1]) from None
+        check_number(cls.name, "real_guidance_scale", cfg["real_guidance_scale"])
+        check_number(cls.name, "regression_weight", cfg["regression_weight"], low=0.0)
         if cfg["regression_space"] not in ("latent", "image"):
-            raise ValueError(f"dmd config 'regression_space' must be 'latent' or 'image', got {cfg['regression_space']!r}")
+            raise ObjectiveConfigError("dmd", "regression_space", f"must be 'latent' or 'image', got {cfg['regression_space']!r}")
 
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"fake_score": trainable_parameters(self.fake_unet)}

@@ -34,16 +34,9 @@ from __future__ import annotations
 
 import torch
 
-from stepdistill.objectives.base import (
-    Batch,
-    Objective,
-    check_bool,
-    check_int,
-    check_number,
-    frozen,
-    make_fake_score,
-    trainable_parameters,
-)
+from stepdistill.objectives.base import Batch, Objective, check_bool, check_int, check_number, trainable_parameters
+from stepdistill.objectives.common import DistributionMatching, frozen, make_fake_score
+from stepdistill.objectives.regression import ODEPairWarmup
 from stepdistill.objectives.gan import (
     ClassifierHead,
     bottleneck_features,
@@ -53,7 +46,7 @@ from stepdistill.objectives.gan import (
 )
 
 
-class DMD2(Objective):
+class DMD2(ODEPairWarmup, DistributionMatching, Objective):
     name = "dmd2"
     DEFAULTS = {
         "real_guidance_scale": 1.75,
@@ -83,15 +76,21 @@ class DMD2(Objective):
             c, h, w = bottleneck_shape(self.fake_unet, tuple(teacher.latent_shape))
             self.cls_head = ClassifierHead(c, h, w)
 
-    def validate_config(self, cfg) -> None:
-        super().validate_config(cfg)
-        check_number(self.name, "real_guidance_scale", cfg["real_guidance_scale"])
-        check_number(self.name, "dm_weight", cfg["dm_weight"], low=0.0)
-        check_bool(self.name, "gan_enabled", cfg["gan_enabled"])
-        check_bool(self.name, "diffusion_gan", cfg["diffusion_gan"])
-        check_number(self.name, "gan_weight", cfg["gan_weight"], low=0.0)
-        check_number(self.name, "gan_disc_weight", cfg["gan_disc_weight"], low=0.0)
-        check_int(self.name, "diffusion_gan_max_t", cfg["diffusion_gan_max_t"], low=1, high=self.schedule.num_train_timesteps)
+    @classmethod
+    def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
+        super().validate_config(cfg, num_train_timesteps)
+        cls.validate_regression_config(cfg)
+        check_number(cls.name, "real_guidance_scale", cfg["real_guidance_scale"])
+        check_number(cls.name, "dm_weight", cfg["dm_weight"], low=0.0)
+        check_bool(cls.name, "gan_enabled", cfg["gan_enabled"])
+        check_bool(cls.name, "diffusion_gan", cfg["diffusion_gan"])
+        check_number(cls.name, "gan_weight", cfg["gan_weight"], low=0.0)
+        check_number(cls.name, "gan_disc_weight", cfg["gan_disc_weight"], low=0.0)
+        check_int(cls.name, "diffusion_gan_max_t", cfg["diffusion_gan_max_t"], low=1, high=num_train_timesteps)
+
+    @classmethod
+    def real_images_needed(cls, cfg) -> bool:
+        return bool(cfg["gan_enabled"])
 
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         params = {"fake_score": trainable_parameters(self.fake_unet)}

@@ -13,7 +13,9 @@ generator ``softplus(−D(fake))``.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,25 @@ def bottleneck_features(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, emb
     finally:
         handle.remove()
     raise RuntimeError("the UNet forward finished without running its mid_block")
+
+
+@contextlib.contextmanager
+def capture_bottleneck(unet: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within the context every forward of ``unet`` appends its ``mid_block`` output to the yielded list (the full
+    forward still runs), so one pass gives both the network's prediction and its bottleneck — as SiDA's
+    ``return_flag='encoder_decoder'`` does."""
+    if getattr(unet, "mid_block", None) is None:
+        raise ValueError("the UNet has no mid_block; the diffusion-GAN discriminator reads the mid-block output")
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = unet.mid_block.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def bottleneck_shape(unet: nn.Module, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -34,15 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from stepdistill.objectives.base import (
-    Batch,
-    Objective,
-    check_number,
-    cond_only,
-    make_fake_score,
-    surrogate_loss,
-    trainable_parameters,
-)
+from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_number, trainable_parameters
+from stepdistill.objectives.common import cond_only, make_fake_score, surrogate_loss
 
 
 class VSD(Objective):
@@ -66,25 +59,26 @@ class VSD(Objective):
         cfg = self.config
         self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"], cfg["fake_lora_targets"])
 
-    def validate_config(self, cfg) -> None:
-        super().validate_config(cfg)
-        check_number(self.name, "real_guidance_scale", cfg["real_guidance_scale"])
+    @classmethod
+    def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
+        super().validate_config(cfg, num_train_timesteps)
+        check_number(cls.name, "real_guidance_scale", cfg["real_guidance_scale"])
         if cfg["fake_guidance_scale"] is not None:
-            check_number(self.name, "fake_guidance_scale", cfg["fake_guidance_scale"])
+            check_number(cls.name, "fake_guidance_scale", cfg["fake_guidance_scale"])
         rng = cfg["guidance_scale_range"]
         if rng is not None:
             if not isinstance(rng, (list, tuple)) or len(rng) != 2:
-                raise ValueError(f"vsd config 'guidance_scale_range' must be [lo, hi] or null, got {rng!r}")
-            check_number(self.name, "guidance_scale_range", rng[0])
-            check_number(self.name, "guidance_scale_range", rng[1])
+                raise ObjectiveConfigError("vsd", "guidance_scale_range", f"must be [lo, hi] or null, got {rng!r}")
+            check_number(cls.name, "guidance_scale_range", rng[0])
+            check_number(cls.name, "guidance_scale_range", rng[1])
             if rng[0] > rng[1]:
-                raise ValueError(f"vsd config 'guidance_scale_range' needs lo <= hi, got {rng!r}")
-        check_number(self.name, "fake_cond_dropout", cfg["fake_cond_dropout"], 0.0, 1.0)
+                raise ObjectiveConfigError("vsd", "guidance_scale_range", f"needs lo <= hi, got {rng!r}")
+        check_number(cls.name, "fake_cond_dropout", cfg["fake_cond_dropout"], 0.0, 1.0)
         if cfg["fake_loss_weighting"] not in ("alpha_sq", "none"):
-            raise ValueError(f"vsd config 'fake_loss_weighting' must be 'alpha_sq' or 'none', got {cfg['fake_loss_weighting']!r}")
+            raise ObjectiveConfigError("vsd", "fake_loss_weighting", f"must be 'alpha_sq' or 'none', got {cfg['fake_loss_weighting']!r}")
         targets = cfg["fake_lora_targets"]
         if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(x, str) for x in targets):
-            raise ValueError(f"vsd config 'fake_lora_targets' must be a non-empty list of module names, got {targets!r}")
+            raise ObjectiveConfigError("vsd", "fake_lora_targets", f"must be a non-empty list of module names, got {targets!r}")
 
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"fake_score": trainable_parameters(self.fake_unet)}

@@ -1,20 +1,25 @@
 """Export a trained student as a plain diffusers pipeline folder (loadable without stepdistill).
 
 The folder holds the teacher's VAE, text encoder(s) and tokenizer(s), the student UNet (LoRA merged into the weights
-for a LoRA student), an ``LCMScheduler`` configured to reproduce the student's sampling, a model card ``README.md``
-and ``stepdistill_export.json``; a LoRA student also gets ``pytorch_lora_weights.safetensors`` for
+for a LoRA student), a scheduler under which the pipeline reproduces the student's sampling exactly, a model card
+``README.md`` and ``stepdistill_export.json``; a LoRA student also gets ``pytorch_lora_weights.safetensors`` for
 ``pipe.load_lora_weights(folder)`` on the teacher pipeline.
 
-Why LCMScheduler: the student maps pure noise at ``t_0`` (e.g. 999) to x₀ and, for several steps, re-noises x₀ to the
-next timestep with *fresh* noise (``x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε``). ``LCMScheduler.step`` computes exactly
-``denoised = c_out·x̂₀ + c_skip·x_t`` and ``prev = √ᾱ_prev·denoised + √(1−ᾱ_prev)·ε_fresh`` (the last step returns
-``denoised``), with ``init_noise_sigma = 1`` and no input scaling. Its boundary-condition scalings use
-``timestep_scaling`` (10 by default, giving c_skip≈2.5e-9 at t=999 but 0.0025 at t=1); the export sets it to 1e4 so
-that c_skip < 1e-8 and c_out = 1 (to float32 precision) for every t ≥ 1, i.e. the scheduler returns the student's x̂₀.
-``original_inference_steps`` is chosen so that ``set_timesteps(len(timesteps))`` yields exactly the student's
-timesteps (``[999]`` for one step, ``[999, 749, 499, 249]`` for four, …); when no value does, the model card tells
-the user to pass ``timesteps=[...]`` to the pipeline call (LCMScheduler accepts custom timesteps). DDIM/Euler
-schedulers do not fit: DDIM re-noises with the predicted ε (deterministic) and Euler integrates an ODE.
+The natural call works: ``pipe(prompt, num_inference_steps=<the student's steps>, guidance_scale=1.0)`` samples at the
+student's own timesteps, because the exported scheduler carries the teacher's noise schedule *truncated after the
+student's first timestep t₀* (``num_train_timesteps = t₀ + 1``; the betas up to t₀ are the teacher's, so ᾱ_t is
+unchanged where the student uses it). A one-step student at t₀ = 399 is then simply the last timestep of that
+schedule. (Setting ``steps_offset`` instead cannot work: StableDiffusionPipeline resets any ``steps_offset`` ≠ 1 at
+load.) ``timesteps=[...]`` keeps working. See :func:`student_scheduler` for the scheduler chosen per student:
+
+- ``LCMScheduler`` for students whose first input is pure noise: ``LCMScheduler.step`` computes
+  ``denoised = c_out·x̂₀ + c_skip·x_t`` and ``prev = √ᾱ_prev·denoised + √(1−ᾱ_prev)·ε_fresh`` (the last step returns
+  ``denoised``), with ``init_noise_sigma = 1`` and no input scaling — the students' re-noising with fresh noise. Its
+  boundary-condition scalings use ``timestep_scaling`` (10 by default, giving c_skip≈2.5e-9 at t=999 but 0.0025 at
+  t=1); the export sets it to 1e4 so that c_skip < 1e-8 and c_out = 1 for every t ≥ 1;
+- ``EulerDiscreteScheduler`` (trailing) for one-step students whose input is σ_{t₀}·z (SiD-LSG);
+- ``ScaledNoiseLCMScheduler`` (``scheduling_scaled_lcm.py``, shipped in the folder; ``trust_remote_code=True``) for
+  few-step students whose first input is σ_{t₀}·z.
 
 Guidance: the student already embeds the teacher's guidance; call the pipeline with ``guidance_scale=1.0`` (in
 diffusers' SD/SDXL pipelines ``guidance_scale <= 1`` disables classifier-free guidance: one UNet pass per step).
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -39,15 +45,6 @@ logger = logging.getLogger(__name__)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 EXPORT_INFO_FILE = "stepdistill_export.json"
 TIMESTEP_SCALING = 10_000.0
-_SCHEDULE_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "prediction_type",
-    "rescale_betas_zero_snr",
-)
 
 
 class ExportError(RuntimeError):
@@ -55,35 +52,86 @@ class ExportError(RuntimeError):
 
 
 # --- scheduler ----------------------------------------------------------------------------------------------------
-def student_scheduler(teacher_scheduler_config: Mapping[str, Any], timesteps: list[int]):
-    """An ``LCMScheduler`` with the teacher's noise schedule that reproduces ``timesteps``; returns
-    ``(scheduler, reproduces_default_call)`` where the flag says whether ``set_timesteps(len(timesteps))`` alone
-    gives the student's timesteps (else pass ``timesteps=`` to the pipeline)."""
-    from diffusers import LCMScheduler
+SCALED_LCM_MODULE = "scheduling_scaled_lcm"
+SCALED_LCM_CLASS = "ScaledNoiseLCMScheduler"
 
-    cfg = {k: teacher_scheduler_config[k] for k in _SCHEDULE_KEYS if k in teacher_scheduler_config}
-    if cfg.get("trained_betas") is not None:
-        cfg["trained_betas"] = list(cfg["trained_betas"])
+
+@dataclasses.dataclass
+class SchedulerPlan:
+    """The exported scheduler and how the student is called: ``default_call_ok`` says whether
+    ``num_inference_steps=len(timesteps)`` reproduces the student's timesteps (``timesteps=[...]`` always does);
+    ``custom_module`` names the scheduler file shipped in ``scheduler/`` (loading then needs
+    ``trust_remote_code=True``), None for a stock diffusers scheduler."""
+
+    scheduler: Any
+    default_call_ok: bool
+    custom_module: str | None = None
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return self.custom_module is not None
+
+
+def _truncated_betas(teacher_scheduler: Any, num_train_timesteps: int) -> list[float]:
+    """The teacher's betas for t = 0 … num_train_timesteps − 1 (float32 values, so ᾱ_t is bit-identical)."""
+    betas = getattr(teacher_scheduler, "betas", None)
+    if betas is None:
+        ac = teacher_scheduler.alphas_cumprod.double()
+        betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+    return [float(b) for b in betas.float()[:num_train_timesteps]]
+
+
+def student_scheduler(teacher_scheduler: Any, timesteps: list[int], scaled_input_noise: bool = False) -> SchedulerPlan:
+    """A scheduler with the teacher's noise schedule *truncated after t₀ = timesteps[0]* (``num_train_timesteps``
+    = t₀ + 1, the teacher's betas up to t₀: ᾱ_t unchanged for t ≤ t₀), under which the pipeline reproduces the
+    student's sampler exactly:
+
+    - first input z, re-noising with fresh noise (DMD/DMD2/VSD students): ``LCMScheduler``; ``original_inference_steps``
+      m is the first for which ``set_timesteps(n)`` yields the student's timesteps (its schedule is
+      (1 … m)·⌊(t₀+1)/m⌋ − 1, so t₀ itself is always its last entry: one step at any t₀ works with m = 1); when none
+      does, m = t₀ + 1 (every timestep is on the schedule) and the student is called with ``timesteps=[...]``,
+      which then prints no warning;
+    - first input σ_{t₀}·z (SiD-LSG), one step: ``EulerDiscreteScheduler`` with "trailing" spacing, whose initial
+      noise is ``z·σ_max`` in its variance-exploding space (σ_max = √((1−ᾱ)/ᾱ) at t₀, the `init_noise_sigma` of the
+      trailing/linspace spacings) and whose model input is divided by √(σ²+1): the UNet sees σ_{t₀}·z, and its one
+      Euler step to σ = 0 returns x̂₀ = x − σ·ε̂, the same x̂₀;
+    - first input σ_{t₀}·z, several steps: :class:`ScaledNoiseLCMScheduler` (an LCMScheduler whose initial noise is
+      σ_{t₀}·z), shipped as a file in the folder (load with ``trust_remote_code=True``).
+    """
+    from diffusers import EulerDiscreteScheduler, LCMScheduler
+
+    timesteps = [int(t) for t in timesteps]
     n = len(timesteps)
-    T = int(cfg.get("num_train_timesteps", 1000))
-    # steps_offset is unused by LCMScheduler; 1 keeps the SD pipelines from flagging the config as outdated
-    fixed = dict(timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False, steps_offset=1)
-    probe = LCMScheduler(**cfg, **fixed)
+    T = timesteps[0] + 1
+    config = teacher_scheduler.config
+    base = dict(num_train_timesteps=T, trained_betas=_truncated_betas(teacher_scheduler, T),
+                prediction_type=config.get("prediction_type", "epsilon"), steps_offset=1)
+    if scaled_input_noise and n == 1:
+        scheduler = EulerDiscreteScheduler(**base, timestep_spacing="trailing", interpolation_type="linear",
+                                           use_karras_sigmas=False, final_sigmas_type="zero")
+        scheduler.set_timesteps(1)
+        if [int(t) for t in scheduler.timesteps] != timesteps:
+            raise ExportError(f"EulerDiscreteScheduler does not reproduce {timesteps}: {scheduler.timesteps.tolist()}")
+        return SchedulerPlan(scheduler, default_call_ok=True)
+
+    cls = LCMScheduler
+    if scaled_input_noise:
+        from stepdistill.pipelines.scheduling_scaled_lcm import ScaledNoiseLCMScheduler as cls  # noqa: N813
+    # timestep_scaling: LCM's boundary condition c_skip·x_t + c_out·x̂₀ returns x̂₀ (c_skip < 1e-8 for t ≥ 1)
+    fixed = dict(**base, timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False)
+    probe = cls(**fixed)
     found = None
-    for m in [n] + [m for m in range(n + 1, T + 1) if m != n]:
+    for m in range(n, T + 1):
         try:
             probe.set_timesteps(n, original_inference_steps=m)
         except ValueError:
             continue
-        if [int(t) for t in probe.timesteps] == list(timesteps):
+        if [int(t) for t in probe.timesteps] == timesteps:
             found = m
             break
-    scheduler = LCMScheduler(
-        **cfg,
-        original_inference_steps=found if found is not None else max(50, n),
-        **fixed,
-    )
-    return scheduler, found is not None
+    scheduler = cls(**fixed, original_inference_steps=found if found is not None else T)
+    return SchedulerPlan(scheduler, default_call_ok=found is not None,
+                         custom_module=SCALED_LCM_MODULE if scaled_input_noise else None)
 
 
 # --- UNet ---------------------------------------------------------------------------------------------------------
@@ -157,13 +205,25 @@ def _cast(module: Any, dtype: torch.dtype) -> Any:
 
 
 # --- model card ---------------------------------------------------------------------------------------------------
+def base_model_name(source: str) -> str:
+    """The card's ``base_model``: a Hub-style id is kept; a local path becomes its folder name (never an absolute
+    path of the machine that exported it)."""
+    source = str(source)
+    if not source or source == "toy":
+        return "toy-teacher" if source == "toy" else "unknown"
+    path = Path(source)
+    if path.is_absolute() or path.exists() or source.startswith((".", "~")):
+        return path.name or source
+    return source
+
+
 def _card(
     *,
     folder: str,
     base_model: str,
     method: str,
     timesteps: list[int],
-    default_call_ok: bool,
+    plan: SchedulerPlan,
     lora: bool,
     lora_file: bool,
     ema: bool,
@@ -171,11 +231,13 @@ def _card(
     prediction_type: str,
     steps_info: Mapping[str, Any],
     example_prompt: str,
+    scaled_input_noise: bool,
 ) -> str:
     import yaml
 
     n = len(timesteps)
-    steps_kw = f"num_inference_steps={n}" if default_call_ok else f"timesteps={timesteps}"
+    sched_name = type(plan.scheduler).__name__
+    steps_kw = f"num_inference_steps={n}" if plan.default_call_ok else f"timesteps={timesteps}"
     tags = ["stepdistill", "text-to-image", "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion",
             "distillation", method, "one-step" if n == 1 else "few-step"]
     if lora:
@@ -189,43 +251,78 @@ def _card(
         "steps": n,
         "timesteps": list(timesteps),
         "guidance_scale": 1.0,
-        "scheduler": "LCMScheduler",
+        "scheduler": sched_name,
+        "trust_remote_code": plan.trust_remote_code,
         "lora": lora,
         "ema": ema,
     }
     if steps_info:
         front["training"] = json.loads(json.dumps(dict(steps_info), default=str))
+    load_kw = ", trust_remote_code=True" if plan.trust_remote_code else ""
     call = f'image = pipe("{example_prompt}", {steps_kw}, guidance_scale=1.0).images[0]'
+    first_input = f"σ_{timesteps[0]}·z (scaled noise)" if scaled_input_noise else "pure noise z"
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
         "---",
         "",
         f"# {method} student of `{base_model}` ({n} step{'s' if n > 1 else ''})",
         "",
         f"A {'one' if n == 1 else f'{n}'}-step text-to-image generator distilled with **{method}** by "
         f"stepdistill from `{base_model}` ({family}, {prediction_type} prediction). "
-        f"It samples at timesteps {timesteps}: the UNet maps pure noise at t={timesteps[0]} to an image latent"
+        f"It samples at timesteps {timesteps}: the UNet maps {first_input} at t={timesteps[0]} to an image latent"
         + (" and, between steps, the prediction is re-noised with fresh noise to the next timestep." if n > 1 else "."),
         "",
         "## Usage",
+        "",
+        "On the CPU:",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{folder}"{load_kw})',
+        call,
+        'image.save("sample.png")',
+        "```",
+        "",
+        "On a GPU:",
         "",
         "```python",
         "import torch",
         "from diffusers import DiffusionPipeline",
         "",
-        f'pipe = DiffusionPipeline.from_pretrained("{folder}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe = DiffusionPipeline.from_pretrained("{folder}", torch_dtype=torch.float16{load_kw}).to("cuda")',
         call,
         "```",
         "",
         "- `guidance_scale=1.0`: the student already embeds the teacher's classifier-free guidance. In diffusers' "
         "Stable Diffusion pipelines a `guidance_scale <= 1` disables CFG (one UNet evaluation per step); a larger "
         "value would apply guidance a second time and double the cost.",
-        "- The scheduler is an `LCMScheduler` with the teacher's noise schedule; "
-        + (f"`num_inference_steps={n}` yields exactly the timesteps {timesteps}."
-           if default_call_ok else f"pass `timesteps={timesteps}` (no `original_inference_steps` reproduces them).")
-        + " Its `timestep_scaling` is set very large so that the boundary condition returns the model's x0 "
-        "prediction unchanged (c_skip = 0, c_out = 1).",
+    ]
+    truncation = (f"The scheduler carries the teacher's noise schedule truncated after t={timesteps[0]} "
+                  f"(`num_train_timesteps: {timesteps[0] + 1}`, the teacher's betas up to that timestep, so every "
+                  "ᾱ_t the student uses is the teacher's)")
+    if sched_name == "EulerDiscreteScheduler":
+        lines.append(
+            f"- {truncation}: an `EulerDiscreteScheduler` with trailing spacing, so `num_inference_steps=1` runs the "
+            f"UNet once at t={timesteps[0]} on σ·z (its initial noise is σ_max·z in its own variance-exploding "
+            "space and its model input is divided by √(σ²+1)) and its single Euler step returns the UNet's x0 "
+            f"prediction. `timesteps={timesteps}` gives the same call.")
+    else:
+        what = ("`ScaledNoiseLCMScheduler`, an `LCMScheduler` whose initial noise is scaled by "
+                f"σ_{timesteps[0]} = √(1 − ᾱ_{timesteps[0]}) (SiD's input convention); its code ships in "
+                "`scheduler/scheduling_scaled_lcm.py`, which is why loading needs `trust_remote_code=True`"
+                if plan.trust_remote_code else "an `LCMScheduler`")
+        lines.append(
+            f"- {truncation}: {what}. "
+            + (f"`num_inference_steps={n}` yields exactly the timesteps {timesteps}; `timesteps={timesteps}` gives the "
+               "same call." if plan.default_call_ok else
+               f"No `num_inference_steps` reproduces {timesteps}: pass `timesteps={timesteps}` (every timestep is on "
+               "its schedule, so the call prints no warning).")
+            + " Its `timestep_scaling` is set very large so that the boundary condition returns the model's x0 "
+            "prediction unchanged (c_skip = 0, c_out = 1).")
+    lines += [
+        "- The recommended call above prints no warning (checked by stepdistill's export test).",
         "- `safety_checker` is not included (`requires_safety_checker: false`).",
     ]
     if lora_file:
@@ -233,13 +330,16 @@ def _card(
             "",
             "## As a LoRA on the base model",
             "",
-            f"`{LORA_WEIGHT_NAME}` holds the student's LoRA adapter (the full pipeline above has it merged):",
+            f"`{LORA_WEIGHT_NAME}` holds the student's LoRA adapter (the full pipeline above has it merged). With your "
+            f"local copy of the base model `{base_model}`:",
             "",
             "```python",
-            "from diffusers import DiffusionPipeline, LCMScheduler",
+            f"from diffusers import DiffusionPipeline, {sched_name}",
             "",
-            f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
-            f'pipe.scheduler = LCMScheduler.from_pretrained("{folder}", subfolder="scheduler")',
+            f'pipe = DiffusionPipeline.from_pretrained("path/to/{base_model}")',
+            (f'pipe.scheduler = {sched_name}.from_pretrained("{folder}", subfolder="scheduler")'
+             if not plan.trust_remote_code else
+             f'pipe.scheduler = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True).scheduler'),
             f'pipe.load_lora_weights("{folder}")',
             call,
             "```",
@@ -248,8 +348,8 @@ def _card(
         "",
         "## Provenance",
         "",
-        f"- method: `{method}`; timesteps: `{timesteps}`; weights: {'EMA' if ema else 'raw (no EMA)'}"
-        + ("; LoRA merged" if lora else "; fully fine-tuned UNet"),
+        f"- method: `{method}`; timesteps: `{timesteps}`; first input: {first_input}; weights: "
+        f"{'EMA' if ema else 'raw (no EMA)'}" + ("; LoRA merged" if lora else "; fully fine-tuned UNet"),
     ]
     for k, v in (steps_info or {}).items():
         lines.append(f"- {k}: `{v}`")
@@ -273,6 +373,30 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def default_example_prompt(teacher) -> str:
+    """A prompt the teacher's text encoder can read: a toy-world prompt for the shipped toy teacher (its tokenizer
+    knows only the toy vocabulary), else a generic one."""
+    from stepdistill.toy.assets import TOY_TEACHER
+
+    source = str(getattr(teacher, "source", ""))
+    if source == "toy" or (source and Path(source).resolve() == Path(TOY_TEACHER).resolve()):
+        from stepdistill.toy import world
+
+        return world.make_prompt("cross", "blue", "large", "white")
+    return "a photograph of an astronaut riding a horse"
+
+
+def _ship_custom_scheduler(folder: Path, module: str, class_name: str) -> None:
+    """Copy the custom scheduler's source into ``folder/scheduler/<module>.py`` and point model_index.json at it,
+    so that diffusers' custom-component loading (``trust_remote_code=True``) finds it without stepdistill."""
+    source = Path(__file__).with_name(f"{module}.py")
+    shutil.copyfile(source, folder / "scheduler" / f"{module}.py")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index["scheduler"] = [module, class_name]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def export_student(
     teacher,
     generator,
@@ -282,7 +406,7 @@ def export_student(
     ema: Any = True,
     *,
     dtype: torch.dtype | None = None,
-    example_prompt: str = "a photograph of an astronaut riding a horse",
+    example_prompt: str | None = None,
 ) -> Path:
     """Write the student as a diffusers pipeline folder at ``out_dir`` (atomically) and return its path.
 
@@ -296,6 +420,8 @@ def export_student(
 
     out_dir = Path(out_dir).expanduser().resolve()
     steps_info = dict(steps_info or {})
+    if example_prompt is None:
+        example_prompt = default_example_prompt(teacher)
     timesteps = [int(t) for t in generator.timesteps]
     if "timesteps" in steps_info and [int(t) for t in steps_info["timesteps"]] != timesteps:
         raise ExportError(f"steps_info timesteps {steps_info['timesteps']} differ from the generator's {timesteps}")
@@ -313,12 +439,16 @@ def export_student(
     unet = generator.unet
     is_lora = bool(getattr(generator, "is_lora", False)) or _has_lora(unet)
 
-    scheduler, default_call_ok = student_scheduler(pipeline.scheduler.config, timesteps)
+    scaled = bool(getattr(generator, "scaled_input_noise", False))
+    plan = student_scheduler(pipeline.scheduler, timesteps, scaled_input_noise=scaled)
+    scheduler = plan.scheduler
     reference = getattr(teacher, "schedule", None)
     if reference is not None:
         ac = scheduler.alphas_cumprod.double()
-        if ac.shape != reference.alphas_cumprod.shape or not torch.allclose(ac, reference.alphas_cumprod, atol=1e-6):
-            raise ExportError("the exported LCMScheduler's alphas_cumprod differ from the teacher's noise schedule")
+        ref = reference.alphas_cumprod[: ac.shape[0]]
+        if ac.shape != ref.shape or not torch.allclose(ac, ref, atol=1e-6):
+            raise ExportError(f"the exported {type(scheduler).__name__}'s alphas_cumprod differ from the teacher's "
+                              "noise schedule")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".tmp_{out_dir.name}_{uuid.uuid4().hex[:8]}")
@@ -345,6 +475,8 @@ def export_student(
                 extra["image_encoder"] = None
             pipe = type(pipeline).from_pipe(pipeline, **components, **extra)
             pipe.save_pretrained(str(tmp), safe_serialization=True)
+            if plan.custom_module is not None:
+                _ship_custom_scheduler(tmp, plan.custom_module, type(scheduler).__name__)
             if lora_layers is not None:
                 kwargs = {"unet_lora_adapter_metadata": lora_meta} if lora_meta else {}
                 type(pipeline).save_lora_weights(
@@ -355,14 +487,17 @@ def export_student(
             "method": method,
             "timesteps": timesteps,
             "steps": len(timesteps),
-            "base_model": str(getattr(teacher, "source", "")),
+            "base_model": base_model_name(str(getattr(teacher, "source", ""))),
             "family": family,
             "prediction_type": getattr(teacher, "prediction_type", pipeline.scheduler.config.get("prediction_type")),
             "lora": is_lora,
             "lora_file": LORA_WEIGHT_NAME if lora_layers is not None else None,
             "ema": use_ema,
             "guidance_scale": 1.0,
-            "num_inference_steps_reproduces_timesteps": default_call_ok,
+            "num_inference_steps_reproduces_timesteps": plan.default_call_ok,
+            "scheduler": type(scheduler).__name__,
+            "scaled_input_noise": scaled,
+            "trust_remote_code": plan.trust_remote_code,
             "dtype": str(dtype).replace("torch.", ""),
             "steps_info": steps_info,
         }
@@ -370,10 +505,11 @@ def export_student(
         (tmp / "README.md").write_text(
             _card(
                 folder=str(out_dir),
-                base_model=str(getattr(teacher, "source", "unknown")),
+                base_model=base_model_name(str(getattr(teacher, "source", ""))),
                 method=method,
                 timesteps=timesteps,
-                default_call_ok=default_call_ok,
+                plan=plan,
+                scaled_input_noise=scaled,
                 lora=is_lora,
                 lora_file=lora_layers is not None,
                 ema=use_ema,

@@ -133,15 +133,76 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when the checkpoint at ``path`` looks loadable, else what is wrong with it: a missing marker, a file the
+    marker lists that is missing or has another size (a truncated write), or — for checkpoints written before file
+    sizes were recorded — a ``trainable_state.pt`` that ``torch.load`` cannot read."""
+    path = Path(path)
+    try:
+        info = read_marker(path)
+    except CheckpointError as e:
+        return str(e)
+    files = info.get("files")
+    if isinstance(files, dict):
+        for rel, size in files.items():
+            f = path / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != int(size):
+                return f"{rel} has {f.stat().st_size} of its {int(size)} bytes (truncated or damaged)"
+        return None
+    state = path / TRAINABLE_STATE_FILE
+    if state.is_file():
+        try:
+            torch.load(state, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means the file cannot be resumed from
+            return f"{TRAINABLE_STATE_FILE} cannot be read ({type(e).__name__})"
+    return None
+
+
+def find_loadable_checkpoint(ckpt_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint under ``ckpt_dir`` that :func:`verify_checkpoint` accepts (the ``latest``
+    pointer first), and the newer ones it skipped with their problems."""
+    ckpt_dir = Path(ckpt_dir)
+    candidates = [p for _, p in reversed(list_checkpoints(ckpt_dir))]
+    pointed = latest_checkpoint(ckpt_dir)
+    if pointed is not None and pointed in candidates:
+        candidates.remove(pointed)
+        candidates.insert(0, pointed)
+    skipped = []
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
 def find_resume_checkpoint(ckpt_dir: str | Path, resume: str | Path) -> Path | None:
     """The checkpoint a run whose checkpoints live in ``ckpt_dir`` resumes from: ``"latest"`` -> the newest complete
-    one there (None when there is none); a bare name such as ``"step_000600"`` -> that checkpoint of this run; any
-    other path -> :func:`resolve_checkpoint` (a checkpoint, checkpoints or run folder)."""
+    *loadable* one there (a damaged newer one is skipped with a warning; None when there is none); a bare name such as
+    ``"step_000600"`` -> that checkpoint of this run; any other path -> :func:`resolve_checkpoint` (a checkpoint,
+    checkpoints or run folder). A named checkpoint that does not exist or is damaged is a :class:`CheckpointError`."""
+    import logging
+
     ckpt_dir = Path(ckpt_dir)
     if str(resume) == "latest":
-        return latest_checkpoint(ckpt_dir)
+        path, skipped = find_loadable_checkpoint(ckpt_dir)
+        for bad, problem in skipped:
+            logging.getLogger(__name__).warning("checkpoint %s is damaged (%s); %s", bad.name, problem,
+                                                f"using {path.name} instead" if path else "no other checkpoint")
+        return path
     named = ckpt_dir / str(resume)
-    return resolve_checkpoint(named if not Path(resume).exists() and named.is_dir() else resume)
+    if not Path(resume).exists() and not named.exists():
+        found = ", ".join(p.name for _, p in list_checkpoints(ckpt_dir)) or "none"
+        raise CheckpointError(f"checkpoint {str(resume)!r} not found under {ckpt_dir} (checkpoints there: {found}); "
+                              "pass 'latest', one of those names, or a checkpoint folder")
+    path = resolve_checkpoint(named if not Path(resume).exists() and named.is_dir() else resume)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}; resume from another one (--resume latest "
+                              "picks the newest loadable checkpoint)")
+    return path
 
 
 def prune_checkpoints(root: str | Path, keep: int, protect: str | None = None) -> list[Path]:
@@ -177,6 +238,8 @@ def save_checkpoint(accelerator, root: str | Path, step: int, keep: int, metadat
     if accelerator.is_main_process:
         info = {"step": int(step), "time": time.time(), "num_processes": accelerator.num_processes}
         info.update(dict(metadata or {}))
+        # every file's size, so that a truncated file is found before a resume loads anything (verify_checkpoint)
+        info["files"] = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / MARKER_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
         _fsync_tree(tmp)
         trash = None

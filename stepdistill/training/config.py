@@ -2,7 +2,7 @@
 
 A recipe is a YAML mapping with the sections below; every key is optional except ``objective``::
 
-    generator:        {timesteps: [999], lora_rank: null}
+    generator:        {timesteps: [999], lora_rank: null, scaled_input_noise: false}
     optimizer:        {generator_lr: 1.0e-5, aux_lr: 1.0e-5, betas: [0.9, 0.999], weight_decay: 0.01, eps: 1.0e-8,
                        warmup_generator_lr: null}
     train:            {batch_size: 4, max_steps: 1000, grad_accum: 1, grad_clip: 1.0, mixed_precision: "no",
@@ -56,6 +56,7 @@ class ConfigError(ValueError):
 class GeneratorConfig:
     timesteps: list[int] = field(default_factory=lambda: [999])
     lora_rank: int | None = None
+    scaled_input_noise: bool = False  # first step's input σ_{t0}·z instead of z (SiD-LSG's SD convention)
 
 
 @dataclass

@@ -3,6 +3,7 @@ into a training run, then export the student as a diffusers pipeline folder (``<
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -91,16 +92,48 @@ def make_sample_fn(teacher, prompts: Sequence[str], seed: int = 1234):
     return sample_fn
 
 
-def _resume_step(out: Path, resume: str | None) -> int:
-    """The generator update a run resumed with ``resume`` ('latest', a checkpoint's name or a path; as the Trainer
-    reads it) starts from; 0 when it starts fresh. Read from the checkpoint's marker before anything is built, so that
-    set-up work only the skipped updates need (the ODE-pair warm-up's teacher pairs) is not done."""
-    from stepdistill.training.checkpoint import find_resume_checkpoint, read_marker
+def teacher_num_train_timesteps(spec: PipelineSpec) -> int:
+    """T of the teacher's noise schedule, read from its scheduler config without loading any model (1000 when the
+    config cannot be found; the teacher load later checks the rest)."""
+    from stepdistill.teacher import _resolve_source
 
-    if not resume:
-        return 0
-    path = find_resume_checkpoint(out / "checkpoints", resume)
-    return 0 if path is None else int(read_marker(path).get("step", 0))
+    source = _resolve_source(spec.teacher)  # a missing teacher path is an error here, before anything is written
+    folder = source if source.is_dir() else (Path(spec.single_file_config) if spec.single_file_config else None)
+    cfg = folder / "scheduler" / "scheduler_config.json" if folder is not None else None
+    if cfg is not None and cfg.is_file():
+        try:
+            return int(json.loads(cfg.read_text(encoding="utf-8")).get("num_train_timesteps", 1000))
+        except (ValueError, TypeError):
+            return 1000
+    return 1000
+
+
+def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[str] = ()):
+    """The pipeline preset, the recipe with its overrides and the objective's config, all checked before any model
+    loads or any file is written; returns ``(spec, config)``. Errors name the file, the key and the override."""
+    from stepdistill.objectives import ObjectiveConfigError, objective_class
+    from stepdistill.training.config import ConfigError, load_recipe
+    from stepdistill.training.runfolder import config_error_from_objective
+
+    spec = load_pipeline_spec(pipeline)
+    config = load_recipe(recipe, overrides)
+    T = teacher_num_train_timesteps(spec)
+    try:
+        cls = objective_class(config.objective)
+    except ValueError as e:
+        raise ConfigError("objective", str(e), str(recipe)) from None
+    try:
+        cfg = cls.check_config(config.objective_config, T)
+    except ObjectiveConfigError as e:
+        raise config_error_from_objective(e, recipe, overrides) from None
+    for i, t in enumerate(config.generator.timesteps):
+        if t >= T:
+            raise ConfigError(f"generator.timesteps[{i}]", f"must be below the teacher's {T} timesteps, got {t}",
+                              str(recipe))
+    if cls.real_images_needed(cfg) and spec.real_images != "toy":
+        raise ValueError(f"{pipeline}: the {config.objective} GAN term needs real images; set real_images: toy "
+                         "(other sources are not supported yet) or objective_config.gan_enabled=false")
+    return spec, config
 
 
 def _build(spec: PipelineSpec, config):
@@ -110,7 +143,8 @@ def _build(spec: PipelineSpec, config):
 
     teacher = Teacher.load(spec.teacher, dtype=DTYPES[spec.dtype], config=spec.single_file_config)
     generator = Generator.from_teacher(teacher, timesteps=tuple(config.generator.timesteps),
-                                       lora_rank=config.generator.lora_rank)
+                                       lora_rank=config.generator.lora_rank,
+                                       scaled_input_noise=config.generator.scaled_input_noise)
     objective = build_objective(config.objective, teacher, generator, config.objective_config)
     return teacher, generator, objective
 
@@ -133,8 +167,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoin
     loaded = trainer.load_checkpoint(checkpoint)
     if loaded is None:
         raise FileNotFoundError(f"no checkpoint {checkpoint!r} under {run / 'checkpoints'}")
+    from stepdistill.training.trainer import load_prompts
+
+    example = load_prompts(config.prompts.source).prompts[0]
     return export_student(teacher, generator, Path(out_dir) if out_dir else run / "student", method=config.objective,
-                          steps_info={"steps": trainer.state.step, "checkpoint": str(loaded)})
+                          steps_info={"steps": trainer.state.step, "checkpoint": loaded.name}, example_prompt=example)
 
 
 def distill(
@@ -144,33 +181,50 @@ def distill(
     overrides: Sequence[str] = (),
     resume: str | None = None,
     export: bool = True,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    dry_run: bool = False,
+    log=print,
 ) -> dict[str, Any]:
-    """Train a student as ``recipe`` says on the teacher ``pipeline`` names; export it to ``<out_dir>/student``."""
+    """Train a student as ``recipe`` says on the teacher ``pipeline`` names; export it to ``<out_dir>/student``.
+
+    Everything is validated first (:func:`validate_run`) and the output folder is checked
+    (:func:`stepdistill.training.runfolder.plan_run`): a fresh run refuses a folder that holds another run unless
+    ``overwrite``; ``resume`` refuses a checkpoint of another configuration unless ``allow_config_change``.
+    ``dry_run`` stops there and returns ``{"dry_run": True, "config": ..., "plan": ...}`` with nothing written."""
     from stepdistill.pipelines.export import export_student
-    from stepdistill.training.config import load_recipe
+    from stepdistill.training.runfolder import plan_run
     from stepdistill.training.trainer import Trainer, build_batch, load_prompts
 
-    spec = load_pipeline_spec(pipeline)
-    config = load_recipe(recipe, overrides)
+    spec, config = validate_run(pipeline, recipe, overrides)
+    prompts = load_prompts(config.prompts.source)
     out = Path(out_dir)
+    plan = plan_run(config, spec, out, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
+    if dry_run:
+        return {"dry_run": True, "config": config.to_dict(), "pipeline": dataclasses.asdict(spec),
+                "fingerprint": plan.fingerprint, "out": str(out),
+                "resume_from": str(plan.resume_from) if plan.resume_from else None, "start_step": plan.start_step,
+                "notes": plan.notes, "remove": [str(p) for p in plan.remove]}
+    for note in plan.notes:
+        log(f"[distill] {note}")
+    plan.apply()
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(Path(pipeline).read_text())
+    plan.write_run_file(recipe, pipeline, overrides)
     t0 = time.time()
     teacher, generator, objective = _build(spec, config)
-    prompts = load_prompts(config.prompts.source)
 
     batch_fn = build_batch
     pairs_seconds = None
-    start_step = _resume_step(out, resume)
-    if objective.needs_regression_pairs(from_step=start_step):
+    if objective.needs_regression_pairs(from_step=plan.start_step):
         from accelerate import PartialState
 
-        from stepdistill.objectives.dmd import make_regression_pairs
+        from stepdistill.objectives.regression import make_regression_pairs
 
         teacher.to(PartialState().device)  # make the pairs on the training device (the Trainer would move it there)
         oc = objective.config
         n_pairs = int(oc["regression_pairs"] or 4 * config.train.batch_size)
-        guidance = oc["regression_guidance"] if oc.get("regression_guidance") is not None else oc["real_guidance_scale"]
+        guidance = objective.pair_guidance()
         pair_prompts = prompts.sample(n_pairs, torch.Generator().manual_seed(config.train.seed + 17))
         t_pairs = time.time()
         pairs = make_regression_pairs(teacher, pair_prompts, num_steps=int(oc["regression_steps"]), guidance=guidance,
@@ -179,19 +233,18 @@ def distill(
         pairs_seconds = round(time.time() - t_pairs, 1)
         batch_fn = with_regression_pairs(pairs, build_batch)
 
-    needs_real = config.objective == "dmd2" and objective.config.get("gan_enabled", False)
-    real_source = None
-    if needs_real:
-        if spec.real_images != "toy":
-            raise ValueError(f"{pipeline}: the DMD2 GAN term needs real images; set real_images: toy (other sources "
-                             "are not supported yet) or objective_config.gan_enabled=false")
-        real_source = toy_real_latents(teacher, config.train.seed)
-
+    real_source = toy_real_latents(teacher, config.train.seed) if objective.needs_real_images() else None
     sample_prompts = prompts.sample(8, torch.Generator().manual_seed(99))
     trainer = Trainer(config, teacher, generator, objective, prompts, out, real_latent_source=real_source,
-                      sample_fn=make_sample_fn(teacher, sample_prompts), batch_fn=batch_fn)
-    summary = trainer.train(resume=resume)
+                      sample_fn=make_sample_fn(teacher, sample_prompts), batch_fn=batch_fn,
+                      run_identity={"fingerprint": plan.fingerprint, "identity": plan.identity},
+                      sample_prompts=sample_prompts)
+    if plan.resume_from is not None:
+        log(f"[distill] resumed from {plan.resume_from.name} (step {plan.start_step}; run fingerprint "
+            f"{plan.fingerprint})")
+    summary = trainer.train(resume=plan.resume_from)
     summary["total_seconds"] = round(time.time() - t0, 1)
+    summary["fingerprint"] = plan.fingerprint
     if pairs_seconds is not None:
         summary["regression_pairs_seconds"] = pairs_seconds
     if export and trainer.accelerator.is_main_process:

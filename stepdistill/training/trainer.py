@@ -251,6 +251,51 @@ def _seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
 
 
+class PhaseETA:
+    """Time left for a run whose first ``warmup`` updates (an ODE-pair warm-up) cost less than the rest: the measured
+    mean time per update of each phase; before the second phase has run, its time per update is the warm-up's times
+    ``cost_ratio`` (the objective's estimate, ``phase_cost_ratio``), and the text says so with a "≈"."""
+
+    def __init__(self, start: int, total: int, warmup: int, cost_ratio: float | None) -> None:
+        self.total, self.warmup = int(total), int(warmup)
+        self.cost_ratio = cost_ratio
+        self.sums = [0.0, 0.0]
+        self.counts = [0, 0]
+        self._skip = [start < warmup, True]  # the first update of a phase includes one-off costs; not measured
+
+    def record(self, step: int, seconds: float) -> None:
+        phase = 0 if step < self.warmup else 1
+        if self._skip[phase]:
+            self._skip[phase] = False
+            return
+        self.sums[phase] += seconds
+        self.counts[phase] += 1
+
+    def seconds_left(self, done: int) -> tuple[float | None, bool]:
+        """(seconds, estimated) for the updates after ``done``; None before anything was measured."""
+        mean = [self.sums[i] / self.counts[i] if self.counts[i] else None for i in (0, 1)]
+        left_w = max(self.warmup - done, 0)
+        left_d = self.total - max(done, self.warmup)
+        estimated = False
+        if left_d > 0 and mean[1] is None:
+            if mean[0] is None or (self.warmup > 0 and self.cost_ratio is None):
+                return None, True
+            mean[1] = mean[0] * (self.cost_ratio if self.warmup > 0 else 1.0)
+            estimated = True
+        if left_w > 0 and mean[0] is None:
+            return None, True
+        return left_w * (mean[0] or 0.0) + left_d * (mean[1] or 0.0), estimated
+
+    def text(self, done: int) -> str:
+        secs, estimated = self.seconds_left(done)
+        if secs is None:
+            return "?"
+        h, rem = divmod(int(round(secs)), 3600)
+        m, sec = divmod(rem, 60)
+        clock = f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+        return ("≈" if estimated else "") + clock
+
+
 # --- the trainer --------------------------------------------------------------------------------------------------
 class Trainer:
     """Train ``generator`` with ``objective`` (see the module docstring).
@@ -279,6 +324,8 @@ class Trainer:
         sample_fn: Callable[[torch.nn.Module, int], Any] | None = None,
         batch_fn: Callable[..., Any] | None = None,
         accelerator=None,
+        run_identity: Mapping[str, Any] | None = None,
+        sample_prompts: Sequence[str] | None = None,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
@@ -296,6 +343,8 @@ class Trainer:
         self.sample_prompts = _as_prompt_sampler(prompt_source)
         self.real_latent_source = real_latent_source
         self.sample_fn = sample_fn
+        self.sample_prompt_list = list(sample_prompts) if sample_prompts is not None else None
+        self.run_identity = dict(run_identity or {})
         self.batch_fn = batch_fn or build_batch
 
         if accelerator is None:
@@ -395,7 +444,9 @@ class Trainer:
         tc = self.config.train
         if tc.gradient_checkpointing:
             enabled = 0
-            for m in self._diffusers_models(include_teacher=False):
+            # an objective that backpropagates through the frozen teacher's input (SiD) checkpoints the teacher too
+            through_teacher = bool(getattr(self.objective, "grad_through_teacher", False))
+            for m in self._diffusers_models(include_teacher=through_teacher):
                 if getattr(m, "_supports_gradient_checkpointing", False):
                     m.enable_gradient_checkpointing()
                     enabled += 1
@@ -461,7 +512,10 @@ class Trainer:
         if scaler is not None:
             for opt in opts.values():
                 scaler.unscale_(opt.optimizer)
+        clip_values = self.objective.grad_clip_values() if hasattr(self.objective, "grad_clip_values") else {}
         for name, params in groups.items():
+            if name in clip_values:  # the objective's clip-by-value (e.g. SiDA's fake score), before the norm clip
+                torch.nn.utils.clip_grad_value_(params, clip_values[name])
             if clip is None:
                 continue
             if scaler is not None:
@@ -525,6 +579,7 @@ class Trainer:
         meta = {
             "objective": getattr(self.objective, "name", type(self.objective).__name__),
             "config": self.config.to_dict(),
+            **self.run_identity,
         }
         self.last_checkpoint = save_checkpoint(
             self.accelerator, self.ckpt_dir, self.state.step, self.config.train.keep_checkpoints, meta
@@ -581,10 +636,20 @@ class Trainer:
                         images["_ema"] = self.sample_fn(gen, step)
         finally:
             gen.train(was_training)
+        pnginfo = None
+        if self.sample_prompt_list is not None:
+            from PIL.PngImagePlugin import PngInfo
+
+            pnginfo = PngInfo()
+            pnginfo.add_text("prompts", "\n".join(self.sample_prompt_list))
+            pnginfo.add_text("step", str(step))
+            listing = "".join(f"{i + 1}. {p}\n" for i, p in enumerate(self.sample_prompt_list))
+            write_text_atomic(out / "prompts.txt", "Sample grids, left to right (the same prompts and noise at "
+                                                   f"every step):\n{listing}")
         for suffix, image in images.items():
             if image is None:
                 continue
-            image.save(out / f"{checkpoint_name(step)}{suffix}.png")
+            image.save(out / f"{checkpoint_name(step)}{suffix}.png", pnginfo=pnginfo)
             try:
                 tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
                 tracker.add_image(f"samples{suffix or '/raw'}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
@@ -616,8 +681,12 @@ class Trainer:
             csv_log = CSVLogger(self.log_dir / "metrics.csv", keep_until_step=start_step if self._resumed_from else None)
         acc.init_trackers("tensorboard", config=_hparams(self.config))
 
+        warmup_steps = int(getattr(self.objective, "ode_warmup_steps", 0) or 0)
+        ratio = getattr(self.objective, "phase_cost_ratio", None)
+        eta = PhaseETA(start_step, tc.max_steps, warmup_steps, ratio() if callable(ratio) else None)
         pbar = tqdm(total=tc.max_steps, initial=start_step, disable=not acc.is_local_main_process,
-                    desc=f"distill[{getattr(self.objective, 'name', 'objective')}]", dynamic_ncols=True)
+                    desc=f"distill[{getattr(self.objective, 'name', 'objective')}]", dynamic_ncols=True,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         t0 = time.perf_counter()
         last_log_t, last_log_step = t0, start_step
         last = {}
@@ -628,6 +697,7 @@ class Trainer:
                     self.objective.set_train_step(self.state.step)
                 self._set_generator_lr()
                 aux_active = getattr(self.objective, "auxiliary_active", None)
+                t_aux = time.perf_counter()
                 if self.aux_opts and (aux_active is None or aux_active()):
                     vals = []
                     for j in range(self.aux_ratio):
@@ -635,12 +705,15 @@ class Trainer:
                         vals.append(loss)
                         aux_logs = logs
                     aux_loss = sum(vals) / len(vals) if vals else None
+                aux_seconds = time.perf_counter() - t_aux
+                t_update = time.perf_counter()
                 gen_loss, gen_logs = self._update("generator", 0)
                 self.state.step += 1
                 if self.ema is not None:
                     self.ema.step()
                 step = self.state.step
-                post = {"gen": f"{gen_loss:.4g}"}
+                eta.record(step - 1, time.perf_counter() - t_update + aux_seconds)
+                post = {"ETA": eta.text(step), "gen": f"{gen_loss:.4g}"}
                 if aux_loss is not None:
                     post["aux"] = f"{aux_loss:.4g}"
                 pbar.set_postfix(post, refresh=False)
@@ -667,8 +740,8 @@ class Trainer:
                         csv_log.log(row)
                     acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
-                if tc.sample_every and step % tc.sample_every == 0:
-                    self._sample()
+                if tc.sample_every and (step % tc.sample_every == 0 or step == tc.max_steps):
+                    self._sample()  # and always the last step, so the grids end where the run ends
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
             if tc.checkpoint_every and self.state.step > start_step and (
