@@ -61,10 +61,7 @@ class DMD2(ODEPairWarmup, DistributionMatching, Objective):
         "gan_disc_weight": 1e-2,
         "diffusion_gan": True,
         "diffusion_gan_max_t": 1000,
-        "ode_warmup_steps": 0,
-        "regression_pairs": None,
-        "regression_steps": 25,
-        "regression_guidance": None,
+        **ODEPairWarmup.REGRESSION_DEFAULTS,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:

@@ -129,8 +129,12 @@ def make_regression_pairs(
 class ODEPairWarmup:
     """Regression on the teacher's ODE pairs (``Batch.ref_*``) and the optional warm-up that uses it alone.
 
-    Config keys it reads (validated by :meth:`validate_regression_config`): ``ode_warmup_steps`` (0 = none),
-    ``regression_pairs``, ``regression_steps``, ``regression_guidance``."""
+    Config keys it reads (validated by :meth:`validate_regression_config`; defaults :data:`REGRESSION_DEFAULTS`, which
+    an objective merges into its own ``DEFAULTS``): ``ode_warmup_steps`` (0 = none), ``regression_pairs`` (null: 4 ×
+    the batch size), ``regression_steps`` (DDIM steps of the teacher ODE), ``regression_guidance`` (its CFG)."""
+
+    REGRESSION_DEFAULTS = {"ode_warmup_steps": 0, "regression_pairs": None, "regression_steps": 25,
+                           "regression_guidance": None}
 
     @classmethod
     def validate_regression_config(cls, cfg) -> None:

@@ -114,10 +114,7 @@ class SiD(ODEPairWarmup, Objective):
         "gan_disc_weight": 1.0,
         "gan_warmup_steps": 0,
         "fake_grad_clip_value": None,
-        "ode_warmup_steps": 0,
-        "regression_pairs": None,
-        "regression_steps": 25,
-        "regression_guidance": None,
+        **ODEPairWarmup.REGRESSION_DEFAULTS,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
