@@ -71,6 +71,7 @@ def test_distill_cost_measures_each_recipe_in_its_own_process(tmp_path, monkeypa
     assert entry["objective"] == "dmd2" and entry["measured_steps"] == 3 and entry["batch_size"] == 2
     assert entry["steps_per_s"] > 0 and entry["seconds_per_step"] == pytest.approx(1 / entry["steps_per_s"])
     assert entry["peak_memory_bytes"] > 50 * 2**20  # a python process with torch loaded is well above 50 MiB
+    assert entry["generator_saved_activation_bytes"] > 0  # the generator step was measured, after the warm-up
     max_steps = load_recipe(recipes[0]).train.max_steps
     assert entry["recipe_max_steps"] == max_steps
     assert entry["projected_full_run_s"] == pytest.approx(entry["setup_s"] + max_steps / entry["steps_per_s"])

@@ -109,6 +109,7 @@ def measure_recipe(
         "process_wall_s": elapsed,
         "peak_memory_bytes": int(summary["peak_memory_bytes"]),
         "peak_memory_source": summary["peak_memory_source"],
+        "generator_saved_activation_bytes": summary.get("generator_saved_activation_bytes", {}).get("main"),
         "device": summary["device"],
         "recipe_max_steps": full_steps,
         "ode_warmup_steps": ode_warmup,
@@ -124,15 +125,20 @@ def _warmup_cell(entry: dict) -> str:
     return f"{entry['ode_warmup_steps']} ({entry['ode_warmup_steps_per_s']:.2f})"
 
 
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.0f}"
+
+
 def markdown_table(entries: list[dict]) -> str:
     head = ("| recipe | objective | batch | fake updates / step | steps/s | s/step | setup (s) | peak memory (MiB) "
-            "| recipe steps | warm-up steps (steps/s) | projected full run |")
+            "| saved activations, generator step (MiB) | recipe steps | warm-up steps (steps/s) | projected full run |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for e in entries:
         lines.append(
             f"| {e['recipe']} | {e['objective']} | {e['batch_size']} | {e['aux_updates_per_generator_update']} "
             f"| {e['steps_per_s']:.3f} | {e['seconds_per_step']:.2f} | {e['setup_s']:.1f} "
-            f"| {e['peak_memory_bytes'] / 2**20:.0f} | {e['recipe_max_steps']} | {_warmup_cell(e)} "
+            f"| {e['peak_memory_bytes'] / 2**20:.0f} | {_mib(e.get('generator_saved_activation_bytes'))} "
+            f"| {e['recipe_max_steps']} | {_warmup_cell(e)} "
             f"| {e['projected_full_run_s'] / 60:.1f} min |"
         )
     return "\n".join(lines)
@@ -190,6 +196,8 @@ def run_distill_cost(
           f"in its own process (checkpoints, sample grids and export off); the rate is measured after {warmup} "
           f"warm-up steps. Peak memory: {entries[0]['peak_memory_source'] if entries else '—'}. The projected full "
           "run is set-up + the recipe's max_steps / rate (with an ODE-pair warm-up: set-up + W / warm-up rate + "
-          "(max_steps − W) / rate).\n\n" + markdown_table(entries) + "\n")
+          "(max_steps − W) / rate). Saved activations: the bytes autograd keeps for the backward pass of one "
+          "generator step after any warm-up (distinct storages, parameters excluded; stepdistill/training/"
+          "activations.py).\n\n" + markdown_table(entries) + "\n")
     atomic_write_text(out / "report.md", md)
     return report

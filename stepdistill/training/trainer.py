@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from stepdistill.training.activations import SavedTensorBytes
 from stepdistill.training.checkpoint import (
     CheckpointError,
     TrainableStateHooks,
@@ -340,6 +341,7 @@ class Trainer:
         self.teacher = teacher
         self.generator = generator
         self.objective = objective
+        self.saved_activation_bytes: dict[str, int] = {}  # per phase, first generator update (see activations.py)
         self.sample_prompts = _as_prompt_sampler(prompt_source)
         self.real_latent_source = real_latent_source
         self.sample_fn = sample_fn
@@ -550,7 +552,13 @@ class Trainer:
         for micro in range(tc.grad_accum):
             batch = self.make_batch(self.state.step, turn, update, micro)
             with acc.accumulate(self.model):
-                loss, logs = self.model(batch, turn)
+                phase = self._activation_phase(turn, micro)
+                if phase is None:
+                    loss, logs = self.model(batch, turn)
+                else:
+                    with SavedTensorBytes(self._frozen_and_trained_modules()) as saved:
+                        loss, logs = self.model(batch, turn)
+                    self.saved_activation_bytes[phase] = saved.bytes
                 self._check_finite(loss, f"the {turn} loss" if turn == "generator" else "the auxiliary loss")
                 acc.backward(loss)
                 if acc.sync_gradients:
@@ -563,6 +571,19 @@ class Trainer:
         n = tc.grad_accum
         logs = {k: (v if k.startswith("grad_norm/") else v / n) for k, v in logs_sum.items()}
         return sum(losses) / len(losses), logs
+
+    def _activation_phase(self, turn: str, micro: int) -> str | None:
+        """The phase ("ode_warmup" or "main") whose generator step is to be measured now, or None: the first
+        micro-batch of the first generator update of each phase is measured (see :mod:`.activations`)."""
+        if turn != "generator" or micro != 0:
+            return None
+        in_warmup = getattr(self.objective, "in_ode_warmup", None)
+        phase = "ode_warmup" if callable(in_warmup) and in_warmup() else "main"
+        return None if phase in self.saved_activation_bytes else phase
+
+    def _frozen_and_trained_modules(self) -> list[torch.nn.Module]:
+        teacher_modules = [m for m in vars(self.teacher).values() if isinstance(m, torch.nn.Module)]
+        return [self.objective, *teacher_modules]
 
     def _set_generator_lr(self) -> None:
         """``optimizer.warmup_generator_lr`` while the objective is in its ODE-pair warm-up, else ``generator_lr``
@@ -763,6 +784,7 @@ class Trainer:
             "steps_per_s": done / wall if wall > 0 else math.nan,
             "peak_memory_bytes": peak,
             "peak_memory_source": peak_source,
+            "generator_saved_activation_bytes": dict(self.saved_activation_bytes),
             "device": str(device),
             "num_processes": acc.num_processes,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
