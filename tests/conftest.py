@@ -9,3 +9,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """The tiny SD-like teacher of tests/tiny_models.py (ε-prediction, seed 0), built once per test module."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_models import make_tiny_sd_pipeline
+
+    from stepdistill.teacher import Teacher
+
+    return Teacher(make_tiny_sd_pipeline(seed=0))

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_models import make_tiny_sd_pipeline  # noqa: E402
-
-from stepdistill.objectives import Batch, build_objective  # noqa: E402
-from stepdistill.student import Generator  # noqa: E402
-from stepdistill.teacher import PromptEmbeds, Teacher  # noqa: E402
-from stepdistill.training.activations import SavedTensorBytes  # noqa: E402
+from stepdistill.objectives import Batch, build_objective
+from stepdistill.student import Generator
+from stepdistill.teacher import PromptEmbeds
+from stepdistill.training.activations import SavedTensorBytes
 
 
 def test_counts_saved_inputs_not_parameters_and_nothing_under_no_grad():
@@ -39,9 +32,8 @@ def test_counts_saved_inputs_not_parameters_and_nothing_under_no_grad():
     assert saved.bytes == h.numel() * 4  # h once; x is saved by nothing (a product with a Python scalar saves no input)
 
 
-def test_sid_generator_step_keeps_more_activations_than_dmd2():
+def test_sid_generator_step_keeps_more_activations_than_dmd2(teacher):
     """SiD differentiates through the teacher's and the fake score's inputs; DMD2 runs both without grad."""
-    teacher = Teacher(make_tiny_sd_pipeline(seed=0))
     g = torch.Generator().manual_seed(0)
     embeds = PromptEmbeds(cond=torch.randn(2, 6, 32, generator=g), uncond=torch.randn(2, 6, 32, generator=g))
     batch = Batch(embeds=embeds, noise=torch.randn(2, 4, 8, 8, generator=g))

@@ -11,28 +11,16 @@ with y_real, y_fake functions of x through x_t = a_t·x + σ_t·ε, so
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_models import make_tiny_sd_pipeline  # noqa: E402
-
-from stepdistill.objectives import Batch, build_objective  # noqa: E402
-from stepdistill.student import Generator  # noqa: E402
-from stepdistill.teacher import PromptEmbeds, Teacher  # noqa: E402
+from stepdistill.objectives import Batch, build_objective
+from stepdistill.student import Generator
+from stepdistill.teacher import PromptEmbeds
 
 B = 3
 T_FIXED = torch.tensor([20, 500, 979])
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return Teacher(make_tiny_sd_pipeline(seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import make_tiny_sd_pipeline  # noqa: E402
 
 from stepdistill.student import Generator, copy_unet  # noqa: E402
-from stepdistill.teacher import PromptEmbeds, Teacher  # noqa: E402
+from stepdistill.teacher import PromptEmbeds  # noqa: E402
 
 B = 2
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return Teacher(make_tiny_sd_pipeline(seed=0))
 
 
 @pytest.fixture(scope="module")
