@@ -114,6 +114,8 @@ def test_objective_config_errors_come_before_any_model_or_file(spec, tmp_path):
         distill(spec, RECIPE, out, overrides=["objective_config.aux_updates_per_generator_update=0"])
     with pytest.raises(ValueError, match="generator.timesteps"):  # beyond the teacher's schedule
         distill(spec, RECIPE, out, overrides=["generator.timesteps=[1200]"])
+    with pytest.raises(ValueError, match="prompts.source.*missing-prompts.txt not found"):
+        distill(spec, RECIPE, out, overrides=["prompts.source=missing-prompts.txt"])
     assert not out.exists()
 
 

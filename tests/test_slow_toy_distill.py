@@ -1,4 +1,4 @@
-"""Slow end-to-end check (``make test-slow``): the default recipe, shortened, really teaches the toy teacher's UNet to
+"""Slow end-to-end check (``make test-slow``): the one-step DMD recipe, shortened, really teaches the toy teacher's UNet to
 generate in one step. Runs ``training/toy-dmd.yaml`` on the shipped toy teacher (ODE pairs, regression warm-up, then
 DMD updates), exports the student and scores it with the toy evaluator against the teacher at the same NFE (one step
 without CFG). About two minutes on 2 CPU cores."""
@@ -20,7 +20,7 @@ pytestmark = [
 ]
 
 
-def test_shortened_default_recipe_beats_the_one_step_teacher(tmp_path):
+def test_shortened_dmd_recipe_beats_the_one_step_teacher(tmp_path):
     from stepdistill.eval.generate import generate, load_pipeline
     from stepdistill.eval.toy_metrics import ToyJudge
     from stepdistill.toy import world

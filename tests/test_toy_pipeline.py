@@ -76,7 +76,8 @@ def test_distill_export_and_plain_diffusers_load(tmp_path):
         distill(bad, REPO / "training" / "toy-dmd2.yaml", tmp_path / "run2")
 
 
-@pytest.mark.parametrize("recipe", ["dmd.yaml", "dmd2.yaml", "vsd.yaml", "toy-dmd.yaml", "toy-dmd2.yaml", "toy-vsd.yaml"])
+@pytest.mark.parametrize("recipe", ["dmd.yaml", "dmd2.yaml", "vsd.yaml", "sid-lsg.yaml", "toy-dmd.yaml", "toy-dmd2.yaml",
+                                    "toy-vsd.yaml", "toy-sid.yaml", "toy-sid-4step.yaml"])
 def test_every_shipped_recipe_runs_a_step(tmp_path, recipe):
     """The SD1.5 and toy recipes run end to end on a tiny teacher (DMD with its regression pairs wired in by run.py)."""
     from tiny_models import make_tiny_sd_pipeline
@@ -91,6 +92,8 @@ def test_every_shipped_recipe_runs_a_step(tmp_path, recipe):
                  "objective_config.aux_updates_per_generator_update=1"]
     if recipe.endswith("vsd.yaml"):
         overrides.append("objective_config.fake_lora_rank=4")
+    if recipe == "sid-lsg.yaml":  # 32 accumulation rounds, and LAION captions this checkout does not ship
+        overrides += ["train.grad_accum=1", "prompts.source=toy"]
     if recipe in ("toy-dmd.yaml", "toy-dmd2.yaml"):  # both warm up on teacher ODE pairs: make only a few
         overrides.append("objective_config.regression_pairs=4")
     if recipe == "toy-dmd2.yaml":  # the tiny teacher has no real-image source for the GAN term
@@ -170,3 +173,30 @@ def test_demo_distillation_line_reports_pairs_and_total():
     assert line == ("660 generator steps: training loop 301 s (2.19 steps/s); teacher ODE pairs 80 s; "
                     "395 s in all with set-up")
     assert "pairs" not in _distill_line({"steps": 3, "wall_time_s": 1.0, "steps_per_s": 3.0})
+
+
+@pytest.mark.skipif(not TOY_EVALUATOR.is_dir(), reason="toy evaluator asset not present")
+def test_demo_evaluates_a_few_step_student_at_its_own_steps(tmp_path):
+    """`stepdistill demo --skip-distill` on a 4-step SiD-style student (the teacher's weights, no training): the student
+    is scored at 4 steps, and the teacher runs at 4 steps without CFG, so the end-to-end latency ideal exists."""
+    from stepdistill.cli import main
+    from stepdistill.pipelines.export import export_student
+    from stepdistill.student import Generator
+    from stepdistill.teacher import Teacher
+    from stepdistill.toy.assets import TOY_TEACHER
+
+    teacher = Teacher.load(TOY_TEACHER)
+    generator = Generator.from_teacher(teacher, timesteps=[599, 449, 299, 149], scaled_input_noise=True)
+    export_student(teacher, generator, tmp_path / "demo" / "student", method="sid", ema=None)
+    assert main(["demo", "--out", str(tmp_path / "x"), "--skip-distill", "--samples-per-prompt", "1"]) == 2
+    assert not (tmp_path / "x").exists()
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--skip-distill", "--samples-per-prompt", "2", "--max-prompts", "8",
+               "--latency-batch", "4", "--latency-repeats", "1", "--latency-warmup", "0"])
+    assert rc == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    configs = {(e["role"], e["steps"], e["guidance"]) for e in report["entries"]}
+    assert ("student", 4, 1.0) in configs and ("teacher", 4, 1.0) in configs and ("teacher", 1, 1.0) not in configs
+    student = next(e for e in report["entries"] if e["role"] == "student")
+    assert student["name"] == "sid" and student["nfe"] == 4 and student["num_samples"] == 16
+    (speedup,) = report["speedups"]
+    assert speedup["end_to_end_ideal"] is not None and speedup["nfe_ratio"] == 25

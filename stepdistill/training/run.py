@@ -130,6 +130,10 @@ def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[s
         if t >= T:
             raise ConfigError(f"generator.timesteps[{i}]", f"must be below the teacher's {T} timesteps, got {t}",
                               str(recipe))
+    source = str(config.prompts.source)
+    if source != "toy" and not Path(source).is_file():
+        raise ConfigError("prompts.source", f"prompt file {source} not found (relative paths are from the current "
+                          "folder); point it at a .txt / .jsonl prompt file or use 'toy'", str(recipe))
     if cls.real_images_needed(cfg) and spec.real_images != "toy":
         raise ValueError(f"{pipeline}: the {config.objective} GAN term needs real images; set real_images: toy "
                          "(other sources are not supported yet) or objective_config.gan_enabled=false")
