@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--guidance", type=float, default=3.0, help="teacher CFG scale")
     d.add_argument("--samples-per-prompt", type=int, default=4,
-                   help="samples for each of the 144 toy prompts (4: 576 per configuration, about 4.5 minutes of "
+                   help="samples for each of the 144 toy prompts (4: 576 per configuration, about 3.7 minutes of "
                         "evaluation on 2 CPU cores; `stepdistill bench --suite eval/toy.yaml` uses 35)")
     d.add_argument("--max-prompts", type=int, default=None,
                    help="evaluate on this many of the 144 toy prompts, evenly spread (a quick look; default: all)")

@@ -199,4 +199,4 @@ def test_demo_evaluates_a_few_step_student_at_its_own_steps(tmp_path):
     student = next(e for e in report["entries"] if e["role"] == "student")
     assert student["name"] == "sid" and student["nfe"] == 4 and student["num_samples"] == 16
     (speedup,) = report["speedups"]
-    assert speedup["end_to_end_ideal"] is not None and speedup["nfe_ratio"] == 25
+    assert speedup["end_to_end_ideal"] is not None and speedup["nfe_ratio"] == 12.5  # vs the 25-step CFG teacher
