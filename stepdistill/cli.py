@@ -141,8 +141,9 @@ def cmd_toy_train_evaluator(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------------------------------------------
-DEMO_TEACHER_STEPS = (1, 4, 25)  # with the demo's CFG scale; 50 steps (41.7 / 0.976 against 25 steps' 42.5 / 0.975 in the
-# demo) would add about 4 minutes on 2 CPU cores and push the demo past its 10-minute budget
+# Teacher steps with the demo's CFG scale. 50 steps (41.7 / 0.976 against 25 steps' 42.5 / 0.975 in the demo) would
+# add about 4 minutes on 2 CPU cores and push the demo past its 10-minute budget.
+DEMO_TEACHER_STEPS = (1, 4, 25)
 # The teacher at the student's NFE (its steps, no CFG) gives the end-to-end ideal speed-up (see eval.report.speedups).
 
 
