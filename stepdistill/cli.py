@@ -154,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from stepdistill.eval.bench import evaluate_configuration
-    from stepdistill.eval.generate import generate, image_grid, load_pipeline, sample_seeds
+    from stepdistill.eval.generate import export_info, generate, image_grid, load_pipeline, sample_seeds
     from stepdistill.eval.report import write_report
     from stepdistill.eval.toy_metrics import ToyJudge
     from stepdistill.toy import world
@@ -205,12 +205,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         grid_rows.append(generate(pipe, grid_prompts, grid_seeds, steps, guidance, progress=False))
         row_names.append(f"{name} {steps} step(s), w={guidance:g}")
 
-    student_info = json.loads((student_dir / "stepdistill_export.json").read_text()) if student_dir.is_dir() else None
-    student_steps = len(student_info["timesteps"]) if student_info else 1
+    student_info = export_info(student_dir) if student_dir.is_dir() else {}
+    student_steps = len(student_info.get("timesteps", ())) or 1
     run(teacher_pipe, "teacher", "teacher", student_steps, 1.0)
     for steps in DEMO_TEACHER_STEPS:
         run(teacher_pipe, "teacher", "teacher", steps, args.guidance)
-    if student_info is not None:
+    if student_dir.is_dir():
         run(load_pipeline(student_dir), student_info.get("method", "student"), "student", student_steps, 1.0)
     grid = image_grid(torch.cat(grid_rows), rows=len(grid_rows), cols=len(grid_prompts), scale=4)
     grid.save(out / "grid.png")

@@ -115,7 +115,7 @@ def test_objective_config_errors_come_before_any_model_or_file(spec, tmp_path):
     with pytest.raises(ValueError, match="generator.timesteps"):  # beyond the teacher's schedule
         distill(spec, RECIPE, out, overrides=["generator.timesteps=[1200]"])
     with pytest.raises(ValueError, match="prompts.source.*missing-prompts.txt not found"):
-        distill(spec, RECIPE, out, overrides=["prompts.source=missing-prompts.txt"])
+        distill(spec, RECIPE, out, overrides=["prompts.source=missing-prompts.txt", "objective_config.gan_enabled=false"])
     assert not out.exists()
 
 

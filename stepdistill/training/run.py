@@ -130,10 +130,6 @@ def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[s
         if t >= T:
             raise ConfigError(f"generator.timesteps[{i}]", f"must be below the teacher's {T} timesteps, got {t}",
                               str(recipe))
-    source = str(config.prompts.source)
-    if source != "toy" and not Path(source).is_file():
-        raise ConfigError("prompts.source", f"prompt file {source} not found (relative paths are from the current "
-                          "folder); point it at a .txt / .jsonl prompt file or use 'toy'", str(recipe))
     if cls.real_images_needed(cfg) and spec.real_images != "toy":
         raise ValueError(f"{pipeline}: the {config.objective} GAN term needs real images; set real_images: toy "
                          "(other sources are not supported yet) or objective_config.gan_enabled=false")
@@ -200,8 +196,13 @@ def distill(
     from stepdistill.training.runfolder import plan_run
     from stepdistill.training.trainer import Trainer, build_batch, load_prompts
 
+    from stepdistill.training.config import ConfigError
+
     spec, config = validate_run(pipeline, recipe, overrides)
-    prompts = load_prompts(config.prompts.source)
+    try:  # read before any model loads or file is written; its errors name the key and the recipe
+        prompts = load_prompts(config.prompts.source)
+    except (OSError, ValueError) as e:
+        raise ConfigError("prompts.source", str(e), str(recipe)) from None
     out = Path(out_dir)
     plan = plan_run(config, spec, out, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     if dry_run:
