@@ -113,6 +113,49 @@ class NoiseSchedule:
             return self.velocity(x0, noise, t)
         return x0
 
+    # --- transitions between two noise levels (Phased DMD's subintervals) ------------------------------------------
+    # ``s=None`` stands for clean data (a_s = 1, σ_s = 0), the end of the last phase.
+    def _alpha_sigma_s(self, s: int | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if s is None:
+            one = torch.ones((), dtype=like.dtype, device=like.device)
+            return one, torch.zeros_like(one)
+        return self.alpha(s, like), self.sigma(s, like)
+
+    def transition(self, t: torch.Tensor | int, s: int | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coefficients of the forward transition from x_s to x_t (t > s): ``x_t = (a_t/a_s)·x_s + σ_{t|s}·ε`` with
+        ``σ²_{t|s} = σ_t² − (a_t/a_s)²·σ_s²``. Returns ``(a_t/a_s, σ_{t|s})`` shaped like ``like``."""
+        a_s, sigma_s = self._alpha_sigma_s(s, like)
+        ratio = self.alpha(t, like) / a_s
+        var = self.sigma(t, like) ** 2 - (ratio * sigma_s) ** 2
+        if (var <= 0).any():
+            raise ValueError(f"transition needs t > s, got t={torch.as_tensor(t).reshape(-1).tolist()[:8]}, s={s}")
+        return ratio, var.sqrt()
+
+    def add_noise_from(self, x_s: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int, s: int | None) -> torch.Tensor:
+        """x_t = (a_t/a_s)·x_s + σ_{t|s}·ε: noising an intermediate state x_s further to t (s=None: clean, = add_noise)."""
+        ratio, sigma_ts = self.transition(t, s, x_s)
+        return ratio * x_s + sigma_ts * noise
+
+    def subinterval_eps_target(self, noise: torch.Tensor, t: torch.Tensor | int, s: int | None) -> torch.Tensor:
+        """The unbiased ε-prediction target for x_t built from x_s by :meth:`add_noise_from` (Phased DMD, Fan et al.
+        2025, "score matching within a subinterval"): ``(σ_t/σ_{t|s})·ε``. Its conditional mean given x_t is
+        ``−σ_t·∇log p_t(x_t)``, the total-noise prediction a score network of the marginal needs; at s = clean it is ε."""
+        _, sigma_ts = self.transition(t, s, noise)
+        return self.sigma(t, noise) / sigma_ts * noise
+
+    def subinterval_weight(self, t: torch.Tensor | int, s: int | None, clamp: float, like: torch.Tensor) -> torch.Tensor:
+        """Loss weight ``min(1/σ²_{t|s}, clamp)·σ²_{t|s} = min(1, clamp·σ²_{t|s})`` of the subinterval denoising loss
+        (the paper clamps 1/σ²_{t|s} on ‖σ_{t|s}(ψ − target)‖², taming the target's 1/σ_{t|s} blow-up as t → s)."""
+        _, sigma_ts = self.transition(t, s, like)
+        return torch.clamp(clamp * sigma_ts ** 2, max=1.0)
+
+    def ddim_step(self, x0: torch.Tensor, eps: torch.Tensor, t_next: int | None) -> torch.Tensor:
+        """Deterministic DDIM transition (Song et al. 2021, η = 0) to ``t_next``: ``a_{t'}·x̂₀ + σ_{t'}·ε̂``;
+        ``t_next=None`` returns x̂₀ (the clean end)."""
+        if t_next is None:
+            return x0
+        return self.alpha(t_next, x0) * x0 + self.sigma(t_next, x0) * eps
+
     # --- timestep samplers -----------------------------------------------------------------------------------------
     def timestep_range(self, min_ratio: float = 0.0, max_ratio: float = 1.0) -> tuple[int, int]:
         """Inclusive integer range [⌊min_ratio·T⌋, ⌊max_ratio·T⌋] clipped to [0, T−1] (DMD2's min/max step percent)."""

@@ -175,10 +175,22 @@ class Generator(torch.nn.Module):
         t = self.timesteps[step_index]
         x_in = self.initial_input(noise) if x_t is None else x_t
         t_batch = torch.full((x_in.shape[0],), t, dtype=torch.long, device=x_in.device)
-        out = unet_forward(self.unet, x_in, t_batch, embeds, guidance_scale=1.0)
+        out = unet_forward(self.unet_for_step(step_index), x_in, t_batch, embeds, guidance_scale=1.0)
         # DMD2 converts to x0 in float64; gradients flow through the casts.
         x0 = self.schedule.to_x0(out.double(), x_in.double(), t_batch)
         return x0.to(x_in.dtype)
+
+    def unet_for_step(self, step_index: int) -> torch.nn.Module:
+        """The network that runs step ``step_index`` (one UNet for every step here; one expert per step in
+        :class:`PhasedGenerator`)."""
+        return self.unet
+
+    def next_input(
+        self, x0: torch.Tensor, x_in: torch.Tensor, step_index: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The input of step ``step_index`` from the previous step's input ``x_in`` and its x₀: DMD2's re-noising
+        with fresh noise (:meth:`renoise`; ``x_in`` is unused here)."""
+        return self.renoise(x0, step_index, generator)
 
     def renoise(self, x0: torch.Tensor, step_index: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """The input of step ``step_index`` built from a previous x₀ with fresh noise: x_t = a_t·x₀ + σ_t·ε."""
@@ -194,7 +206,7 @@ class Generator(torch.nn.Module):
         for i in range(self.num_steps):
             x0 = self(noise, embeds, step_index=i, x_t=x_t)
             if i + 1 < self.num_steps:
-                x_t = self.renoise(x0, i + 1, generator)
+                x_t = self.next_input(x0, x_t, i + 1, generator)
         return x0
 
     def backward_simulate(
@@ -216,5 +228,106 @@ class Generator(torch.nn.Module):
             with torch.no_grad():
                 for i in range(k):
                     x0 = self(noise, embeds, step_index=i, x_t=x_t)
-                    x_t = self.renoise(x0, i + 1, generator)
+                    x_t = self.next_input(x0, x_t, i + 1, generator)
         return x_t.detach(), k
+
+
+class PhasedGenerator(Generator):
+    """Phased DMD's few-step student (Fan et al. 2025, arXiv:2510.27684): one *expert* per SNR phase.
+
+    The noise axis is cut at ``timesteps`` t₀ > t₁ > … > t_{K−1} (the starts of :meth:`NoiseSchedule.snr_phases`) and
+    clean data; expert k maps x_{t_k} to x_{t_{k+1}} (x₀ for the last): it predicts x̂₀ and ε̂ at t_k and takes the
+    deterministic DDIM step ``x_{t_{k+1}} = a_{t_{k+1}}·x̂₀ + σ_{t_{k+1}}·ε̂`` (:meth:`NoiseSchedule.ddim_step`), the
+    ε-prediction counterpart of the paper's flow-matching Euler step. The first input is pure noise z at t₀.
+
+    Experts are full UNet copies (``unet`` is expert 0, ``extra_experts`` the rest) or LoRA adapters
+    ``phase_0 … phase_{K−1}`` on one frozen base (``lora_rank``). Every expert's weights stay trainable (so the
+    optimizer and the checkpoints hold them all); an expert gets gradient only in its own phase, because earlier
+    experts run under ``no_grad`` (:meth:`phase_output`) and later ones do not run.
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[torch.nn.Module],
+        schedule: NoiseSchedule,
+        timesteps: Iterable[int],
+        lora_rank: int | None = None,
+    ) -> None:
+        experts = list(experts)
+        timesteps = [int(t) for t in timesteps]
+        if lora_rank is None and len(experts) != len(timesteps):
+            raise ValueError(f"need one expert per timestep, got {len(experts)} experts for {timesteps}")
+        if lora_rank is not None and len(experts) != 1:
+            raise ValueError("LoRA experts live on one base UNet: pass [base] with adapters phase_0 … phase_{K-1}")
+        super().__init__(experts[0], schedule, timesteps, lora_rank)
+        self.extra_experts = torch.nn.ModuleList(experts[1:])
+
+    @classmethod
+    def from_teacher(  # type: ignore[override]
+        cls,
+        teacher,
+        timesteps: Iterable[int],
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+        dtype: torch.dtype = torch.float32,
+    ) -> "PhasedGenerator":
+        """K experts initialised from ``teacher.unet``: K full copies, or one frozen copy with K LoRA adapters."""
+        timesteps = [int(t) for t in timesteps]
+        if lora_rank is None:
+            experts = [copy_unet(teacher.unet, dtype=dtype, trainable=True) for _ in timesteps]
+        else:
+            base = copy_unet(teacher.unet, dtype=dtype, trainable=False)
+            for k in range(len(timesteps)):
+                add_lora(base, lora_rank, lora_alpha, lora_targets, adapter_name=cls.adapter_name(k))
+            base.train()
+            experts = [base]
+        gen = cls(experts, teacher.schedule, timesteps, lora_rank)
+        gen._all_adapters_trainable()
+        return gen
+
+    @staticmethod
+    def adapter_name(k: int) -> str:
+        return f"phase_{k}"
+
+    def _all_adapters_trainable(self) -> None:
+        if self.is_lora:
+            for name, p in self.unet.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+
+    def expert(self, k: int) -> torch.nn.Module:
+        """Expert ``k``'s network (for LoRA experts: the base with adapter ``phase_k`` active)."""
+        if not 0 <= k < self.num_steps:
+            raise IndexError(f"expert {k} out of range for {self.num_steps} phase(s)")
+        if self.is_lora:
+            self.unet.set_adapter(self.adapter_name(k))
+            self._all_adapters_trainable()  # peft's set_adapter freezes the inactive adapters; keep them all saved
+            return self.unet
+        return self.unet if k == 0 else self.extra_experts[k - 1]
+
+    def unet_for_step(self, step_index: int) -> torch.nn.Module:
+        return self.expert(step_index % self.num_steps)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def boundary(self, k: int) -> int | None:
+        """t_k, the start of phase k; ``None`` (clean data) for k = K, the end of the last phase."""
+        return self.timesteps[k] if k < self.num_steps else None
+
+    def next_input(self, x0, x_in, step_index, generator=None):
+        """DDIM step from the previous boundary to t_{step_index} with the previous expert's own ε̂."""
+        eps = self.schedule.x0_to_eps(x0.double(), x_in.double(), self.timesteps[step_index - 1])
+        return self.schedule.ddim_step(x0.double(), eps, self.boundary(step_index)).to(x0.dtype)
+
+    def phase_output(self, noise: torch.Tensor, embeds, k: int, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_{t_{k+1}}, x̂₀)`` of phase ``k``: experts 0 … k−1 run without gradient from ``noise`` (back-simulation
+        that stops at the phase's start), expert k runs with gradient; ``x_{t_{k+1}}`` is x̂₀ itself in the last
+        phase. ``grad=False`` runs expert k without autograd too (the fake-score update trains on sg(x_s))."""
+        x_in, _ = self.backward_simulate(noise, embeds, k=k)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            x0 = self(noise, embeds, step_index=k, x_t=x_in)
+            if k + 1 == self.num_steps:
+                return x0, x0
+            return self.next_input(x0, x_in, k + 1), x0

@@ -77,7 +77,8 @@ def test_distill_export_and_plain_diffusers_load(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["dmd.yaml", "dmd2.yaml", "vsd.yaml", "sid-lsg.yaml", "toy-dmd.yaml", "toy-dmd2.yaml",
-                                    "toy-vsd.yaml", "toy-sid.yaml", "toy-sid-4step.yaml"])
+                                    "toy-vsd.yaml", "toy-sid.yaml", "toy-sid-4step.yaml", "toy-dmd2-4step.yaml",
+                                    "phased-dmd.yaml", "toy-phased-dmd.yaml"])
 def test_every_shipped_recipe_runs_a_step(tmp_path, recipe):
     """The SD1.5 and toy recipes run end to end on a tiny teacher (DMD with its regression pairs wired in by run.py)."""
     from tiny_models import make_tiny_sd_pipeline
@@ -96,10 +97,14 @@ def test_every_shipped_recipe_runs_a_step(tmp_path, recipe):
         overrides += ["train.grad_accum=1", "prompts.source=toy"]
     if recipe in ("toy-dmd.yaml", "toy-dmd2.yaml"):  # both warm up on teacher ODE pairs: make only a few
         overrides.append("objective_config.regression_pairs=4")
-    if recipe == "toy-dmd2.yaml":  # the tiny teacher has no real-image source for the GAN term
+    if recipe in ("toy-dmd2.yaml", "toy-dmd2-4step.yaml"):  # the tiny teacher has no real images for the GAN term
         overrides.append("objective_config.gan_enabled=false")
+    steps = 1
+    if "phased" in recipe:  # every one of the 4 phases must run: one update each
+        steps = 4
+        overrides += ["train.max_steps=4", "objective_config.updates_per_phase=1"]
     summary = distill(spec, REPO / "training" / recipe, tmp_path / "run", overrides=overrides, export=False)
-    assert summary["steps"] == 1
+    assert summary["steps"] == steps
     rows = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()
     assert len(rows) >= 2 and "loss/generator" in rows[0]
 
@@ -200,3 +205,31 @@ def test_demo_evaluates_a_few_step_student_at_its_own_steps(tmp_path):
     assert student["name"] == "sid" and student["nfe"] == 4 and student["num_samples"] == 16
     (speedup,) = report["speedups"]
     assert speedup["end_to_end_ideal"] is not None and speedup["nfe_ratio"] == 12.5  # vs the 25-step CFG teacher
+
+
+def test_disback_through_distill_records_its_path_in_the_run_folder_and_resumes(tmp_path):
+    """``objective_config.disback=true`` on the DMD recipe: stage 1 runs when distribution matching starts (after the
+    ODE warm-up), its path is in the run folder, and a resumed run reads it instead of recording again."""
+    import json
+
+    from tiny_models import make_tiny_sd_pipeline
+
+    from stepdistill.training.run import distill
+
+    make_tiny_sd_pipeline(tmp_path / "teacher")
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
+                 "objective_config.aux_updates_per_generator_update=1", "objective_config.ode_warmup_steps=1",
+                 "objective_config.regression_pairs=4", "objective_config.regression_steps=2",
+                 "objective_config.disback=true", "objective_config.disback_nodes=2",
+                 "objective_config.disback_record_updates=2", "objective_config.disback_interval=1"]
+    distill(spec, REPO / "training" / "toy-dmd.yaml", tmp_path / "run", overrides=overrides, export=False)
+    manifest = json.loads((tmp_path / "run" / "disback" / "path.json").read_text())
+    assert manifest["complete"] and manifest["files"] == ["node_01.safetensors", "node_02.safetensors"]
+    stamp = (tmp_path / "run" / "disback" / "node_02.safetensors").stat().st_mtime_ns
+    summary = distill(spec, REPO / "training" / "toy-dmd.yaml", tmp_path / "run", resume="latest",
+                      overrides=[o if not o.startswith("train.max_steps") else "train.max_steps=4" for o in overrides],
+                      export=False, allow_config_change=True)
+    assert summary["start_step"] == 3 and summary["steps"] == 4
+    assert (tmp_path / "run" / "disback" / "node_02.safetensors").stat().st_mtime_ns == stamp  # not recorded again

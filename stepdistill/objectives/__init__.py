@@ -12,12 +12,14 @@ from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, 
 from stepdistill.objectives.dmd import DMD
 from stepdistill.objectives.regression import RegressionPairs, make_regression_pairs
 from stepdistill.objectives.dmd2 import DMD2
+from stepdistill.objectives.phased_dmd import PhasedDMD
 from stepdistill.objectives.sid import SiD
 from stepdistill.objectives.vsd import VSD
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "dmd": DMD,
     "dmd2": DMD2,
+    "phased_dmd": PhasedDMD,
     "sid": SiD,
     "vsd": VSD,
 }
@@ -59,6 +61,7 @@ __all__ = [
     "objective_defaults",
     "DMD",
     "DMD2",
+    "PhasedDMD",
     "SiD",
     "VSD",
     "RegressionPairs",

@@ -181,6 +181,22 @@ class Objective(torch.nn.Module):
     def needs_real_images(self) -> bool:
         return self.real_images_needed(self.config)
 
+    def take_auxiliary_reset(self) -> bool:
+        """True once after the objective re-initialised its auxiliary networks (e.g. a new Phased DMD phase): the
+        trainer then clears the auxiliary optimizers' state. Called after :meth:`set_train_step`."""
+        return False
+
+    @classmethod
+    def min_train_steps(cls, cfg: Mapping[str, Any]) -> int:
+        """The fewest generator updates a run with config ``cfg`` needs (``distill`` refuses a shorter
+        ``train.max_steps``); 1 unless the objective has phases that must all run."""
+        return 1
+
+    @classmethod
+    def needs_phase_experts(cls) -> bool:
+        """Whether the generator must hold one expert per step (``generator.experts: true``)."""
+        return False
+
     def grad_clip_values(self) -> dict[str, float]:
         """Clip-by-value thresholds per auxiliary parameter group (applied before the norm clipping); none here."""
         return {}
@@ -232,8 +248,15 @@ class Objective(torch.nn.Module):
                 f"real guidance scale {guidance_scale} needs unconditional embeddings: build the batch with "
                 "teacher.encode_prompt(..., with_uncond=True)"
             )
+        from stepdistill.teacher import unet_forward
+
         with torch.no_grad():
-            return self.teacher.predict(x_t, t, embeds, guidance_scale=guidance_scale)
+            return unet_forward(self.real_score_unet(), x_t, t, embeds, guidance_scale)
+
+    def real_score_unet(self) -> torch.nn.Module:
+        """The network that plays the real score: the frozen teacher's UNet (DisBack moves it along a recorded
+        path, :mod:`stepdistill.objectives.disback`)."""
+        return self.teacher.unet
 
     def score_prediction(self, unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds, guidance_scale: float = 1.0) -> torch.Tensor:
         """Raw output of a score network (autograd follows the caller's grad mode)."""

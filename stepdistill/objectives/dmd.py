@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_number, trainable_parameters
 from stepdistill.objectives.common import DistributionMatching, make_fake_score
+from stepdistill.objectives.disback import DisBackOption
 from stepdistill.objectives.regression import (  # noqa: F401 (RegressionPairs, make_regression_pairs re-exported)
     ODEPairWarmup,
     RegressionPairs,
@@ -83,7 +84,7 @@ def resolve_distance(spec: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.
 
 
 # --- the objective ----------------------------------------------------------------------------------------------------
-class DMD(ODEPairWarmup, DistributionMatching, Objective):
+class DMD(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
     """See the module docstring. Config keys: real_guidance_scale (3.0, the paper's SD1.5 FID model), min_t_ratio
     0.02, max_t_ratio 0.98, aux_updates_per_generator_update 1, fake_lora_rank null / fake_lora_alpha null,
     regression_weight 0.25, regression_distance "mse", regression_space "latent" | "image", regression_pairs (number
@@ -106,6 +107,7 @@ class DMD(ODEPairWarmup, DistributionMatching, Objective):
         "regression_steps": 25,
         "regression_guidance": None,
         "ode_warmup_steps": 0,
+        **DisBackOption.DISBACK_DEFAULTS,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -118,6 +120,7 @@ class DMD(ODEPairWarmup, DistributionMatching, Objective):
     def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
         super().validate_config(cfg, num_train_timesteps)
         cls.validate_regression_config(cfg)
+        cls.validate_disback_config(cfg)
         try:
             resolve_distance(cfg["regression_distance"])
         except ValueError as e:

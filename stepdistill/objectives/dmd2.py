@@ -36,6 +36,7 @@ import torch
 
 from stepdistill.objectives.base import Batch, Objective, check_bool, check_int, check_number, trainable_parameters
 from stepdistill.objectives.common import DistributionMatching, frozen, make_fake_score
+from stepdistill.objectives.disback import DisBackOption
 from stepdistill.objectives.regression import ODEPairWarmup
 from stepdistill.objectives.gan import (
     ClassifierHead,
@@ -46,7 +47,7 @@ from stepdistill.objectives.gan import (
 )
 
 
-class DMD2(ODEPairWarmup, DistributionMatching, Objective):
+class DMD2(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
     name = "dmd2"
     DEFAULTS = {
         "real_guidance_scale": 1.75,
@@ -62,6 +63,7 @@ class DMD2(ODEPairWarmup, DistributionMatching, Objective):
         "diffusion_gan": True,
         "diffusion_gan_max_t": 1000,
         **ODEPairWarmup.REGRESSION_DEFAULTS,
+        **DisBackOption.DISBACK_DEFAULTS,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -77,6 +79,7 @@ class DMD2(ODEPairWarmup, DistributionMatching, Objective):
     def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
         super().validate_config(cfg, num_train_timesteps)
         cls.validate_regression_config(cfg)
+        cls.validate_disback_config(cfg)
         check_number(cls.name, "real_guidance_scale", cfg["real_guidance_scale"])
         check_number(cls.name, "dm_weight", cfg["dm_weight"], low=0.0)
         check_bool(cls.name, "gan_enabled", cfg["gan_enabled"])

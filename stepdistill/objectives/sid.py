@@ -63,6 +63,7 @@ from stepdistill.objectives.base import (
     trainable_parameters,
 )
 from stepdistill.objectives.common import drop_rows, frozen, make_fake_score
+from stepdistill.objectives.disback import DisBackOption
 from stepdistill.objectives.gan import bottleneck_features, capture_bottleneck
 from stepdistill.objectives.regression import ODEPairWarmup
 
@@ -90,7 +91,7 @@ def per_sample_bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return loss.flatten(1).mean(dim=1)
 
 
-class SiD(ODEPairWarmup, Objective):
+class SiD(DisBackOption, ODEPairWarmup, Objective):
     name = "sid"
     grad_through_teacher = True
     DEFAULTS = {
@@ -115,6 +116,7 @@ class SiD(ODEPairWarmup, Objective):
         "gan_warmup_steps": 0,
         "fake_grad_clip_value": None,
         **ODEPairWarmup.REGRESSION_DEFAULTS,
+        **DisBackOption.DISBACK_DEFAULTS,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -128,6 +130,7 @@ class SiD(ODEPairWarmup, Objective):
         super().validate_config(cfg, num_train_timesteps)
         name = cls.name
         cls.validate_regression_config(cfg)
+        cls.validate_disback_config(cfg)
         check_number(name, "alpha", cfg["alpha"])
         T = num_train_timesteps
         check_int(name, "min_t", cfg["min_t"], low=0, high=T - 1)
@@ -253,7 +256,7 @@ class SiD(ODEPairWarmup, Objective):
             y_fake2 = self._x0(self.fake_unet, x_t, t, fake_embeds, k["kappa2"])
             bottleneck = mids[-1] if mids else None
             y_fake3 = y_fake2 if k["kappa3"] == k["kappa2"] else self._x0(self.fake_unet, x_t, t, fake_embeds, k["kappa3"])
-        y_real = self._x0(self.teacher.unet, x_t, t, batch.embeds, k["kappa4"])
+        y_real = self._x0(self.real_score_unet(), x_t, t, batch.embeds, k["kappa4"])
 
         keep = ~(torch.isnan(x) | torch.isnan(y_real) | torch.isnan(y_fake2) | torch.isnan(y_fake3)).flatten(1).any(1)
         per_elem, w = sid_generator_loss(x[keep], y_real[keep], y_fake2[keep], y_fake3[keep], float(cfg["alpha"]))

@@ -36,9 +36,10 @@ import torch
 
 from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_number, trainable_parameters
 from stepdistill.objectives.common import cond_only, make_fake_score, surrogate_loss
+from stepdistill.objectives.disback import DisBackOption
 
 
-class VSD(Objective):
+class VSD(DisBackOption, Objective):
     name = "vsd"
     DEFAULTS = {
         "real_guidance_scale": 4.5,
@@ -52,6 +53,7 @@ class VSD(Objective):
         "fake_lora_targets": ["to_q", "to_v"],
         "fake_cond_dropout": 0.1,
         "fake_loss_weighting": "alpha_sq",
+        **DisBackOption.DISBACK_DEFAULTS,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -62,6 +64,7 @@ class VSD(Objective):
     @classmethod
     def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
         super().validate_config(cfg, num_train_timesteps)
+        cls.validate_disback_config(cfg)
         check_number(cls.name, "real_guidance_scale", cfg["real_guidance_scale"])
         if cfg["fake_guidance_scale"] is not None:
             check_number(cls.name, "fake_guidance_scale", cfg["fake_guidance_scale"])

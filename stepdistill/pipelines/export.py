@@ -418,6 +418,11 @@ def export_student(
     """
     from stepdistill.training.ema import GeneratorEMA, get_ema
 
+    if hasattr(generator, "phase_output"):  # one expert per step: a folder with its own pipeline class
+        from stepdistill.pipelines.export_phased import export_phased_student
+
+        return export_phased_student(teacher, generator, out_dir, method, steps_info, ema, dtype=dtype,
+                                     example_prompt=example_prompt)
     out_dir = Path(out_dir).expanduser().resolve()
     steps_info = dict(steps_info or {})
     if example_prompt is None:

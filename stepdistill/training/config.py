@@ -2,7 +2,8 @@
 
 A recipe is a YAML mapping with the sections below; every key is optional except ``objective``::
 
-    generator:        {timesteps: [999], lora_rank: null, scaled_input_noise: false}
+    generator:        {timesteps: [999], lora_rank: null, lora_alpha: null, scaled_input_noise: false,
+                       experts: false}
     optimizer:        {generator_lr: 1.0e-5, aux_lr: 1.0e-5, betas: [0.9, 0.999], weight_decay: 0.01, eps: 1.0e-8,
                        warmup_generator_lr: null}
     train:            {batch_size: 4, max_steps: 1000, grad_accum: 1, grad_clip: 1.0, mixed_precision: "no",
@@ -56,7 +57,9 @@ class ConfigError(ValueError):
 class GeneratorConfig:
     timesteps: list[int] = field(default_factory=lambda: [999])
     lora_rank: int | None = None
+    lora_alpha: float | None = None  # LoRA scale alpha/rank; null: alpha = rank
     scaled_input_noise: bool = False  # first step's input σ_{t0}·z instead of z (SiD-LSG's SD convention)
+    experts: bool = False  # one expert per step (Phased DMD): full UNet copies, or LoRA adapters with lora_rank
 
 
 @dataclass
@@ -265,6 +268,10 @@ def validate(config: RunConfig, file: str | None = None) -> RunConfig:
             fail(f"generator.timesteps[{i}]", f"timesteps must be strictly decreasing, got {g.timesteps}")
     if g.lora_rank is not None and g.lora_rank < 1:
         fail("generator.lora_rank", f"must be >= 1 (or null for full fine-tuning), got {g.lora_rank}")
+    if g.lora_alpha is not None and not g.lora_alpha > 0:
+        fail("generator.lora_alpha", f"must be > 0 (or null for alpha = rank), got {g.lora_alpha}")
+    if g.experts and g.scaled_input_noise:
+        fail("generator.experts", "phase experts start from pure noise z; set scaled_input_noise: false")
 
     o = config.optimizer
     for name in ("generator_lr", "aux_lr", "eps"):

@@ -126,6 +126,13 @@ def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[s
         cfg = cls.check_config(config.objective_config, T)
     except ObjectiveConfigError as e:
         raise config_error_from_objective(e, recipe, overrides) from None
+    need = cls.min_train_steps(cfg)
+    if config.train.max_steps < need:
+        raise ConfigError("train.max_steps", f"must be at least {need} for {config.objective} with this objective_config "
+                          f"(every phase must run), got {config.train.max_steps}", str(recipe))
+    if cls.needs_phase_experts() != bool(config.generator.experts):
+        want = "true" if cls.needs_phase_experts() else "false"
+        raise ConfigError("generator.experts", f"must be {want} for objective {config.objective}", str(recipe))
     for i, t in enumerate(config.generator.timesteps):
         if t >= T:
             raise ConfigError(f"generator.timesteps[{i}]", f"must be below the teacher's {T} timesteps, got {t}",
@@ -138,13 +145,19 @@ def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[s
 
 def _build(spec: PipelineSpec, config):
     from stepdistill.objectives import build_objective
-    from stepdistill.student import Generator
+    from stepdistill.student import Generator, PhasedGenerator
     from stepdistill.teacher import Teacher
 
     teacher = Teacher.load(spec.teacher, dtype=DTYPES[spec.dtype], config=spec.single_file_config)
-    generator = Generator.from_teacher(teacher, timesteps=tuple(config.generator.timesteps),
-                                       lora_rank=config.generator.lora_rank,
-                                       scaled_input_noise=config.generator.scaled_input_noise)
+    if config.generator.experts:
+        generator = PhasedGenerator.from_teacher(teacher, timesteps=tuple(config.generator.timesteps),
+                                                 lora_rank=config.generator.lora_rank,
+                                                 lora_alpha=config.generator.lora_alpha)
+    else:
+        generator = Generator.from_teacher(teacher, timesteps=tuple(config.generator.timesteps),
+                                           lora_rank=config.generator.lora_rank,
+                                           lora_alpha=config.generator.lora_alpha,
+                                           scaled_input_noise=config.generator.scaled_input_noise)
     objective = build_objective(config.objective, teacher, generator, config.objective_config)
     return teacher, generator, objective
 
@@ -218,6 +231,11 @@ def distill(
     plan.write_run_file(recipe, pipeline, overrides)
     t0 = time.time()
     teacher, generator, objective = _build(spec, config)
+    if getattr(objective, "config", {}).get("disback"):  # DisBack records its degradation path into the run folder
+        def disback_embeds(n: int, rng: torch.Generator):
+            return teacher.encode_prompt(prompts.sample(n, rng), with_uncond=True)
+
+        objective.attach_run(out, disback_embeds, config.train.batch_size, seed=config.train.seed + 23)
 
     batch_fn = build_batch
     pairs_seconds = None

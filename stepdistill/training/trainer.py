@@ -716,6 +716,10 @@ class Trainer:
                 aux_loss, aux_logs = None, {}
                 if hasattr(self.objective, "set_train_step"):
                     self.objective.set_train_step(self.state.step)
+                take_reset = getattr(self.objective, "take_auxiliary_reset", None)
+                if take_reset is not None and take_reset():
+                    for opt in self.aux_opts.values():  # fresh auxiliary networks start with fresh moments
+                        getattr(opt, "optimizer", opt).state.clear()
                 self._set_generator_lr()
                 aux_active = getattr(self.objective, "auxiliary_active", None)
                 t_aux = time.perf_counter()

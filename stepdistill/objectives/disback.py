@@ -1,0 +1,224 @@
+"""DisBack — distribution backtracking (Zhang et al., ICLR 2025, arXiv:2408.15991; repo SYZhang0805/DisBack), an
+option (``disback: true``) of the score-distillation objectives dmd, dmd2, vsd and sid.
+
+Stage 1, degradation recording (:func:`record_degradation_path`): an auxiliary score ψ initialised from the teacher is
+fine-tuned by denoising score matching, ``mean‖ψ(x_t, t, c) − target(x₀, ε, t)‖²`` with x₀ = G₀(z, c) the *frozen
+initial student* and t ~ U{0 … T−1}, for ``disback_record_updates`` updates; its weights after every
+``updates/N``-th update are saved: path = [teacher = ψ₀, ψ₁, …, ψ_N ≈ the score of G₀].
+Stage 2, backtracking: ordinary score distillation whose *real* score is path[i] instead of the teacher (with the
+same CFG), with i = N − 1 for the first ``disback_interval`` updates, then N − 2, …, down to 0 (the teacher) and the
+teacher from then on; the fake score starts from ψ_N, the checkpoint nearest G₀.
+
+Stage 1 runs when distillation proper starts (update 0, or after an ODE-pair warm-up, so G₀ is the student that
+score distillation starts from); the path lives in the run folder (``disback/node_XX.safetensors`` +
+``disback/path.json``, written atomically) and a resumed run reads it instead of recording again; an incomplete
+path is recorded again from the start. The target is a function of the update number, so a run resumed mid-path
+picks the same target.
+
+Differences from the released code, following the paper (see ../shared/OBJECTIVES.md): the switch loads the
+recorded ψ_i into a separate real-score network (the released ``load_state_dict(..., strict=False)`` of a full
+guidance state into the teacher matches no key and loads nothing, and its guard allows about one switch); switches
+are every ``disback_interval`` updates (the released schedule is also a fixed interval, 1,000 iterations); ψ is
+trained without the released code's extra GAN-classifier term; recording uses AdamW at ``disback_record_lr``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from stepdistill.objectives.base import ObjectiveConfigError, check_bool, check_int, check_number
+
+PATH_DIR = "disback"
+MANIFEST = "path.json"
+
+
+def node_file(directory: Path, j: int) -> Path:
+    return directory / f"node_{j:02d}.safetensors"
+
+
+def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".tmp_{path.name}")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The path's manifest when the whole path was recorded (every node file present), else None."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not manifest.get("complete") or not all(node_file(directory, j).is_file() for j in range(1, manifest["nodes"] + 1)):
+        return None
+    return manifest
+
+
+def record_degradation_path(
+    teacher,
+    generator,
+    sample_embeds: Callable[[int, torch.Generator], Any],
+    directory: str | Path,
+    nodes: int,
+    updates: int,
+    lr: float,
+    batch_size: int,
+    seed: int = 0,
+) -> list[Path]:
+    """Stage 1 (see the module docstring): fine-tune a teacher copy by denoising score matching on samples of the
+    frozen ``generator``, save ``nodes`` checkpoints at equal update intervals; returns their files (ψ₁ … ψ_N).
+    ``sample_embeds(n, rng)`` draws n prompt embeddings. Uses its own RNG (``seed``): the caller's RNG is untouched."""
+    from stepdistill.student import copy_unet
+    from stepdistill.teacher import unet_forward
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    rng = torch.Generator().manual_seed(seed)
+    score = copy_unet(teacher.unet, dtype=torch.float32, trainable=True)
+    device = next(teacher.unet.parameters()).device
+    score.to(device)
+    opt = torch.optim.AdamW(score.parameters(), lr=lr, weight_decay=0.0)
+    schedule = teacher.schedule
+    save_at = {round(updates * j / nodes): j for j in range(1, nodes + 1)}
+    files = []
+    for u in tqdm(range(1, updates + 1), desc="disback: recording the degradation path", leave=False):
+        embeds = sample_embeds(batch_size, rng).to(device)
+        noise = torch.randn((batch_size, *teacher.latent_shape), generator=rng).to(device)
+        with torch.no_grad():
+            x0 = generator.sample(noise, embeds, generator=rng).float()
+        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=rng).to(device)
+        eps = torch.randn(x0.shape, generator=rng).to(device)
+        x_t = schedule.add_noise(x0, eps, t)
+        out = unet_forward(score, x_t, t, embeds, guidance_scale=1.0).float()
+        loss = ((out - schedule.target(x0, eps, t)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if u in save_at:
+            f = node_file(directory, save_at[u])
+            _atomic_save(score.state_dict(), f)
+            files.append(f)
+    manifest = {"complete": True, "nodes": nodes, "record_updates": updates, "lr": lr, "batch_size": batch_size,
+                "seed": seed, "node_updates": sorted(save_at), "files": [f.name for f in files],
+                "node_0": "the teacher (not stored)"}
+    tmp = directory / f".tmp_{MANIFEST}"
+    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    os.replace(tmp, directory / MANIFEST)
+    del score, opt
+    return files
+
+
+def target_index(step: int, start: int, nodes: int, interval: int) -> int:
+    """The path node that is the real score at generator update ``step``: N − 1 − ⌊(step − start)/interval⌋, at
+    least 0 (the teacher); ``nodes`` (= ψ_N, never a target) before ``start``."""
+    if step < start:
+        return nodes
+    return max(nodes - 1 - (step - start) // interval, 0)
+
+
+class DisBackOption:
+    """Mixin for score-distillation objectives (before the objective's other bases): the ``disback*`` config keys,
+    the stage-1 trigger in :meth:`set_train_step` and the moving real score :meth:`real_score_unet`."""
+
+    DISBACK_DEFAULTS = {"disback": False, "disback_nodes": 4, "disback_record_updates": 200,
+                        "disback_record_lr": 1e-4, "disback_interval": 25}
+
+    @classmethod
+    def validate_disback_config(cls, cfg) -> None:
+        check_bool(cls.name, "disback", cfg["disback"])
+        check_int(cls.name, "disback_nodes", cfg["disback_nodes"], low=1)
+        check_int(cls.name, "disback_record_updates", cfg["disback_record_updates"], low=1)
+        check_number(cls.name, "disback_record_lr", cfg["disback_record_lr"], low=0.0)
+        check_int(cls.name, "disback_interval", cfg["disback_interval"], low=1)
+        if cfg["disback_record_updates"] < cfg["disback_nodes"]:
+            raise ObjectiveConfigError(cls.name, "disback_record_updates", "must be at least disback_nodes")
+        if cfg["disback"] and cfg.get("fake_lora_rank") is not None:
+            raise ObjectiveConfigError(cls.name, "disback", "needs a full fake score (fake_lora_rank: null): the fake "
+                                       "score starts from the recorded full-UNet checkpoint ψ_N")
+
+    _disback_run: dict[str, Any] | None = None
+    _disback_loaded: int | None = None
+    _disback_unet: torch.nn.Module | None = None
+
+    def attach_run(self, run_dir: str | Path, sample_embeds: Callable[[int, torch.Generator], Any], batch_size: int,
+                   seed: int = 0) -> None:
+        """Where the path is stored and how stage 1 draws prompts (``distill`` calls this before training)."""
+        self._disback_run = {"dir": Path(run_dir) / PATH_DIR, "sample_embeds": sample_embeds,
+                             "batch_size": int(batch_size), "seed": int(seed)}
+
+    def disback_start(self) -> int:
+        """The first update of score distillation proper (after an ODE-pair warm-up, if any)."""
+        return int(self.config.get("ode_warmup_steps") or 0)
+
+    def disback_target(self) -> int:
+        cfg = self.config
+        return target_index(self.train_step, self.disback_start(), cfg["disback_nodes"], cfg["disback_interval"])
+
+    def _disback_dir(self) -> Path:
+        if self._disback_run is None:
+            raise RuntimeError(f"{self.name} with disback: true needs attach_run(run_dir, ...) before training "
+                               "(stepdistill distill does it)")
+        return self._disback_run["dir"]
+
+    def ensure_disback_path(self) -> dict[str, Any]:
+        """The recorded path's manifest, recording it first (stage 1) when the run folder has no complete one."""
+        directory = self._disback_dir()
+        manifest = read_manifest(directory)
+        if manifest is None:
+            cfg, run = self.config, self._disback_run
+            record_degradation_path(self.teacher, self.generator, run["sample_embeds"], directory,
+                                    cfg["disback_nodes"], cfg["disback_record_updates"], cfg["disback_record_lr"],
+                                    run["batch_size"], run["seed"])
+            manifest = read_manifest(directory)
+        return manifest
+
+    def _load_node(self, j: int) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        from stepdistill.student import copy_unet
+
+        if self._disback_unet is None:
+            net = copy_unet(self.teacher.unet, dtype=None, trainable=False)
+            object.__setattr__(self, "_disback_unet", net)  # derived from disk: not part of the objective's state
+        state = load_file(str(node_file(self._disback_dir(), j)))
+        dtype = next(self.teacher.unet.parameters()).dtype
+        self._disback_unet.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        return self._disback_unet
+
+    def set_train_step(self, step: int) -> None:
+        super().set_train_step(step)
+        cfg = self.config
+        if not cfg["disback"] or step < self.disback_start():
+            return
+        j = self.disback_target()
+        if step == self.disback_start():
+            self.ensure_disback_path()
+            from safetensors.torch import load_file
+
+            state = load_file(str(node_file(self._disback_dir(), cfg["disback_nodes"])))
+            with torch.no_grad():  # the fake score starts from ψ_N
+                self.fake_unet.load_state_dict(state)
+            self._reset_pending = True
+        if j != self._disback_loaded:
+            if j > 0:
+                self._load_node(j)
+            self._disback_loaded = j
+
+    _reset_pending = False
+
+    def take_auxiliary_reset(self) -> bool:
+        pending, self._reset_pending = self._reset_pending, False
+        return pending
+
+    def real_score_unet(self) -> torch.nn.Module:
+        if self.config["disback"] and self._disback_loaded not in (None, 0) and self._disback_loaded < self.config["disback_nodes"]:
+            return self._disback_unet
+        return self.teacher.unet
