@@ -26,3 +26,16 @@ def teacher():
     from stepdistill.teacher import Teacher
 
     return Teacher(make_tiny_sd_pipeline(seed=0))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset before and after a test that builds Trainers (each builds an
+    Accelerator)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

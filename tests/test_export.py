@@ -9,8 +9,6 @@ student's own sampling (``Generator.sample`` + ``Teacher.decode``) computed here
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import make_tiny_sd_pipeline, make_tiny_sdxl_pipeline  # noqa: E402
+from tiny_models import make_tiny_sd_pipeline, make_tiny_sdxl_pipeline, run_without_stepdistill  # noqa: E402
 
 from stepdistill.pipelines import ExportError, export_student  # noqa: E402
 from stepdistill.student import Generator  # noqa: E402
@@ -170,12 +168,7 @@ def exported(tmp_path_factory):
                  "before": str(root / "lora_before.npy"), "after": str(root / "lora_after.npy")},
         "report": str(root / "report.json"),
     }
-    (root / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, str(root / "spec.json")], cwd=str(root), env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads((root / "report.json").read_text())
+    report = run_without_stepdistill(_RUNNER, spec, root)
     return {"root": root, "refs": refs, "report": report, "teacher_only": teacher_only, "teachers": teachers,
             "infos": infos}
 

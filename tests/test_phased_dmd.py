@@ -9,8 +9,6 @@ gradients are assembled from direct UNet calls and hand-written schedule arithme
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,9 @@ from diffusers import DDPMScheduler
 from stepdistill.objectives import Batch, ObjectiveConfigError, build_objective
 from stepdistill.schedule import NoiseSchedule
 from stepdistill.student import PhasedGenerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import run_without_stepdistill  # noqa: E402
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -267,17 +268,6 @@ def test_config_errors_name_the_fix(teacher):
 
 
 # --- progressive training in the trainer, with resume -------------------------------------------------------------
-@pytest.fixture
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _train(teacher, out: Path, resume=None, crash_after: int | None = None):
     from stepdistill.training.config import RunConfig
     from stepdistill.training.trainer import Trainer
@@ -297,7 +287,7 @@ def _train(teacher, out: Path, resume=None, crash_after: int | None = None):
 
 
 def test_progressive_phases_reset_the_fake_optimizer_and_resume_in_the_right_phase(teacher, tmp_path,
-                                                                                 _fresh_accelerate_state):
+                                                                                 fresh_accelerate_state):
     from accelerate.state import AcceleratorState, GradientState
 
     gen, obj, trainer = _train(teacher, tmp_path / "ref")
@@ -381,12 +371,7 @@ def test_phased_student_exports_and_samples_in_plain_diffusers(teacher, tmp_path
         assert (folder / "unet_2").is_dir() and not (folder / "unet_3").exists()
     spec = {"prompt": prompt, "latents": str(tmp_path / "latents.npy"), "cases": cases,
             "report": str(tmp_path / "report.json")}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, str(tmp_path / "spec.json")], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = run_without_stepdistill(_RUNNER, spec, tmp_path)
     assert report["stepdistill_modules"] == []
     for case in cases:
         rec = report[case["name"]]

@@ -53,14 +53,10 @@ def test_report_format(tmp_path):
 
 
 def test_distill_export_and_plain_diffusers_load(tmp_path):
-    from tiny_models import make_tiny_sd_pipeline
-
     from stepdistill.eval.generate import generate, load_pipeline
     from stepdistill.training.run import distill, export_run
 
-    make_tiny_sd_pipeline(tmp_path / "teacher")
-    spec = tmp_path / "pipe.yaml"
-    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    spec = _tiny_spec(tmp_path)
     summary = distill(spec, REPO / "training" / "toy-dmd2.yaml", tmp_path / "run",
                       overrides=["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1",
                                  "train.sample_every=0", "objective_config.aux_updates_per_generator_update=1",
@@ -76,18 +72,25 @@ def test_distill_export_and_plain_diffusers_load(tmp_path):
         distill(bad, REPO / "training" / "toy-dmd2.yaml", tmp_path / "run2")
 
 
+
+def _tiny_spec(tmp_path):
+    """A pipeline preset for a tiny SD-like teacher written under ``tmp_path``."""
+    from tiny_models import make_tiny_sd_pipeline
+
+    make_tiny_sd_pipeline(tmp_path / "teacher")
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    return spec
+
+
 @pytest.mark.parametrize("recipe", ["dmd.yaml", "dmd2.yaml", "vsd.yaml", "sid-lsg.yaml", "toy-dmd.yaml", "toy-dmd2.yaml",
                                     "toy-vsd.yaml", "toy-sid.yaml", "toy-sid-4step.yaml", "toy-dmd2-4step.yaml",
                                     "phased-dmd.yaml", "toy-phased-dmd.yaml"])
 def test_every_shipped_recipe_runs_a_step(tmp_path, recipe):
     """The SD1.5 and toy recipes run end to end on a tiny teacher (DMD with its regression pairs wired in by run.py)."""
-    from tiny_models import make_tiny_sd_pipeline
-
     from stepdistill.training.run import distill
 
-    make_tiny_sd_pipeline(tmp_path / "teacher")
-    spec = tmp_path / "pipe.yaml"
-    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    spec = _tiny_spec(tmp_path)
     overrides = ["train.max_steps=1", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
                  "train.mixed_precision=no", "train.gradient_checkpointing=false",
                  "objective_config.aux_updates_per_generator_update=1"]
@@ -115,13 +118,9 @@ def test_ode_warmup_phase_then_distribution_matching(tmp_path, method):
     updates, then switches to distribution matching (metrics.csv shows both phases)."""
     import csv
 
-    from tiny_models import make_tiny_sd_pipeline
-
     from stepdistill.training.run import distill
 
-    make_tiny_sd_pipeline(tmp_path / "teacher")
-    spec = tmp_path / "pipe.yaml"
-    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    spec = _tiny_spec(tmp_path)
     overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
                  "train.log_every=1", "objective_config.aux_updates_per_generator_update=1",
                  "objective_config.ode_warmup_steps=2", "objective_config.regression_pairs=4",
@@ -212,13 +211,9 @@ def test_disback_through_distill_records_its_path_in_the_run_folder_and_resumes(
     ODE warm-up), its path is in the run folder, and a resumed run reads it instead of recording again."""
     import json
 
-    from tiny_models import make_tiny_sd_pipeline
-
     from stepdistill.training.run import distill
 
-    make_tiny_sd_pipeline(tmp_path / "teacher")
-    spec = tmp_path / "pipe.yaml"
-    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    spec = _tiny_spec(tmp_path)
     overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
                  "objective_config.aux_updates_per_generator_update=1", "objective_config.ode_warmup_steps=1",
                  "objective_config.regression_pairs=4", "objective_config.regression_steps=2",

@@ -136,14 +136,8 @@ PROMPTS = ["a red circle", "a blue square on a green background", "a small trian
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+def _fresh_accelerate_state(fresh_accelerate_state):
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _params(generator, objective) -> dict[str, torch.Tensor]:

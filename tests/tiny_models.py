@@ -374,3 +374,20 @@ def make_tiny_clip(folder: str | Path) -> Path:
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(str(folder))
     return folder
+
+
+# --- plain-diffusers checks ----------------------------------------------------------------------------------------
+def run_without_stepdistill(code: str, spec: dict, folder: Path, timeout: int = 600) -> dict:
+    """Run ``code`` (a script reading ``sys.argv[1]``, a JSON spec, and writing ``spec["report"]``) in a fresh Python
+    process that never imports stepdistill (offline, no PYTHONPATH), from ``folder``; returns the report."""
+    import os
+    import subprocess
+    import sys
+
+    folder = Path(folder)
+    (folder / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder / "spec.json")], cwd=str(folder), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(Path(spec["report"]).read_text())
