@@ -418,15 +418,16 @@ def export_student(
     """
     from stepdistill.training.ema import GeneratorEMA, get_ema
 
-    if hasattr(generator, "phase_output"):  # one expert per step: a folder with its own pipeline class
-        from stepdistill.pipelines.export_phased import export_phased_student
-
-        return export_phased_student(teacher, generator, out_dir, method, steps_info, ema, dtype=dtype,
-                                     example_prompt=example_prompt)
     out_dir = Path(out_dir).expanduser().resolve()
     steps_info = dict(steps_info or {})
     if example_prompt is None:
         example_prompt = default_example_prompt(teacher)
+    if hasattr(generator, "phase_output"):  # one expert per step: a folder with its own pipeline class
+        from stepdistill.pipelines.export_phased import export_phased_student
+
+        ema_obj = ema if isinstance(ema, GeneratorEMA) else (get_ema(generator) if ema else None)
+        return export_phased_student(teacher, generator, out_dir, method, steps_info, ema_obj,
+                                     dtype or _module_dtype(teacher.pipeline.unet), example_prompt)
     timesteps = [int(t) for t in generator.timesteps]
     if "timesteps" in steps_info and [int(t) for t in steps_info["timesteps"]] != timesteps:
         raise ExportError(f"steps_info timesteps {steps_info['timesteps']} differ from the generator's {timesteps}")

@@ -26,10 +26,8 @@ from stepdistill.pipelines.export import (
     EXPORT_INFO_FILE,
     ExportError,
     _cast,
-    _module_dtype,
     _replace_dir,
     base_model_name,
-    default_example_prompt,
     merged_unet,
 )
 
@@ -68,20 +66,11 @@ def _card(folder: str, base_model: str, method: str, timesteps: list[int], ema: 
     )
 
 
-def export_phased_student(
-    teacher,
-    generator,
-    out_dir: str | Path,
-    method: str,
-    steps_info: Mapping[str, Any] | None = None,
-    ema: Any = True,
-    *,
-    dtype: torch.dtype | None = None,
-    example_prompt: str | None = None,
-) -> Path:
-    """Write the phased student at ``out_dir`` (atomically); arguments as :func:`~stepdistill.pipelines.export_student`."""
+def export_phased_student(teacher, generator, out_dir: Path, method: str, steps_info: dict[str, Any], ema_obj: Any,
+                          dtype: torch.dtype, example_prompt: str) -> Path:
+    """Write the phased student at ``out_dir`` (atomically). Called by :func:`~stepdistill.pipelines.export_student`,
+    which resolves the arguments: ``ema_obj`` is the GeneratorEMA whose weights to save (None: the raw weights)."""
     from stepdistill.pipelines.pipeline_phased_experts import MAX_EXPERTS, PhasedExpertsPipeline
-    from stepdistill.training.ema import GeneratorEMA, get_ema
 
     family = getattr(teacher, "family", "sd")
     if family != "sd":
@@ -89,12 +78,7 @@ def export_phased_student(
     timesteps = [int(t) for t in generator.timesteps]
     if len(timesteps) > MAX_EXPERTS:
         raise ExportError(f"the exported pipeline holds at most {MAX_EXPERTS} experts, the student has {len(timesteps)}")
-    out_dir = Path(out_dir).expanduser().resolve()
-    steps_info = dict(steps_info or {})
-    example_prompt = example_prompt or default_example_prompt(teacher)
     pipeline = teacher.pipeline
-    dtype = dtype or _module_dtype(pipeline.unet)
-    ema_obj = ema if isinstance(ema, GeneratorEMA) else (get_ema(generator) if ema else None)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".tmp_{out_dir.name}_{uuid.uuid4().hex[:8]}")
