@@ -381,3 +381,21 @@ def test_phased_student_exports_and_samples_in_plain_diffusers(teacher, tmp_path
         got = np.load(case["result"])
         ref = refs[case["name"]]
         assert np.abs(got - ref).max() < 1e-5 * max(1.0, np.abs(ref).max()), np.abs(got - ref).max()
+
+
+def test_finished_experts_take_their_ema_weights_when_the_next_phase_starts(teacher):
+    from stepdistill.training.ema import GeneratorEMA, attach_ema
+
+    gen, obj, _ = _setup(teacher)
+    ema = GeneratorEMA(gen.trainable_parameters(), 0.9)
+    attach_ema(gen, ema)
+    with torch.no_grad():  # raw weights move away from the EMA's shadow
+        for p in gen.parameters():
+            p.add_(0.01)
+    shadow = {id(p): s.clone() for p, s in zip(ema.parameters, ema.shadow_params)}
+    expert1_before = [p.clone() for p in gen.expert(1).parameters()]
+    obj.set_train_step(1)  # same phase: nothing changes
+    assert not all(torch.equal(p, shadow[id(p)]) for p in gen.expert(0).parameters())
+    obj.set_train_step(2)  # phase 1 starts: expert 0 is final and becomes its EMA
+    assert all(torch.equal(p, shadow[id(p)]) for p in gen.expert(0).parameters())
+    assert all(torch.equal(p, q) for p, q in zip(gen.expert(1).parameters(), expert1_before))
