@@ -144,3 +144,12 @@ def test_disback_config_errors(teacher, tmp_path):
     obj = build_objective("sid", teacher, gen, {"disback": True})
     with pytest.raises(RuntimeError, match="attach_run"):
         obj.set_train_step(0)
+
+
+def test_a_lost_path_mid_run_is_a_clear_error_not_a_new_recording(teacher, tmp_path):
+    _, first, _ = _objective(teacher, tmp_path)
+    first.set_train_step(0)
+    node_file(tmp_path / "disback", 3).unlink()
+    _, resumed, _ = _objective(teacher, tmp_path)
+    with pytest.raises(RuntimeError, match="cannot be recorded again at update 5"):
+        resumed.set_train_step(5)

@@ -199,6 +199,11 @@ class DisBackOption:
         if not cfg["disback"] or step < self.disback_start():
             return
         j = self.disback_target()
+        if step > self.disback_start() and self._disback_loaded is None and read_manifest(self._disback_dir()) is None:
+            raise RuntimeError(
+                f"disback: no complete degradation path in {self._disback_dir()}; it is recorded from the initial student "
+                f"at update {self.disback_start()} and cannot be recorded again at update {step}. Resume from a "
+                f"checkpoint at or before update {self.disback_start()}, or start the run again (--overwrite)")
         if step == self.disback_start():
             self.ensure_disback_path()
             from safetensors.torch import load_file
