@@ -62,6 +62,7 @@ def _same_weights(net, state) -> bool:
 
 def test_path_is_recorded_once_and_its_ends_are_the_teacher_and_the_last_checkpoint(teacher, tmp_path):
     gen, obj, _ = _objective(teacher, tmp_path)
+    teacher_before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}
     obj.set_train_step(0)  # distillation starts: stage 1 records the path
     manifest = read_manifest(tmp_path / "disback")
     assert manifest["nodes"] == 3 and manifest["node_updates"] == [2, 4, 6]
@@ -83,9 +84,9 @@ def test_path_is_recorded_once_and_its_ends_are_the_teacher_and_the_last_checkpo
             assert net is teacher.unet, step
         else:
             assert _same_weights(net, nodes[j - 1]), (step, j)
-    # the teacher's weights were never touched
-    assert not any(torch.equal(teacher.unet.state_dict()[k].float(), v) for k, v in nodes[0].items()
-                   if k.endswith("conv_in.weight"))
+    # the teacher's weights were never touched, and the first node already differs from them
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.unet.state_dict().items())
+    assert not torch.equal(nodes[0]["conv_in.weight"], teacher_before["conv_in.weight"].float())
 
 
 def test_the_real_score_of_the_loss_is_the_current_node(teacher, tmp_path):

@@ -181,10 +181,17 @@ class Objective(torch.nn.Module):
     def needs_real_images(self) -> bool:
         return self.real_images_needed(self.config)
 
+    _auxiliary_reset_pending: bool = False
+
+    def request_auxiliary_reset(self) -> None:
+        """Called by an objective that re-initialised its auxiliary networks (a new Phased DMD phase, DisBack's fake
+        score from ψ_N): the trainer then clears the auxiliary optimizers' state."""
+        self._auxiliary_reset_pending = True
+
     def take_auxiliary_reset(self) -> bool:
-        """True once after the objective re-initialised its auxiliary networks (e.g. a new Phased DMD phase): the
-        trainer then clears the auxiliary optimizers' state. Called after :meth:`set_train_step`."""
-        return False
+        """True once after :meth:`request_auxiliary_reset` (the trainer asks after :meth:`set_train_step`)."""
+        pending, self._auxiliary_reset_pending = self._auxiliary_reset_pending, False
+        return pending
 
     @classmethod
     def min_train_steps(cls, cfg: Mapping[str, Any]) -> int:

@@ -127,18 +127,34 @@ class DistributionMatching:
         loss :func:`surrogate_loss`. Returns the loss and logs."""
         with torch.no_grad():
             x_t = self.schedule.add_noise(x0.detach(), noise.to(x0), t)
+        grad, logs = self.matching_gradient(x0, x_t, t, embeds, fake_unet, real_guidance_scale)
+        loss = surrogate_loss(x0, grad)
+        logs["loss_dm"] = float(loss.detach())
+        return loss, logs
+
+    def matching_gradient(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        embeds,
+        fake_unet: torch.nn.Module,
+        real_guidance_scale: float,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Without autograd: x̂₀ of the teacher (CFG ``real_guidance_scale``) and of the fake score (no CFG) at x_t, both
+        converted in float64, and :func:`distribution_matching_gradient` normalised against ``x0`` (the generator's
+        x̂₀). Returns the gradient and logs."""
+        with torch.no_grad():
             out_real = self.teacher_prediction(x_t, t, embeds, real_guidance_scale)
             out_fake = self.score_prediction(fake_unet, x_t, t, embeds, 1.0)
             x_t64 = x_t.double()
             x0_real = self.schedule.to_x0(out_real.double(), x_t64, t)
             x0_fake = self.schedule.to_x0(out_fake.double(), x_t64, t)
             grad = distribution_matching_gradient(x0, x0_real, x0_fake)
-        loss = surrogate_loss(x0, grad)
         logs = {
-            "loss_dm": float(loss.detach()),
             "dm_grad_norm": float(grad.norm()),
             "dm_t_mean": float(t.float().mean()),
             "pred_real_x0_std": float(x0_real.std()),
             "pred_fake_x0_std": float(x0_fake.std()),
         }
-        return loss, logs
+        return grad, logs

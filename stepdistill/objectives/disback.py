@@ -62,8 +62,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 def record_degradation_path(
-    teacher,
-    generator,
+    objective,
     sample_embeds: Callable[[int, torch.Generator], Any],
     directory: str | Path,
     nodes: int,
@@ -72,11 +71,13 @@ def record_degradation_path(
     batch_size: int,
     seed: int = 0,
 ) -> list[Path]:
-    """Stage 1 (see the module docstring): fine-tune a teacher copy by denoising score matching on samples of the
-    frozen ``generator``, save ``nodes`` checkpoints at equal update intervals; returns their files (ψ₁ … ψ_N).
-    ``sample_embeds(n, rng)`` draws n prompt embeddings. Uses its own RNG (``seed``): the caller's RNG is untouched."""
+    """Stage 1 (see the module docstring): fine-tune a copy of ``objective.teacher``'s UNet by the objective's own
+    denoising loss (:meth:`Objective.denoising_loss`) on samples of the frozen ``objective.generator``, save ``nodes``
+    checkpoints at equal update intervals; returns their files (ψ₁ … ψ_N). ``sample_embeds(n, rng)`` draws n prompt
+    embeddings. Uses its own RNG (``seed``): the caller's RNG is untouched."""
     from stepdistill.student import copy_unet
-    from stepdistill.teacher import unet_forward
+
+    teacher, generator = objective.teacher, objective.generator
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -96,9 +97,7 @@ def record_degradation_path(
             x0 = generator.sample(noise, embeds, generator=rng).float()
         t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=rng).to(device)
         eps = torch.randn(x0.shape, generator=rng).to(device)
-        x_t = schedule.add_noise(x0, eps, t)
-        out = unet_forward(score, x_t, t, embeds, guidance_scale=1.0).float()
-        loss = ((out - schedule.target(x0, eps, t)) ** 2).mean()
+        loss = objective.denoising_loss(score, x0, embeds, t, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -174,7 +173,7 @@ class DisBackOption:
         manifest = read_manifest(directory)
         if manifest is None:
             cfg, run = self.config, self._disback_run
-            record_degradation_path(self.teacher, self.generator, run["sample_embeds"], directory,
+            record_degradation_path(self, run["sample_embeds"], directory,
                                     cfg["disback_nodes"], cfg["disback_record_updates"], cfg["disback_record_lr"],
                                     run["batch_size"], run["seed"])
             manifest = read_manifest(directory)
@@ -211,17 +210,11 @@ class DisBackOption:
             state = load_file(str(node_file(self._disback_dir(), cfg["disback_nodes"])))
             with torch.no_grad():  # the fake score starts from ψ_N
                 self.fake_unet.load_state_dict(state)
-            self._reset_pending = True
+            self.request_auxiliary_reset()
         if j != self._disback_loaded:
             if j > 0:
                 self._load_node(j)
             self._disback_loaded = j
-
-    _reset_pending = False
-
-    def take_auxiliary_reset(self) -> bool:
-        pending, self._reset_pending = self._reset_pending, False
-        return pending
 
     def real_score_unet(self) -> torch.nn.Module:
         if self.config["disback"] and self._disback_loaded not in (None, 0) and self._disback_loaded < self.config["disback_nodes"]:

@@ -29,10 +29,10 @@ from __future__ import annotations
 import torch
 
 from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_int, check_number, trainable_parameters
-from stepdistill.objectives.common import distribution_matching_gradient, make_fake_score, surrogate_loss
+from stepdistill.objectives.common import DistributionMatching, make_fake_score, surrogate_loss
 
 
-class PhasedDMD(Objective):
+class PhasedDMD(DistributionMatching, Objective):
     name = "phased_dmd"
     DEFAULTS = {
         "num_phases": 4,
@@ -65,7 +65,6 @@ class PhasedDMD(Objective):
         self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"])
         # the phase the fake score was (re-)initialised for; saved with the objective so a resume keeps it
         self.register_buffer("fake_phase", torch.zeros((), dtype=torch.long))
-        self._reset_pending = False
 
     @staticmethod
     def phase_starts(schedule, cfg) -> list[int]:
@@ -141,11 +140,7 @@ class PhasedDMD(Objective):
                     if "lora_B" in name:
                         p.zero_()
         self.fake_phase.fill_(self.phase)
-        self._reset_pending = True
-
-    def take_auxiliary_reset(self) -> bool:
-        pending, self._reset_pending = self._reset_pending, False
-        return pending
+        self.request_auxiliary_reset()
 
     def phase_interval(self) -> tuple[int | None, int, int]:
         """(s, t_low, t_high) of the current phase: s = t_{k+1} (None = clean data) and the inclusive range t is drawn
@@ -171,16 +166,10 @@ class PhasedDMD(Objective):
         k = self.phase
         x_s, x0_gen = self.generator.phase_output(batch.noise, batch.embeds, k, grad=True)
         x_t, t, _, _ = self._noised(x_s, timesteps, noise)
-        with torch.no_grad():
-            out_real = self.teacher_prediction(x_t, t, batch.embeds, self.config["real_guidance_scale"])
-            out_fake = self.score_prediction(self.fake_unet, x_t, t, batch.embeds, 1.0)
-            x_t64 = x_t.double()
-            x0_real = self.schedule.to_x0(out_real.double(), x_t64, t)
-            x0_fake = self.schedule.to_x0(out_fake.double(), x_t64, t)
-            grad = distribution_matching_gradient(x0_gen, x0_real, x0_fake)
+        grad, logs = self.matching_gradient(x0_gen, x_t, t, batch.embeds, self.fake_unet,
+                                            self.config["real_guidance_scale"])
         loss = surrogate_loss(x_s, grad)
-        logs = {"loss_dm": float(loss.detach()), "dm_grad_norm": float(grad.norm()), "phase": float(k),
-                "dm_t_mean": float(t.float().mean()), "loss_generator": float(loss.detach())}
+        logs.update({"loss_dm": float(loss.detach()), "phase": float(k), "loss_generator": float(loss.detach())})
         logs.update(self.x0_stats(x0_gen))
         return loss, logs
 
