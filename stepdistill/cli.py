@@ -34,7 +34,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = [args.prompt] * args.num
     seeds = list(range(args.seed, args.seed + args.num))
     images = generate(pipe, prompts, seeds, args.steps, args.guidance, negative_prompt=args.negative_prompt,
-                      desc="generate")
+                      desc="generate", nasa_alpha=args.nasa_alpha)
     cols = min(args.num, 8)
     rows = (args.num + cols - 1) // cols
     out = Path(args.out)
@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline", required=True, help="diffusers pipeline folder, or 'toy' for the shipped teacher")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--nasa-alpha", type=float, default=None,
+                   help="apply --negative-prompt by SNOOPI's NASA attention with this alpha (0.1 for SD1.5) instead of "
+                        "CFG; for one-/few-step students at --guidance 1")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=3.0)
     g.add_argument("--num", type=int, default=8, help="number of images (seeds seed..seed+num-1)")

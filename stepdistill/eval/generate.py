@@ -114,13 +114,26 @@ def generate(
     steps: int,
     guidance: float,
     batch_size: int = 256,
-    negative_prompt: str | None = None,
+    negative_prompt: str | list[str] | None = None,
     desc: str = "generate",
     progress: bool = True,
+    nasa_alpha: float | None = None,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] for ``prompts[i]`` drawn from ``seeds[i]`` (one torch.Generator each)."""
+    """Images (N, 3, H, W) in [-1, 1] for ``prompts[i]`` drawn from ``seeds[i]`` (one torch.Generator each).
+
+    ``negative_prompt``: one string for every prompt, or a list aligned with ``prompts``. With ``nasa_alpha`` (and
+    ``guidance <= 1``) it is applied by SNOOPI's NASA attention (:mod:`stepdistill.pipelines.pipeline_nasa`) instead
+    of CFG: the pipeline's components are wrapped in ``NASAStableDiffusionPipeline``."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds")
+    if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
+        raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+    if nasa_alpha is not None:
+        if negative_prompt is None:
+            raise ValueError("nasa_alpha needs a negative prompt")
+        if guidance > 1:
+            raise ValueError(f"NASA replaces CFG for negative prompts: use guidance <= 1 with nasa_alpha, got {guidance}")
+        pipe = nasa_pipeline(pipe)
     if not prompts:
         raise ValueError("no prompts to generate: the prompt list is empty")
     out = []
@@ -130,12 +143,33 @@ def generate(
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
         kwargs: dict[str, Any] = dict(**steps_kw, guidance_scale=guidance, generator=gens,
                                       output_type="pt")
-        if negative_prompt is not None:
+        if isinstance(negative_prompt, list):
+            kwargs["negative_prompt"] = negative_prompt[start:start + batch_size]
+        elif negative_prompt is not None:
             kwargs["negative_prompt"] = [negative_prompt] * len(batch_prompts)
+        if nasa_alpha is not None:
+            kwargs["nasa_alpha"] = float(nasa_alpha)
         with quiet_custom_timesteps():
             images = pipe(batch_prompts, **kwargs).images
         out.append(images.float().cpu() * 2 - 1)
     return torch.cat(out)
+
+
+def nasa_pipeline(pipe: Any) -> Any:
+    """``pipe``'s components in a :class:`~stepdistill.pipelines.pipeline_nasa.NASAStableDiffusionPipeline` (Stable
+    Diffusion 1.x/2.x pipelines only); the UNet's attention processors become NASA's (exact SDPA without a negative)."""
+    from diffusers import StableDiffusionPipeline
+
+    from stepdistill.pipelines.pipeline_nasa import NASAStableDiffusionPipeline
+
+    if isinstance(pipe, NASAStableDiffusionPipeline):
+        return pipe
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise ValueError(f"NASA negative prompts need a Stable Diffusion 1.x/2.x pipeline, got {type(pipe).__name__}")
+    out = NASAStableDiffusionPipeline(**pipe.components)
+    out.register_to_config(_name_or_path=getattr(pipe.config, "_name_or_path", None))
+    out.set_progress_bar_config(disable=True)
+    return out
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:

@@ -217,6 +217,16 @@ def base_model_name(source: str) -> str:
     return source
 
 
+NASA_MODULE = "pipeline_nasa"
+
+
+def nasa_loading_call(folder: str) -> str:
+    """The plain-diffusers call that loads an exported SD student with the NASA pipeline class shipped in it (code in
+    the folder, hence ``trust_remote_code=True``)."""
+    return (f'DiffusionPipeline.from_pretrained("{folder}", custom_pipeline="{folder}/{NASA_MODULE}.py", '
+            'trust_remote_code=True)')
+
+
 def _card(
     *,
     folder: str,
@@ -325,6 +335,24 @@ def _card(
         "- The recommended call above prints no warning (checked by stepdistill's export test).",
         "- `safety_checker` is not included (`requires_safety_checker: false`).",
     ]
+    if family == "sd":
+        lines += [
+            "",
+            "## Negative prompts without CFG (NASA)",
+            "",
+            f"`{NASA_MODULE}.py` (imports only diffusers and torch) applies SNOOPI's negative-away steer attention: in "
+            "every text cross-attention layer the output is softmax(Q·K₊ᵀ/√d)·V₊ − α·softmax(Q·K₋ᵀ/√d)·V₋ "
+            "(one UNet evaluation per step; α = 0.1 is the paper's SD1.5 value). diffusers loads it as a custom "
+            "pipeline:",
+            "",
+            "```python",
+            "from diffusers import DiffusionPipeline",
+            "",
+            f'pipe = {nasa_loading_call(folder)}',
+            f'image = pipe("{example_prompt}", negative_prompt="...", nasa_alpha=0.1, {steps_kw}, '
+            'guidance_scale=1.0).images[0]',
+            "```",
+        ]
     if lora_file:
         lines += [
             "",
@@ -483,6 +511,8 @@ def export_student(
             pipe.save_pretrained(str(tmp), safe_serialization=True)
             if plan.custom_module is not None:
                 _ship_custom_scheduler(tmp, plan.custom_module, type(scheduler).__name__)
+            if family == "sd":  # negative prompts without CFG (SNOOPI's NASA), loadable as a custom pipeline
+                shutil.copyfile(Path(__file__).with_name(f"{NASA_MODULE}.py"), tmp / f"{NASA_MODULE}.py")
             if lora_layers is not None:
                 kwargs = {"unet_lora_adapter_metadata": lora_meta} if lora_meta else {}
                 type(pipeline).save_lora_weights(
@@ -505,6 +535,7 @@ def export_student(
             "scaled_input_noise": scaled,
             "trust_remote_code": plan.trust_remote_code,
             "dtype": str(dtype).replace("torch.", ""),
+            "nasa_pipeline": f"{NASA_MODULE}.py" if family == "sd" else None,
             "steps_info": steps_info,
         }
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
