@@ -252,8 +252,11 @@ def test_folder_layout_and_model_card(exported):
                                                                                   "ScaledNoiseLCMScheduler"]
     assert (sid4 / "scheduler" / "scheduling_scaled_lcm.py").is_file()
     assert "trust_remote_code=True" in (sid4 / "README.md").read_text()
-    assert "trust_remote_code" not in (exported["root"] / "sid_1" / "README.md").read_text().split("## Provenance")[0]\
-        .replace("trust_remote_code: false", "")
+    card = (exported["root"] / "sid_1" / "README.md").read_text()
+    # the main usage needs no remote code; only the optional NASA custom pipeline (its own section) does
+    assert "trust_remote_code" not in card.split("## Negative prompts without CFG")[0].replace(
+        "trust_remote_code: false", "")
+    assert 'custom_pipeline=' in card and (exported["root"] / "sid_1" / "pipeline_nasa.py").is_file()
 
 
 def test_toy_teacher_students_get_a_toy_prompt_in_their_card(tmp_path):

@@ -46,19 +46,32 @@ def load_pipeline_spec(path: str | Path) -> PipelineSpec:
     return PipelineSpec(**data)
 
 
-def toy_real_latents(teacher, seed: int = 0):
+def toy_real_latents(teacher, seed: int = 0, prompts=None):
     """A real-data source for DMD2's GAN on the toy world: ``(n, torch.Generator) -> (latents, prompts)``, rendering
-    fresh world images and encoding them with the teacher's VAE."""
+    fresh world images and encoding them with the teacher's VAE. With ``prompts`` (a PromptSource: e.g. one MSD
+    student's subset) the images are of those prompts only; without, uniform over the world."""
     from stepdistill.toy import world
 
     def source(n: int, generator: torch.Generator):
         draw = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        images, attrs = world.sample(seed * 1_000_003 + draw, n)
+        chosen = prompts.sample(n, generator) if prompts is not None else None
+        images, attrs = world.sample(seed * 1_000_003 + draw, n, prompts=chosen)
         with torch.no_grad():
             latents = teacher.encode(torch.from_numpy(images).to(teacher.device, teacher.dtype))
         return latents.float(), attrs.prompts()
 
     return source
+
+
+def _all_toy(prompts: Sequence[str]) -> bool:
+    from stepdistill.toy import world
+
+    try:
+        for p in prompts:
+            world.parse_prompt(p)
+    except ValueError:
+        return False
+    return True
 
 
 def with_regression_pairs(pairs, base_batch_fn):
@@ -205,6 +218,13 @@ def distill(
     (:func:`stepdistill.training.runfolder.plan_run`): a fresh run refuses a folder that holds another run unless
     ``overwrite``; ``resume`` refuses a checkpoint of another configuration unless ``allow_config_change``.
     ``dry_run`` stops there and returns ``{"dry_run": True, "config": ..., "plan": ...}`` with nothing written."""
+    from stepdistill.training.multi_student import distill_multi, is_multi_student
+
+    if is_multi_student(recipe):  # MSD: one ordinary run per student, then the routed export
+        if dry_run:
+            raise ValueError(f"{recipe}: --dry-run is not supported for multi-student recipes yet")
+        return distill_multi(pipeline, recipe, out_dir, overrides=overrides, resume=resume, export=export,
+                             overwrite=overwrite, allow_config_change=allow_config_change, log=log)
     from stepdistill.pipelines.export import export_student
     from stepdistill.training.runfolder import plan_run
     from stepdistill.training.trainer import Trainer, build_batch, load_prompts
@@ -256,7 +276,8 @@ def distill(
         pairs_seconds = round(time.time() - t_pairs, 1)
         batch_fn = with_regression_pairs(pairs, build_batch)
 
-    real_source = toy_real_latents(teacher, config.train.seed) if objective.needs_real_images() else None
+    subset = prompts if config.prompts.source != "toy" and _all_toy(prompts.prompts) else None  # e.g. an MSD subset
+    real_source = toy_real_latents(teacher, config.train.seed, subset) if objective.needs_real_images() else None
     sample_prompts = prompts.sample(8, torch.Generator().manual_seed(99))
     trainer = Trainer(config, teacher, generator, objective, prompts, out, real_latent_source=real_source,
                       sample_fn=make_sample_fn(teacher, sample_prompts), batch_fn=batch_fn,

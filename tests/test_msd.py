@@ -1,0 +1,89 @@
+"""Multi-student distillation (stepdistill/training/multi_student.py): one run trains a student per router subset, the
+export routes a mixed batch in plain diffusers (a process that never imports stepdistill), resume skips finished
+students."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import make_tiny_sd_pipeline, run_without_stepdistill  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["a small red cross on a gray background", "a large blue circle on a white background",
+           "a small green triangle on a black background", "a large yellow square on a gray background",
+           "a small purple circle on a black background"]
+
+_RUNNER = r"""
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+spec = json.loads(open(sys.argv[1]).read())
+pipe = DiffusionPipeline.from_pretrained(spec["folder"], trust_remote_code=True, local_files_only=True)
+pipe.set_progress_bar_config(disable=True)
+latents = torch.from_numpy(np.load(spec["latents"]))
+embeds, _ = pipe.encode_prompt(spec["prompts"], "cpu", 1, False)
+routes = pipe.route(spec["prompts"], embeds)
+images = pipe(spec["prompts"], num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="np").images
+np.save(spec["images"], images)
+try:
+    pipe(spec["prompts"][:1], num_inference_steps=4)
+    wrong = ""
+except ValueError as e:
+    wrong = str(e)
+json.dump({"class": type(pipe).__name__, "routes": routes, "students": len(pipe.students), "wrong_steps": wrong,
+           "stepdistill_modules": sorted(m for m in sys.modules if m.startswith("stepdistill"))}, open(spec["report"], "w"))
+"""
+
+
+def test_msd_trains_one_student_per_shape_exports_a_routed_folder_and_resumes(tmp_path):
+    from stepdistill.eval.generate import load_pipeline
+    from stepdistill.router import load_router
+    from stepdistill.training.run import distill
+
+    make_tiny_sd_pipeline(tmp_path / "teacher")
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    overrides = ["train.max_steps=2", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
+                 "objective_config.aux_updates_per_generator_update=1", "objective_config.ode_warmup_steps=1",
+                 "objective_config.regression_pairs=4", "objective_config.regression_steps=2",
+                 "objective_config.gan_enabled=false"]
+    summary = distill(spec, REPO / "training" / "toy-msd.yaml", tmp_path / "run", overrides=overrides)
+    run = tmp_path / "run"
+    assert [s["prompts"] for s in summary["students"]] == [36, 36, 36, 36]
+    for k, shape in enumerate(["circle", "square", "triangle", "cross"]):
+        subset = (run / f"student_{k}" / "prompts.txt").read_text().split("\n")[:-1]
+        assert subset and all(shape in p for p in subset)
+        assert summary["students"][k]["steps"] == 2
+        assert {"loss/generator", "loss/aux"} <= set(summary["students"][k]["final_losses"])
+    folder = Path(summary["student"])
+    assert "trust_remote_code=True" in (folder / "README.md").read_text()
+
+    latents = torch.randn(len(PROMPTS), 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "latents.npy", latents.numpy())
+    spec_run = {"folder": str(folder), "prompts": PROMPTS, "latents": str(tmp_path / "latents.npy"),
+                "images": str(tmp_path / "images.npy"), "report": str(tmp_path / "report.json")}
+    report = run_without_stepdistill(_RUNNER, spec_run, tmp_path)
+    assert report["stepdistill_modules"] == [] and report["class"] == "MultiStudentPipeline"
+    assert report["students"] == 4 and "one-step" in report["wrong_steps"]
+    router = load_router(run / "router.json")
+    assert report["routes"] == router.route(PROMPTS) == [3, 0, 2, 1, 0]
+    # each row equals its own student's exported single-student pipeline on the same noise
+    got = np.load(tmp_path / "images.npy")
+    for i, (prompt, k) in enumerate(zip(PROMPTS, report["routes"])):
+        single = load_pipeline(run / f"student_{k}" / "student")
+        want = single([prompt], timesteps=[399], guidance_scale=1.0, latents=latents[i:i + 1],
+                      output_type="np").images
+        assert np.abs(got[i] - want[0]).max() < 1e-4, (i, k)
+
+    logs: list[str] = []
+    again = distill(spec, REPO / "training" / "toy-msd.yaml", run, overrides=overrides, resume="latest",
+                    log=logs.append)
+    assert sum("finished earlier" in line for line in logs) == 4
+    assert [s["steps"] for s in again["students"]] == [2, 2, 2, 2]
+    assert json.loads((run / "msd_summary.json").read_text())["students"][0]["prompts"] == 36
