@@ -125,7 +125,11 @@ class NASAStableDiffusionPipeline(StableDiffusionPipeline):
                                     num_images_per_prompt=num_images_per_prompt,
                                     negative_prompt_embeds=negative_prompt_embeds, **kwargs)
         if negative_prompt_embeds is None:
-            n_prompts = 1 if isinstance(prompt, str) else len(prompt)
+            if prompt is None:
+                embeds = kwargs.get("prompt_embeds")
+                n_prompts = embeds.shape[0] // num_images_per_prompt if embeds is not None else 1
+            else:
+                n_prompts = 1 if isinstance(prompt, str) else len(prompt)
             if isinstance(negative_prompt, str):
                 negative_prompt = [negative_prompt] * n_prompts
             if len(negative_prompt) != n_prompts:
