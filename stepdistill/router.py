@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -124,10 +124,9 @@ def load_router(path: str | Path) -> Router:
     return router_from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
-def split_prompts(router: Router, prompts: Sequence[str],
-                  encode: Callable[[list[str]], torch.Tensor] | None = None) -> list[list[str]]:
-    """The prompts of each student (index k → the prompts routed to k); an empty subset is an error."""
-    embeds = encode(list(prompts)) if router.kind == "kmeans" and encode is not None else None
+def split_prompts(router: Router, prompts: Sequence[str], embeds: torch.Tensor | None = None) -> list[list[str]]:
+    """The prompts of each student (index k → the prompts routed to k; ``embeds``: the prompts' text-encoder hidden
+    states, needed by a k-means router); an empty subset is an error."""
     routes = router.route(list(prompts), embeds)
     subsets: list[list[str]] = [[] for _ in range(router.num_students)]
     for p, k in zip(prompts, routes):

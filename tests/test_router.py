@@ -45,3 +45,5 @@ def test_kmeans_router_recovers_separated_clusters_and_reloads(tmp_path):
     again = load_router(save_router(router, tmp_path / "r.json"))
     assert again.route([""] * 30, tokens) == routes.tolist()
     assert KMeansRouter.fit(tokens, 3, seed=0).route([""] * 30, tokens) == routes.tolist()  # deterministic fit
+    subsets = split_prompts(router, [str(i) for i in range(30)], tokens)
+    assert sorted(len(s) for s in subsets) == [10, 10, 10]

@@ -53,7 +53,8 @@ def export_multi_student(run_dir: Path, router, student_folders: Sequence[Path],
         raise ExportError(f"the students are conditioned at different timesteps {sorted(t)}")
     (timestep,) = t
     shared = load_pipeline(student_folders[0])
-    unets = [UNet2DConditionModel.from_pretrained(str(f / "unet"), local_files_only=True) for f in student_folders]
+    unets = [shared.unet] + [UNet2DConditionModel.from_pretrained(str(f / "unet"), local_files_only=True)
+                             for f in student_folders[1:]]
     tmp = out_dir.with_name(f".tmp_{out_dir.name}_{uuid.uuid4().hex[:8]}")
     try:
         pipe = MultiStudentPipeline(vae=shared.vae, text_encoder=shared.text_encoder, tokenizer=shared.tokenizer,

@@ -83,7 +83,7 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
                   allow_config_change: bool = False, log=print) -> dict[str, Any]:
     """Train every student of an MSD recipe in turn, then export the routed folder ``<out_dir>/student``."""
     from stepdistill.router import KMeansRouter, load_router, save_router, split_prompts
-    from stepdistill.training.run import distill, load_pipeline_spec
+    from stepdistill.training.run import distill, load_pipeline_spec, load_teacher
     from stepdistill.training.trainer import load_prompts
 
     recipe, out = Path(recipe), Path(out_dir)
@@ -97,24 +97,20 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
     config = load_recipe(base_recipe, overrides)  # errors name the key before anything trains
     prompts = load_prompts(config.prompts.source).prompts
     router_path = out / "router.json"
-    if resume and router_path.is_file():
-        router = load_router(router_path)  # a resumed run keeps the partition it started with
-    elif isinstance(spec, tuple):
-        from stepdistill.teacher import Teacher
-
-        teacher = Teacher.load(load_pipeline_spec(pipeline).teacher)
-        router = KMeansRouter.fit(teacher.encode_prompt(list(prompts), with_uncond=False), spec[1], seed=spec[2])
+    resumed_router = load_router(router_path) if resume and router_path.is_file() else None
+    embeds = None  # the training prompts' text embeddings, computed once, for a k-means router only
+    if isinstance(spec, tuple) or (resumed_router is not None and resumed_router.kind == "kmeans"):
+        teacher = load_teacher(load_pipeline_spec(pipeline))
+        embeds = teacher.encode_prompt(list(prompts), with_uncond=False)
         del teacher
+    if resumed_router is not None:
+        router = resumed_router  # a resumed run keeps the partition it started with
+    elif isinstance(spec, tuple):
+        router = KMeansRouter.fit(embeds, spec[1], seed=spec[2])
     else:
         router = spec
     save_router(router, router_path)
-    encode = None
-    if router.kind == "kmeans":
-        from stepdistill.teacher import Teacher
-
-        teacher = Teacher.load(load_pipeline_spec(pipeline).teacher)
-        encode = lambda ps: teacher.encode_prompt(ps, with_uncond=False)  # noqa: E731
-    subsets = split_prompts(router, prompts, encode)
+    subsets = split_prompts(router, prompts, embeds)
     t0 = time.time()
     students = []
     for k, subset in enumerate(subsets):

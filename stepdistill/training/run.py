@@ -156,12 +156,18 @@ def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[s
     return spec, config
 
 
+def load_teacher(spec: PipelineSpec):
+    """The teacher a pipeline spec names, in its dtype (and single-file config)."""
+    from stepdistill.teacher import Teacher
+
+    return Teacher.load(spec.teacher, dtype=DTYPES[spec.dtype], config=spec.single_file_config)
+
+
 def _build(spec: PipelineSpec, config):
     from stepdistill.objectives import build_objective
     from stepdistill.student import Generator, PhasedGenerator
-    from stepdistill.teacher import Teacher
 
-    teacher = Teacher.load(spec.teacher, dtype=DTYPES[spec.dtype], config=spec.single_file_config)
+    teacher = load_teacher(spec)
     if config.generator.experts:
         generator = PhasedGenerator.from_teacher(teacher, timesteps=tuple(config.generator.timesteps),
                                                  lora_rank=config.generator.lora_rank,
