@@ -24,6 +24,7 @@ All schedule arithmetic is delegated to :mod:`stepdistill.schedule`.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -125,14 +126,24 @@ class Generator(torch.nn.Module):
         lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
         dtype: torch.dtype = torch.float32,
         scaled_input_noise: bool = False,
+        init_unet: str | Path | None = None,
     ) -> "Generator":
         """Initialise from ``teacher.unet``: a full trainable copy (``lora_rank=None``) or a frozen copy with LoRA
         adapters of rank ``lora_rank`` (``lora_alpha`` defaults to the rank, i.e. scale 1). The teacher is untouched.
-        ``scaled_input_noise``: the first step's input is σ_{t₀}·z (SiD-LSG), see the module docstring."""
+        ``scaled_input_noise``: the first step's input is σ_{t₀}·z (SiD-LSG), see the module docstring.
+        ``init_unet``: start from the UNet saved in this diffusers folder instead (e.g. a smaller MSD student after
+        its TSM stage); it must take the teacher's latents and text embeddings."""
+        source = teacher.unet
+        if init_unet is not None:
+            folder = Path(init_unet)
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"init_unet: {folder / 'config.json'} not found (a diffusers UNet folder "
+                                        "written by save_pretrained is needed)")
+            source = type(teacher.unet).from_pretrained(folder, local_files_only=True)
         if lora_rank is None:
-            unet = copy_unet(teacher.unet, dtype=dtype, trainable=True)
+            unet = copy_unet(source, dtype=dtype, trainable=True)
         else:
-            unet = copy_unet(teacher.unet, dtype=dtype, trainable=False)
+            unet = copy_unet(source, dtype=dtype, trainable=False)
             add_lora(unet, lora_rank, lora_alpha, lora_targets)
             unet.train()
         return cls(unet, teacher.schedule, timesteps, lora_rank, scaled_input_noise=scaled_input_noise)

@@ -87,3 +87,100 @@ def test_msd_trains_one_student_per_shape_exports_a_routed_folder_and_resumes(tm
     assert sum("finished earlier" in line for line in logs) == 4
     assert [s["steps"] for s in again["students"]] == [2, 2, 2, 2]
     assert json.loads((run / "msd_summary.json").read_text())["students"][0]["prompts"] == 36
+
+
+def test_tsm_loss_gradient_matches_the_formula_computed_by_hand():
+    """L_TSM = mean ‖ε_θ(x_t, t, c) − ε_teacher(x_t, t, c)‖², x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε: the gradient on a tiny
+    narrower UNet equals the one computed from the scheduler's ᾱ and raw UNet calls."""
+    from stepdistill.teacher import Teacher
+    from stepdistill.training.tsm import narrow_unet, tsm_loss
+
+    teacher = Teacher(make_tiny_sd_pipeline())
+    student = narrow_unet(teacher.unet, {"block_out_channels": [32, 32]})
+    assert list(student.config.block_out_channels) == [32, 32]
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    t = torch.tensor([10, 500, 990])
+    embeds = teacher.encode_prompt(PROMPTS[:3], with_uncond=False)
+    loss = tsm_loss(student, teacher, x0, noise, t, embeds)
+    got = torch.autograd.grad(loss, list(student.parameters()))
+
+    acp = teacher.pipeline.scheduler.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+    x_t = (acp.sqrt() * x0.double() + (1 - acp).sqrt() * noise.double()).float()
+    with torch.no_grad():
+        target = teacher.unet(x_t, t, encoder_hidden_states=embeds.cond).sample
+    pred = student(x_t, t, encoder_hidden_states=embeds.cond).sample
+    want = torch.autograd.grad(((pred - target) ** 2).mean(), list(student.parameters()))
+    assert abs(loss.item() - ((pred - target) ** 2).mean().item()) < 1e-5
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_narrow_unet_refuses_a_config_that_cannot_be_built():
+    import pytest
+
+    from stepdistill.teacher import Teacher
+    from stepdistill.training.tsm import narrow_unet
+
+    unet = Teacher(make_tiny_sd_pipeline()).unet
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        narrow_unet(unet, {"block_out_channels": [16, 32]})
+    with pytest.raises(ValueError, match="not a key"):
+        narrow_unet(unet, {"block_channels": [32, 32]})
+
+
+def test_smaller_students_run_tsm_then_dmd2_from_their_own_narrow_unet(tmp_path):
+    """student_unet + tsm: each student is a narrower UNet, trained by TSM (saved as tsm_unet), then distilled from it
+    (generator.init_unet); the routed export holds the narrow UNets and runs; a rerun reuses the TSM stage."""
+    import yaml
+
+    from stepdistill.training.run import distill
+
+    make_tiny_sd_pipeline(tmp_path / "teacher")
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    recipe = yaml.safe_load((REPO / "training" / "toy-msd-small.yaml").read_text())
+    recipe["multi_student"]["student_unet"] = {"block_out_channels": [32, 32]}
+    recipe["multi_student"]["tsm"] = {"steps": 3, "batch_size": 2, "data": "teacher", "teacher_samples": 4,
+                                      "teacher_steps": 2}
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(recipe))
+    overrides = ["train.max_steps=2", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
+                 "objective_config.aux_updates_per_generator_update=1", "objective_config.ode_warmup_steps=1",
+                 "objective_config.regression_pairs=4", "objective_config.regression_steps=2",
+                 "objective_config.gan_enabled=false"]
+    summary = distill(spec, tmp_path / "small.yaml", tmp_path / "run", overrides=overrides)
+    run = tmp_path / "run"
+    for k, s in enumerate(summary["students"]):
+        assert s["tsm"]["steps"] == 3 and s["tsm"]["data"] == "teacher"
+        assert s["tsm"]["parameters"] < s["tsm"]["teacher_parameters"]
+        config = json.loads((run / f"student_{k}" / "student" / "unet" / "config.json").read_text())
+        assert config["block_out_channels"] == [32, 32]
+        run_config = yaml.safe_load((run / f"student_{k}" / "run_config.yaml").read_text())
+        assert run_config["generator"]["init_unet"] == str(run / f"student_{k}" / "tsm_unet")
+    latents = torch.randn(len(PROMPTS), 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "latents.npy", latents.numpy())
+    spec_run = {"folder": summary["student"], "prompts": PROMPTS, "latents": str(tmp_path / "latents.npy"),
+                "images": str(tmp_path / "images.npy"), "report": str(tmp_path / "report.json")}
+    report = run_without_stepdistill(_RUNNER, spec_run, tmp_path)
+    assert report["students"] == 4 and np.isfinite(np.load(tmp_path / "images.npy")).all()
+
+    (run / "student_2" / "distill_summary.json").unlink()  # student 2 was interrupted after its TSM stage
+    logs: list[str] = []
+    distill(spec, tmp_path / "small.yaml", run, overrides=overrides, resume="latest", log=logs.append)
+    assert sum("TSM done earlier" in line for line in logs) == 1
+
+
+def test_sd15_msd_recipe_trains_a_step_per_kmeans_student(tmp_path):
+    """training/msd.yaml (SD1.5 DMD2 values, k-means router) runs end to end on a tiny teacher."""
+    from stepdistill.training.run import distill
+
+    make_tiny_sd_pipeline(tmp_path / "teacher")
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    overrides = ["train.max_steps=1", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
+                 "train.mixed_precision=no", "train.gradient_checkpointing=false", "prompts.source=toy",
+                 "objective_config.aux_updates_per_generator_update=1"]
+    summary = distill(spec, REPO / "training" / "msd.yaml", tmp_path / "run", overrides=overrides, export=False)
+    assert summary["router"] == {"kind": "kmeans", "num_students": 4}
+    assert len(summary["students"]) == 4 and all(s["steps"] == 1 for s in summary["students"])
+    assert sum(s["prompts"] for s in summary["students"]) == 144

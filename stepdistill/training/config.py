@@ -3,7 +3,7 @@
 A recipe is a YAML mapping with the sections below; every key is optional except ``objective``::
 
     generator:        {timesteps: [999], lora_rank: null, lora_alpha: null, scaled_input_noise: false,
-                       experts: false}
+                       experts: false, init_unet: null}
     optimizer:        {generator_lr: 1.0e-5, aux_lr: 1.0e-5, betas: [0.9, 0.999], weight_decay: 0.01, eps: 1.0e-8,
                        warmup_generator_lr: null}
     train:            {batch_size: 4, max_steps: 1000, grad_accum: 1, grad_clip: 1.0, mixed_precision: "no",
@@ -60,6 +60,7 @@ class GeneratorConfig:
     lora_alpha: float | None = None  # LoRA scale alpha/rank; null: alpha = rank
     scaled_input_noise: bool = False  # first step's input σ_{t0}·z instead of z (SiD-LSG's SD convention)
     experts: bool = False  # one expert per step (Phased DMD): full UNet copies, or LoRA adapters with lora_rank
+    init_unet: str | None = None  # a diffusers UNet folder to start from instead of the teacher's (MSD after TSM)
 
 
 @dataclass
@@ -272,6 +273,12 @@ def validate(config: RunConfig, file: str | None = None) -> RunConfig:
         fail("generator.lora_alpha", f"must be > 0 (or null for alpha = rank), got {g.lora_alpha}")
     if g.experts and g.scaled_input_noise:
         fail("generator.experts", "phase experts start from pure noise z; set scaled_input_noise: false")
+    if g.init_unet is not None:
+        if g.experts:
+            fail("generator.init_unet", "phase experts start from the teacher; set init_unet: null")
+        if not (Path(g.init_unet) / "config.json").is_file():
+            fail("generator.init_unet", f"{g.init_unet} is not a diffusers UNet folder (no config.json there); give "
+                 "the folder a UNet was saved to with save_pretrained, or null to start from the teacher")
 
     o = config.optimizer
     for name in ("generator_lr", "aux_lr", "eps"):

@@ -13,10 +13,19 @@ for the GAN, which real images) each student sees and what the exported student 
       patterns: [circle, square, triangle, cross]   # keyword: one case-insensitive regex per student
       num_students: 4          # kmeans only (keyword: len(patterns))
       seed: 0                  # kmeans only
+      student_unet: {block_out_channels: [64, 64, 128]}   # optional: smaller students (teacher UNet config overrides)
+      tsm: {steps: 400, batch_size: 64, lr: 5.0e-4, data: auto}  # their TSM stage (see stepdistill.training.tsm)
 
 The rest of the recipe is the per-student recipe (``train.max_steps`` is *per student*: K × max_steps updates in all).
 Students train in turn; a rerun with ``--resume latest`` skips finished students (their ``distill_summary.json``) and
-resumes the interrupted one from its latest checkpoint. Not yet here: smaller students (narrower UNets with TSM first).
+resumes the interrupted one from its latest checkpoint.
+
+Smaller students (``student_unet``): each starts as a freshly initialised UNet of the teacher's config with these
+overrides, trained by teacher score matching (:mod:`stepdistill.training.tsm`, saved to ``student_<k>/tsm_unet``) on
+its prompts, then distilled as above from that UNet (``generator.init_unet``); its fake score and GAN head still start
+from the teacher. ``tsm.data``: ``real`` (toy-world images of the student's prompts), ``teacher`` (the teacher's DDIM
+samples, ``tsm.teacher_samples`` of them at ``tsm.teacher_steps`` steps and CFG ``tsm.teacher_guidance``) or
+``auto`` (real for toy prompts, else teacher).
 """
 
 from __future__ import annotations
@@ -26,10 +35,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 
 SECTION = "multi_student"
-KEYS = {"router", "patterns", "num_students", "seed"}
+KEYS = {"router", "patterns", "num_students", "seed", "student_unet", "tsm"}
+TSM_DEFAULTS = {"steps": 400, "batch_size": 64, "lr": 5.0e-4, "data": "auto", "teacher_samples": 512,
+                "teacher_steps": 25, "teacher_guidance": 3.0}
 
 
 def is_multi_student(recipe: str | Path) -> bool:
@@ -60,6 +72,76 @@ def _router_spec(section: Any, recipe: str):
     raise ConfigError(f"{SECTION}.router", f"must be 'keyword' or 'kmeans', got {kind!r}", recipe)
 
 
+def _small_spec(section: dict, recipe: str) -> tuple[dict | None, dict]:
+    """(UNet config overrides or None, TSM settings) of an MSD section, validated."""
+    from stepdistill.training.config import ConfigError
+
+    overrides = section.get("student_unet")
+    if overrides is not None and (not isinstance(overrides, dict) or not overrides):
+        raise ConfigError(f"{SECTION}.student_unet", "must map teacher UNet config keys to new values, e.g. "
+                          "{block_out_channels: [64, 64, 128]}", recipe)
+    tsm = section.get("tsm") or {}
+    if not isinstance(tsm, dict):
+        raise ConfigError(f"{SECTION}.tsm", "must be a mapping (steps, batch_size, lr, data, ...)", recipe)
+    if tsm and overrides is None:
+        raise ConfigError(f"{SECTION}.tsm", "TSM is for smaller students: set student_unet too", recipe)
+    unknown = sorted(set(tsm) - set(TSM_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{SECTION}.tsm.{unknown[0]}", f"unknown key (allowed: {', '.join(TSM_DEFAULTS)})", recipe)
+    tsm = {**TSM_DEFAULTS, **tsm}
+    for key in ("steps", "batch_size", "teacher_samples", "teacher_steps"):
+        if not isinstance(tsm[key], int) or isinstance(tsm[key], bool) or tsm[key] < 1:
+            raise ConfigError(f"{SECTION}.tsm.{key}", f"must be a positive integer, got {tsm[key]!r}", recipe)
+    try:
+        tsm["lr"], tsm["teacher_guidance"] = float(tsm["lr"]), float(tsm["teacher_guidance"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"{SECTION}.tsm.lr", "lr and teacher_guidance must be numbers", recipe) from None
+    if tsm["data"] not in ("auto", "real", "teacher"):
+        raise ConfigError(f"{SECTION}.tsm.data", f"must be auto, real or teacher, got {tsm['data']!r}", recipe)
+    return overrides, tsm
+
+
+def _run_tsm(pipeline, student_run: Path, subset: Sequence[str], unet_overrides: dict, tsm: dict, seed: int,
+             log) -> dict:
+    """The TSM stage of one smaller student: ``student_run/tsm_unet`` (skipped when it is already there)."""
+    from stepdistill.training.run import _all_toy, load_pipeline_spec, load_teacher, toy_real_latents
+    from stepdistill.training.trainer import PromptSource
+    from stepdistill.training.tsm import narrow_unet, train_tsm
+
+    folder = student_run / "tsm_unet"
+    if (folder / "config.json").is_file():
+        log(f"[msd] {student_run.name}: TSM done earlier ({folder}), reused")
+        return json.loads((folder / "tsm_summary.json").read_text(encoding="utf-8"))
+    spec = load_pipeline_spec(pipeline)
+    teacher = load_teacher(spec)
+    from accelerate import PartialState
+
+    teacher.to(PartialState().device)
+    unet = narrow_unet(teacher.unet, unet_overrides)  # a bad config fails here, before any teacher sampling
+    prompts = PromptSource(list(subset), str(student_run / "prompts.txt"))
+    data = tsm["data"] if tsm["data"] != "auto" else ("real" if _all_toy(subset) else "teacher")
+    if data == "real":
+        source = toy_real_latents(teacher, seed, prompts)
+    else:
+        from stepdistill.objectives.regression import make_regression_pairs
+
+        chosen = prompts.sample(tsm["teacher_samples"], torch.Generator().manual_seed(seed + 31))
+        pairs = make_regression_pairs(teacher, chosen, num_steps=tsm["teacher_steps"],
+                                      guidance=tsm["teacher_guidance"],
+                                      generator=torch.Generator().manual_seed(seed + 32), batch_size=64, progress=True)
+        latents = pairs.latents.float()
+
+        def source(n: int, rng: torch.Generator):
+            idx = torch.randint(len(chosen), (n,), generator=rng)
+            return latents[idx.to(latents.device)], [chosen[i] for i in idx.tolist()]
+    summary = train_tsm(teacher, unet, prompts, source, folder, steps=tsm["steps"], batch_size=tsm["batch_size"],
+                        lr=tsm["lr"], seed=seed, log=log)
+    summary["data"] = data
+    summary["teacher_parameters"] = sum(p.numel() for p in teacher.unet.parameters())
+    (folder / "tsm_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
 def _last_losses(run: Path) -> dict[str, float]:
     """The last logged value of every loss of a student run (its ``logs/metrics.csv``)."""
     import csv
@@ -88,7 +170,10 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
 
     recipe, out = Path(recipe), Path(out_dir)
     data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
-    spec = _router_spec(data.pop(SECTION), str(recipe))
+    section = data.pop(SECTION)
+    spec = _router_spec({k: v for k, v in section.items() if k not in ("student_unet", "tsm")}
+                        if isinstance(section, dict) else section, str(recipe))
+    unet_overrides, tsm = _small_spec(section, str(recipe))
     out.mkdir(parents=True, exist_ok=True)
     base_recipe = out / "student_recipe.yaml"
     base_recipe.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
@@ -101,7 +186,7 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
     embeds = None  # the training prompts' text embeddings, computed once, for a k-means router only
     if isinstance(spec, tuple) or (resumed_router is not None and resumed_router.kind == "kmeans"):
         teacher = load_teacher(load_pipeline_spec(pipeline))
-        embeds = teacher.encode_prompt(list(prompts), with_uncond=False)
+        embeds = teacher.encode_prompt(list(prompts), with_uncond=False).cond  # (N, L, D) hidden states
         del teacher
     if resumed_router is not None:
         router = resumed_router  # a resumed run keeps the partition it started with
@@ -118,6 +203,8 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
         run.mkdir(parents=True, exist_ok=True)
         (run / "prompts.txt").write_text("\n".join(subset) + "\n", encoding="utf-8")
         summary_path = run / "distill_summary.json"
+        tsm_file = run / "tsm_unet" / "tsm_summary.json"
+        tsm_summary = json.loads(tsm_file.read_text(encoding="utf-8")) if tsm_file.is_file() else None
         if resume and summary_path.is_file():
             log(f"[msd] student {k}: finished earlier ({len(subset)} prompts), skipped")
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -125,12 +212,16 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
             has_ckpt = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
             log(f"[msd] student {k} of {len(subsets)}: {len(subset)} prompts" + (" (resumed)" if has_ckpt and resume
                                                                                    else ""))
-            summary = distill(pipeline, base_recipe, run, overrides=[*overrides, f"prompts.source={run / 'prompts.txt'}"],
+            extra = [f"prompts.source={run / 'prompts.txt'}"]
+            if unet_overrides is not None:
+                tsm_summary = _run_tsm(pipeline, run, subset, unet_overrides, tsm, config.train.seed + k, log)
+                extra.append(f"generator.init_unet={run / 'tsm_unet'}")
+            summary = distill(pipeline, base_recipe, run, overrides=[*overrides, *extra],
                               resume=resume if has_ckpt else None, export=export, overwrite=overwrite,
                               allow_config_change=allow_config_change, log=log)
         students.append({"student": k, "prompts": len(subset), "example_prompt": subset[0],
                          "steps": summary.get("steps"), "seconds": summary.get("total_seconds"),
-                         "final_losses": _last_losses(run)})
+                         "final_losses": _last_losses(run), **({"tsm": tsm_summary} if tsm_summary else {})})
     result: dict[str, Any] = {"students": students, "router": router.to_dict() if router.kind == "keyword"
                               else {"kind": "kmeans", "num_students": router.num_students},
                               "total_seconds": round(time.time() - t0, 1)}

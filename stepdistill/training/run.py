@@ -176,7 +176,8 @@ def _build(spec: PipelineSpec, config):
         generator = Generator.from_teacher(teacher, timesteps=tuple(config.generator.timesteps),
                                            lora_rank=config.generator.lora_rank,
                                            lora_alpha=config.generator.lora_alpha,
-                                           scaled_input_noise=config.generator.scaled_input_noise)
+                                           scaled_input_noise=config.generator.scaled_input_noise,
+                                           init_unet=config.generator.init_unet)
     objective = build_objective(config.objective, teacher, generator, config.objective_config)
     return teacher, generator, objective
 
