@@ -342,3 +342,100 @@ class PhasedGenerator(Generator):
             if k + 1 == self.num_steps:
                 return x0, x0
             return self.next_input(x0, x_in, k + 1), x0
+
+
+class TeacherSamplerGenerator(Generator):
+    """A guidance-distilled student (CFG distillation, LoRA-enhanced distillation): a denoiser that predicts *without*
+    CFG what the teacher predicts with it, sampled by DDIM (η = 0) on the teacher's noise schedule — diffusers'
+    ``DDIMScheduler.from_config(teacher scheduler config)``, the toy teacher's own sampler — in ``num_inference_steps``
+    steps with one UNet pass per step: the teacher's sampler at half its NFE, not a few-step generator. ``timesteps``
+    are that scheduler's timesteps; the export ships that scheduler. With ``share_base`` (LoRA only) the LoRA adapters sit on the teacher's own UNet — one UNet in
+    memory; the teacher is then evaluated with the adapters disabled (:meth:`teacher_unet_mode`)."""
+
+    def __init__(self, unet: torch.nn.Module, schedule: NoiseSchedule, scheduler, num_inference_steps: int,
+                 lora_rank: int | None = None, share_base: bool = False) -> None:
+        from diffusers import DDIMScheduler
+
+        self.scheduler_template = DDIMScheduler.from_config(scheduler.config)
+        probe = self._fresh_scheduler(num_inference_steps)
+        super().__init__(unet, schedule, [int(t) for t in probe.timesteps], lora_rank)
+        self.num_inference_steps = int(num_inference_steps)
+        self.share_base = bool(share_base)
+
+    @classmethod
+    def from_teacher(cls, teacher, num_inference_steps: int = 25, lora_rank: int | None = None,  # type: ignore[override]
+                     lora_alpha: float | None = None, lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+                     share_base: bool = False, dtype: torch.dtype = torch.float32) -> "TeacherSamplerGenerator":
+        """A full trainable copy of the teacher's UNet, a frozen copy with LoRA, or (``share_base``) LoRA on the
+        teacher's own UNet (``teacher.unet`` then carries the adapters; the teacher must be float32 to train them)."""
+        if share_base:
+            if lora_rank is None:
+                raise ValueError("share_base needs a LoRA student (set generator.lora_rank)")
+            unet = teacher.unet
+            add_lora(unet, lora_rank, lora_alpha, lora_targets)
+            for p in trainable_parameters(unet):  # adapters train in float32 even on a half-precision base
+                p.data = p.data.float()
+        elif lora_rank is None:
+            unet = copy_unet(teacher.unet, dtype=dtype, trainable=True)
+        else:
+            unet = copy_unet(teacher.unet, dtype=dtype, trainable=False)
+            add_lora(unet, lora_rank, lora_alpha, lora_targets)
+            unet.train()
+        return cls(unet, teacher.schedule, teacher.pipeline.scheduler, num_inference_steps, lora_rank, share_base)
+
+    def _fresh_scheduler(self, num_inference_steps: int | None = None):
+        import copy as _copy
+
+        scheduler = _copy.deepcopy(self.scheduler_template)  # DDIM keeps no state between steps; a copy is cheap
+        scheduler.set_timesteps(int(num_inference_steps or self.num_inference_steps))
+        return scheduler
+
+    def teacher_unet_mode(self):
+        """Context in which ``teacher.unet`` is the teacher: the adapters disabled when the base is shared (else a
+        no-op, the teacher's UNet carries no adapters)."""
+        import contextlib
+
+        if not self.share_base:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def disabled():
+            self.unet.disable_adapters()
+            try:
+                yield
+            finally:
+                self.unet.enable_adapters()
+
+        return disabled()
+
+    def rollout(self, noise: torch.Tensor, embeds, stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's own sampler without gradient (the on-policy states): from ``noise`` run the teacher's scheduler
+        with the student's conditional prediction and return, for each row i, the state *before* step ``stop[i]`` and
+        its timestep ``(x_t, t)`` (``stop[i] = 0``: the initial noisy latent)."""
+        from stepdistill.teacher import unet_forward
+
+        scheduler = self._fresh_scheduler()
+        stop = stop.to(noise.device).long()
+        x = noise
+        states, ts = x.clone(), torch.full_like(stop, int(scheduler.timesteps[0]))
+        with torch.no_grad():
+            for i, t in enumerate(scheduler.timesteps):
+                here = stop == i
+                states[here], ts[here] = x[here], int(t)
+                if i >= int(stop.max()):
+                    break
+                out = unet_forward(self.unet, x, int(t), embeds, guidance_scale=1.0)
+                x = scheduler.step(out, t, x, return_dict=False)[0]
+        return states, ts
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, embeds, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Inference as the exported pipeline does it: the teacher's scheduler, guidance 1, one pass per step."""
+        from stepdistill.teacher import unet_forward
+
+        scheduler = self._fresh_scheduler()
+        x = noise
+        for t in scheduler.timesteps:
+            out = unet_forward(self.unet, x, int(t), embeds, guidance_scale=1.0)
+            x = scheduler.step(out, t, x, return_dict=False)[0]
+        return x

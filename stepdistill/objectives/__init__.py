@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, resolve_config  # noqa: F401
+from stepdistill.objectives.cfg_distill import CFGDistill
 from stepdistill.objectives.dmd import DMD
 from stepdistill.objectives.regression import RegressionPairs, make_regression_pairs
 from stepdistill.objectives.dmd2 import DMD2
@@ -17,6 +18,7 @@ from stepdistill.objectives.sid import SiD
 from stepdistill.objectives.vsd import VSD
 
 OBJECTIVES: dict[str, type[Objective]] = {
+    "cfg_distill": CFGDistill,
     "dmd": DMD,
     "dmd2": DMD2,
     "phased_dmd": PhasedDMD,

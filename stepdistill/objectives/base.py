@@ -200,6 +200,12 @@ class Objective(torch.nn.Module):
         return 1
 
     @classmethod
+    def needs_teacher_sampler(cls) -> bool:
+        """Whether the student is a guidance-distilled denoiser sampled by the teacher's scheduler
+        (``generator.teacher_sampler_steps``), not a few-step generator."""
+        return False
+
+    @classmethod
     def needs_phase_experts(cls) -> bool:
         """Whether the generator must hold one expert per step (``generator.experts: true``)."""
         return False

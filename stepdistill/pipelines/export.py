@@ -56,6 +56,10 @@ SCALED_LCM_MODULE = "scheduling_scaled_lcm"
 SCALED_LCM_CLASS = "ScaledNoiseLCMScheduler"
 
 
+#: methods whose student is a guidance-distilled denoiser sampled by DDIM (its card describes it so)
+GUIDANCE_DISTILLED_METHODS = ("cfg_distill",)
+
+
 @dataclasses.dataclass
 class SchedulerPlan:
     """The exported scheduler and how the student is called: ``default_call_ok`` says whether
@@ -280,8 +284,13 @@ def _card(
         "",
         f"A {'one' if n == 1 else f'{n}'}-step text-to-image generator distilled with **{method}** by "
         f"stepdistill from `{base_model}` ({family}, {prediction_type} prediction). "
-        f"It samples at timesteps {timesteps}: the UNet maps {first_input} at t={timesteps[0]} to an image latent"
-        + (" and, between steps, the prediction is re-noised with fresh noise to the next timestep." if n > 1 else "."),
+        + (f"It is a guidance-distilled denoiser: it predicts without classifier-free guidance what the teacher "
+           f"predicts with it, and samples with the teacher's noise schedule by {sched_name} in {n} steps at one UNet "
+           "pass per step (the teacher needs two), guidance_scale=1.0."
+           if method in GUIDANCE_DISTILLED_METHODS else
+           f"It samples at timesteps {timesteps}: the UNet maps {first_input} at t={timesteps[0]} to an image latent"
+           + (" and, between steps, the prediction is re-noised with fresh noise to the next timestep." if n > 1
+              else ".")),
         "",
         "## Usage",
         "",
@@ -474,7 +483,11 @@ def export_student(
     is_lora = bool(getattr(generator, "is_lora", False)) or _has_lora(unet)
 
     scaled = bool(getattr(generator, "scaled_input_noise", False))
-    plan = student_scheduler(pipeline.scheduler, timesteps, scaled_input_noise=scaled)
+    guidance_distilled = hasattr(generator, "rollout")  # TeacherSamplerGenerator: DDIM at guidance 1, N steps
+    if guidance_distilled:
+        plan = SchedulerPlan(generator._fresh_scheduler(), default_call_ok=True)
+    else:
+        plan = student_scheduler(pipeline.scheduler, timesteps, scaled_input_noise=scaled)
     scheduler = plan.scheduler
     reference = getattr(teacher, "schedule", None)
     if reference is not None:

@@ -3,7 +3,8 @@
 A recipe is a YAML mapping with the sections below; every key is optional except ``objective``::
 
     generator:        {timesteps: [999], lora_rank: null, lora_alpha: null, scaled_input_noise: false,
-                       experts: false, init_unet: null}
+                       experts: false, init_unet: null,
+                       teacher_sampler_steps: null, share_teacher_base: false}
     optimizer:        {generator_lr: 1.0e-5, aux_lr: 1.0e-5, betas: [0.9, 0.999], weight_decay: 0.01, eps: 1.0e-8,
                        warmup_generator_lr: null}
     train:            {batch_size: 4, max_steps: 1000, grad_accum: 1, grad_clip: 1.0, mixed_precision: "no",
@@ -61,6 +62,8 @@ class GeneratorConfig:
     scaled_input_noise: bool = False  # first step's input σ_{t0}·z instead of z (SiD-LSG's SD convention)
     experts: bool = False  # one expert per step (Phased DMD): full UNet copies, or LoRA adapters with lora_rank
     init_unet: str | None = None  # a diffusers UNet folder to start from instead of the teacher's (MSD after TSM)
+    teacher_sampler_steps: int | None = None  # guidance-distilled denoiser sampled by DDIM in N steps (cfg_distill)
+    share_teacher_base: bool = False  # LoRA on the teacher's own UNet (LoRA-enhanced distillation): one UNet in memory
 
 
 @dataclass
@@ -273,6 +276,15 @@ def validate(config: RunConfig, file: str | None = None) -> RunConfig:
         fail("generator.lora_alpha", f"must be > 0 (or null for alpha = rank), got {g.lora_alpha}")
     if g.experts and g.scaled_input_noise:
         fail("generator.experts", "phase experts start from pure noise z; set scaled_input_noise: false")
+    if g.teacher_sampler_steps is not None:
+        if g.teacher_sampler_steps < 1:
+            fail("generator.teacher_sampler_steps", f"must be >= 1 (or null), got {g.teacher_sampler_steps}")
+        if g.experts or g.init_unet is not None or g.scaled_input_noise:
+            fail("generator.teacher_sampler_steps", "a guidance-distilled student starts from the teacher and is "
+                 "sampled by DDIM: set experts: false, init_unet: null, scaled_input_noise: false")
+    if g.share_teacher_base and (g.lora_rank is None or g.teacher_sampler_steps is None):
+        fail("generator.share_teacher_base", "shares the teacher's UNet under LoRA adapters: it needs lora_rank and "
+             "teacher_sampler_steps (objective cfg_distill)")
     if g.init_unet is not None:
         if g.experts:
             fail("generator.init_unet", "phase experts start from the teacher; set init_unet: null")

@@ -143,6 +143,10 @@ def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[s
     if config.train.max_steps < need:
         raise ConfigError("train.max_steps", f"must be at least {need} for {config.objective} with this objective_config "
                           f"(every phase must run), got {config.train.max_steps}", str(recipe))
+    if cls.needs_teacher_sampler() != (config.generator.teacher_sampler_steps is not None):
+        problem = ("must be set (e.g. 25) for objective " if cls.needs_teacher_sampler()
+                   else "must be null (it is for guidance distillation, objective cfg_distill) for objective ")
+        raise ConfigError("generator.teacher_sampler_steps", problem + config.objective, str(recipe))
     if cls.needs_phase_experts() != bool(config.generator.experts):
         want = "true" if cls.needs_phase_experts() else "false"
         raise ConfigError("generator.experts", f"must be {want} for objective {config.objective}", str(recipe))
@@ -165,10 +169,15 @@ def load_teacher(spec: PipelineSpec):
 
 def _build(spec: PipelineSpec, config):
     from stepdistill.objectives import build_objective
-    from stepdistill.student import Generator, PhasedGenerator
+    from stepdistill.student import Generator, PhasedGenerator, TeacherSamplerGenerator
 
     teacher = load_teacher(spec)
-    if config.generator.experts:
+    if config.generator.teacher_sampler_steps is not None:
+        generator = TeacherSamplerGenerator.from_teacher(teacher, config.generator.teacher_sampler_steps,
+                                                         lora_rank=config.generator.lora_rank,
+                                                         lora_alpha=config.generator.lora_alpha,
+                                                         share_base=config.generator.share_teacher_base)
+    elif config.generator.experts:
         generator = PhasedGenerator.from_teacher(teacher, timesteps=tuple(config.generator.timesteps),
                                                  lora_rank=config.generator.lora_rank,
                                                  lora_alpha=config.generator.lora_alpha)

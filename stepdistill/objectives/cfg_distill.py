@@ -1,0 +1,93 @@
+"""CFG distillation: a student *without* classifier-free guidance learns the teacher's *guided* prediction, so sampling
+needs one UNet pass per step instead of two (Cideron et al., "Diversity-Rewarded CFG Distillation", ICLR 2025,
+arXiv:2410.06084, §3.1; no code released. LoRA-Enhanced Distillation, Golnari 2023, arXiv:2312.06899, is the same loss
+with a LoRA student that shares the teacher's frozen base: ``generator.share_teacher_base``).
+
+Generator update (``generator_loss``), on states x_t at the student's sampling timesteps t ∈ {t_0 > … > t_{N−1}} (the
+N-step DDIM schedule of :class:`~stepdistill.student.TeacherSamplerGenerator`)::
+
+    L(θ) = E ‖ out_θ(x_t, t, c) − sg( out(x_t, t, ∅) + w·(out(x_t, t, c) − out(x_t, t, ∅)) ) ‖²
+
+(raw model outputs, ε or v, mean over elements; the teacher's combination is ``unet_forward`` at CFG ``w``).
+Where x_t comes from (``states``):
+- ``on_policy`` (the paper): each row draws a step k ~ U{0 … N−1} and x_t is the state of the student's *own* sampler
+  before step k, run from z without gradient (guidance 1) — the states the student will meet at inference;
+- ``noised_real``: x_t = a_t·x₀ + σ_t·ε with x₀ real images (the toy world's; ``Batch.real_latents``) and t drawn
+  uniformly from the N sampling timesteps — cheaper (no roll-out), off-policy.
+The paper's student is initialised from the teacher and its sampler is the teacher's; the paper's t is the sampling
+position (autoregressive tokens); here the N DDIM timesteps. No auxiliary network.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_number
+
+
+class CFGDistill(Objective):
+    name = "cfg_distill"
+    DEFAULTS = {
+        "guidance_scale": 3.0,  # the teacher's CFG scale w that the student absorbs
+        "states": "on_policy",  # or noised_real (see the module docstring)
+        "aux_updates_per_generator_update": 1,  # unused: no auxiliary network (kept for the shared validation)
+    }
+
+    def __init__(self, teacher, generator, config=None) -> None:
+        super().__init__(teacher, generator, config)
+        if not hasattr(generator, "rollout"):
+            raise ValueError("cfg_distill needs a guidance-distilled student sampled by the teacher's scheduler: set "
+                             "generator.teacher_sampler_steps (e.g. 25) in the recipe")
+        self.aux_updates_per_generator_update = 0
+
+    @classmethod
+    def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
+        super().validate_config(cfg, num_train_timesteps)
+        check_number(cls.name, "guidance_scale", cfg["guidance_scale"], low=1.0)
+        if cfg["states"] not in ("on_policy", "noised_real"):
+            raise ObjectiveConfigError(cls.name, "states", f"must be on_policy or noised_real, got {cfg['states']!r}")
+
+    @classmethod
+    def real_images_needed(cls, cfg) -> bool:
+        return cfg["states"] == "noised_real"
+
+    @classmethod
+    def needs_teacher_sampler(cls) -> bool:
+        return True
+
+    def auxiliary_active(self) -> bool:
+        return False
+
+    def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
+        return {}
+
+    def auxiliary_loss(self, batch: Batch, **overrides):
+        raise RuntimeError("cfg_distill has no auxiliary network")
+
+    def states(self, batch: Batch, stop: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, t) per row, as ``config['states']`` says; ``stop`` (step indices) and ``noise`` replace the draws."""
+        gen = self.generator
+        n, device = batch.noise.shape[0], batch.noise.device
+        if stop is None:
+            stop = torch.randint(0, gen.num_steps, (n,)).to(device)
+        if self.config["states"] == "on_policy":
+            return gen.rollout(batch.noise, batch.embeds, stop)
+        if batch.real_latents is None:
+            raise ValueError("cfg_distill with states: noised_real needs Batch.real_latents (real images)")
+        x0 = batch.real_latents.to(batch.noise)
+        t = torch.as_tensor(gen.timesteps, device=device)[stop.to(device)]
+        eps = torch.randn_like(x0) if noise is None else noise
+        return self.schedule.add_noise(x0, eps, t), t
+
+    def generator_loss(self, batch: Batch, stop: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                       **overrides) -> tuple[torch.Tensor, dict[str, float]]:
+        from stepdistill.teacher import unet_forward
+
+        x_t, t = self.states(batch, stop, noise)
+        w = float(self.config["guidance_scale"])
+        with self.generator.teacher_unet_mode(), torch.no_grad():
+            target = unet_forward(self.teacher.unet, x_t, t, batch.embeds, guidance_scale=w).float()
+        student = unet_forward(self.generator.unet, x_t, t, batch.embeds, guidance_scale=1.0).float()
+        loss = torch.mean((student - target) ** 2)
+        return loss, {"cfg_mse": float(loss.detach()), "t_mean": float(t.float().mean())}
