@@ -118,6 +118,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from stepdistill.pipelines.merge import merge_students, merge_sweep
+
+    if (args.alpha is None) == (args.sweep is None):
+        raise SystemExit("stepdistill merge: give exactly one of --alpha λ or --sweep λ1,λ2,...")
+    if args.alpha is not None:
+        path = merge_students(args.a, args.b, args.alpha, args.out)
+        print(f"wrote the merged student (λ = {args.alpha}) to {path}")
+        return 0
+    try:
+        alphas = [float(x) for x in args.sweep.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"stepdistill merge: --sweep takes comma-separated numbers, got {args.sweep!r}") from None
+    template = args.suite if args.suite else ("eval/toy-students.yaml" if Path("eval/toy-students.yaml").is_file()
+                                              else None)
+    result = merge_sweep(args.a, args.b, alphas, args.out, suite_template=template)
+    print(f"wrote {len(result['folders'])} merged students under {args.out}; score the front with\n"
+          f"  stepdistill bench --suite {result['suite']} --out {Path(args.out) / 'bench'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # toy
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,6 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", default="latest")
     ex.add_argument("--out", default=None, help="output folder (default <run>/student)")
     ex.set_defaults(func=cmd_export)
+
+    mg = sub.add_parser("merge", help="interpolate two students' weights: θ = (1 − λ)·θ_a + λ·θ_b (same base and "
+                                      "architecture), one folder, or a --sweep of folders plus a bench suite")
+    mg.add_argument("--a", required=True, help="student folder a (λ = 0)")
+    mg.add_argument("--b", required=True, help="student folder b (λ = 1)")
+    mg.add_argument("--alpha", type=float, default=None, help="λ in [0, 1]")
+    mg.add_argument("--sweep", default=None, metavar="L1,L2,...", help="several λ, e.g. 0,0.25,0.5,0.75,1")
+    mg.add_argument("--suite", default=None, help="bench suite whose protocol the sweep's front.yaml copies "
+                                                  "(default eval/toy-students.yaml)")
+    mg.add_argument("--out", required=True, help="output folder (a student folder, or the sweep's folder)")
+    mg.set_defaults(func=cmd_merge)
 
     d = sub.add_parser("demo", help="the main job on the embedded toy default; writes a report under --out")
     d.add_argument("--out", default="runs/demo")

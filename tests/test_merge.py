@@ -1,0 +1,101 @@
+"""`stepdistill merge` (stepdistill/pipelines/merge.py): θ(λ) = (1 − λ)·θ_a + λ·θ_b written as a student folder, the
+refusals (architecture, base, sampler), and the sweep's folders and bench suite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import make_tiny_sd_pipeline  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    from stepdistill.pipelines.export import export_student
+    from stepdistill.student import TeacherSamplerGenerator
+    from stepdistill.teacher import Teacher
+    from stepdistill.training.tsm import narrow_unet
+
+    root = tmp_path_factory.mktemp("merge")
+    teacher = Teacher(make_tiny_sd_pipeline())
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        gen = TeacherSamplerGenerator.from_teacher(teacher, 4)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in gen.unet.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        out[name] = export_student(teacher, gen, root / name, method="cfg_distill")
+    gen = TeacherSamplerGenerator.from_teacher(teacher, 2)
+    out["two_steps"] = export_student(teacher, gen, root / "two_steps", method="cfg_distill")
+    gen = TeacherSamplerGenerator(narrow_unet(teacher.unet, {"block_out_channels": [32, 32]}), teacher.schedule,
+                                  teacher.pipeline.scheduler, 4)
+    out["narrow"] = export_student(teacher, gen, root / "narrow", method="cfg_distill")
+    other = Teacher(make_tiny_sd_pipeline(seed=5))
+    out["other_base"] = export_student(other, TeacherSamplerGenerator.from_teacher(other, 4), root / "other",
+                                       method="cfg_distill")
+    out["root"] = root
+    return out
+
+
+def test_merge_interpolates_every_unet_tensor_and_keeps_the_rest(students):
+    from stepdistill.eval.generate import load_pipeline
+    from stepdistill.pipelines.merge import merge_students
+
+    root = students["root"]
+    path = merge_students(students["a"], students["b"], 0.25, root / "m25")
+    sd_a, sd_b = (load_file(str(students[k] / "unet" / "diffusion_pytorch_model.safetensors")) for k in "ab")
+    got = load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert got.keys() == sd_a.keys()
+    for k in sd_a:
+        assert torch.allclose(got[k], 0.75 * sd_a[k] + 0.25 * sd_b[k], atol=1e-6), k
+    assert (got[k] - sd_a[k]).abs().max() > 0  # not a copy of a
+    info = json.loads((path / "stepdistill_export.json").read_text())
+    assert info["merge"]["alpha"] == 0.25 and info["steps"] == 4
+    edge = load_file(str(merge_students(students["a"], students["b"], 0.0, root / "m0") / "unet" /
+                         "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(edge[k], sd_a[k]) for k in sd_a)
+    pipe = load_pipeline(path)  # an ordinary student folder
+    image = pipe(["a small red cross on a gray background"], num_inference_steps=4, guidance_scale=1.0,
+                 output_type="np").images
+    assert image.shape[0] == 1 and (image == image).all()
+
+
+@pytest.mark.parametrize("other, words", [("narrow", "architectures"), ("other_base", "weights"),
+                                          ("two_steps", "sample differently")])
+def test_merge_refuses_students_that_do_not_share_architecture_base_or_sampler(students, other, words):
+    from stepdistill.pipelines.merge import MergeError, merge_students
+
+    with pytest.raises(MergeError, match=words):
+        merge_students(students["a"], students[other], 0.5, students["root"] / f"bad_{other}")
+    assert not (students["root"] / f"bad_{other}").exists()
+    with pytest.raises(MergeError, match="not an exported"):
+        merge_students(students["a"], students["root"], 0.5, students["root"] / "bad")
+    with pytest.raises(MergeError, match=r"\[0, 1\]"):
+        merge_students(students["a"], students["b"], 1.5, students["root"] / "bad")
+
+
+def test_merge_cli_sweep_writes_one_folder_per_lambda_and_a_bench_suite(students):
+    out = students["root"] / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "stepdistill.cli", "merge", "--a", str(students["a"]), "--b",
+                           str(students["b"]), "--sweep", "0,0.5,1", "--out", str(out)], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    suite = yaml.safe_load((out / "front.yaml").read_text())
+    assert [e["name"] for e in suite["entries"]] == ["lambda_0", "lambda_0.5", "lambda_1"]
+    assert suite["metrics"] == ["toy"] and all(e["steps"] == 4 and e["guidance"] == 1.0 for e in suite["entries"])
+    assert all((out / e["name"] / "unet" / "config.json").is_file() for e in suite["entries"])
+    proc = subprocess.run([sys.executable, "-m", "stepdistill.cli", "merge", "--a", str(students["a"]), "--b",
+                           str(students["narrow"]), "--alpha", "0.5", "--out", str(out / "x")], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+    assert proc.returncode != 0 and "architectures" in proc.stderr and "Traceback" not in proc.stderr
