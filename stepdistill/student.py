@@ -428,6 +428,20 @@ class TeacherSamplerGenerator(Generator):
                 x = scheduler.step(out, t, x, return_dict=False)[0]
         return states, ts
 
+    def sample_with_grad(self, noise: torch.Tensor, embeds, grad_steps: int) -> torch.Tensor:
+        """The sampler's output with autograd through its last ``grad_steps`` steps only (the earlier ones run without
+        gradient; DRaFT-K, Clark et al. 2024): the pathwise reward gradient of :mod:`stepdistill.objectives.cfg_distill`."""
+        from stepdistill.teacher import unet_forward
+
+        scheduler = self._fresh_scheduler()
+        first_grad = len(scheduler.timesteps) - int(grad_steps)
+        x = noise
+        for i, t in enumerate(scheduler.timesteps):
+            with torch.set_grad_enabled(i >= first_grad and torch.is_grad_enabled()):
+                out = unet_forward(self.unet, x, int(t), embeds, guidance_scale=1.0)
+                x = scheduler.step(out, t, x, return_dict=False)[0]
+        return x
+
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, embeds, generator: torch.Generator | None = None) -> torch.Tensor:
         """Inference as the exported pipeline does it: the teacher's scheduler, guidance 1, one pass per step."""

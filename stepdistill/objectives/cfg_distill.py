@@ -16,13 +16,22 @@ Where x_t comes from (``states``):
   uniformly from the N sampling timesteps — cheaper (no roll-out), off-policy.
 The paper's student is initialised from the teacher and its sampler is the teacher's; the paper's t is the sampling
 position (autoregressive tokens); here the N DDIM timesteps. No auxiliary network.
+
+Diversity reward (``diversity_weight`` β > 0, §3.2): m = ``diversity_prompts`` prompts of the batch are generated twice,
+from the noise of rows i and m + i, by the student's full sampler; L_total = L − β·mean_i r(x_i, x'_i) with
+r = 1 − cos(E(x), E(x')) (:mod:`stepdistill.rewards`; E = ``diversity_embedder``: "toy" or a local CLIP folder). The
+paper's estimator is REINFORCE over discrete tokens; here the sample is a deterministic, differentiable push-forward,
+so the estimator is *pathwise*: ∇θ r back-propagated through the decoder, the embedding and the last
+``diversity_grad_steps`` K sampler steps (DRaFT-K; earlier steps without gradient) — no variance from a score-function
+term, at the cost of K student passes of activations.
 """
 
 from __future__ import annotations
 
 import torch
 
-from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_number
+from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_int, check_number
+from stepdistill.rewards import diversity_reward, load_embedder
 
 
 class CFGDistill(Objective):
@@ -31,6 +40,10 @@ class CFGDistill(Objective):
         "guidance_scale": 3.0,  # the teacher's CFG scale w that the student absorbs
         "states": "on_policy",  # or noised_real (see the module docstring)
         "aux_updates_per_generator_update": 1,  # unused: no auxiliary network (kept for the shared validation)
+        "diversity_weight": 0.0,  # β; 0 = plain CFG distillation
+        "diversity_embedder": "toy",  # "toy" (evaluator features) or a local CLIP folder
+        "diversity_prompts": 8,  # m prompts, two generations each (needs train.batch_size >= 2m)
+        "diversity_grad_steps": 1,  # K: pathwise gradient through the last K sampler steps
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -39,6 +52,7 @@ class CFGDistill(Objective):
             raise ValueError("cfg_distill needs a guidance-distilled student sampled by the teacher's scheduler: set "
                              "generator.teacher_sampler_steps (e.g. 25) in the recipe")
         self.aux_updates_per_generator_update = 0
+        object.__setattr__(self, "embedder", None)  # loaded at the first diversity step; frozen, never checkpointed
 
     @classmethod
     def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
@@ -46,6 +60,11 @@ class CFGDistill(Objective):
         check_number(cls.name, "guidance_scale", cfg["guidance_scale"], low=1.0)
         if cfg["states"] not in ("on_policy", "noised_real"):
             raise ObjectiveConfigError(cls.name, "states", f"must be on_policy or noised_real, got {cfg['states']!r}")
+        check_number(cls.name, "diversity_weight", cfg["diversity_weight"], low=0.0)
+        check_int(cls.name, "diversity_prompts", cfg["diversity_prompts"], low=1)
+        check_int(cls.name, "diversity_grad_steps", cfg["diversity_grad_steps"], low=1)
+        if not isinstance(cfg["diversity_embedder"], str) or not cfg["diversity_embedder"]:
+            raise ObjectiveConfigError(cls.name, "diversity_embedder", "must be 'toy' or a local CLIP folder path")
 
     @classmethod
     def real_images_needed(cls, cfg) -> bool:
@@ -90,4 +109,26 @@ class CFGDistill(Objective):
             target = unet_forward(self.teacher.unet, x_t, t, batch.embeds, guidance_scale=w).float()
         student = unet_forward(self.generator.unet, x_t, t, batch.embeds, guidance_scale=1.0).float()
         loss = torch.mean((student - target) ** 2)
-        return loss, {"cfg_mse": float(loss.detach()), "t_mean": float(t.float().mean())}
+        logs = {"cfg_mse": float(loss.detach()), "t_mean": float(t.float().mean())}
+        beta = float(self.config["diversity_weight"])
+        if beta > 0:
+            reward = self.diversity(batch).mean()
+            loss = loss - beta * reward
+            logs["diversity_reward"] = float(reward.detach())
+        return loss, logs
+
+    def diversity(self, batch: Batch) -> torch.Tensor:
+        """r_i = 1 − cos(E(x_i), E(x'_i)) for the first m prompts, x_i and x'_i from the noise of rows i and m + i,
+        with the pathwise gradient of the module docstring."""
+        n = batch.noise.shape[0]
+        m = min(int(self.config["diversity_prompts"]), n // 2)
+        if m < 1:
+            raise ValueError("the diversity reward needs two generations per prompt: train.batch_size must be >= 2")
+        k = min(int(self.config["diversity_grad_steps"]), self.generator.num_steps)
+        rows = torch.arange(m, device=batch.noise.device)
+        embeds = batch.embeds.select(torch.cat([rows, rows]))
+        x = self.generator.sample_with_grad(batch.noise[: 2 * m], embeds, grad_steps=k)
+        if self.embedder is None:
+            object.__setattr__(self, "embedder", load_embedder(self.config["diversity_embedder"], self.teacher))
+        feats = self.embedder(x)
+        return diversity_reward(feats[:m], feats[m:])
