@@ -223,3 +223,24 @@ def test_diversity_reward_pathwise_gradient_matches_a_hand_written_sampler_and_c
         assert torch.allclose(a, w, atol=1e-6, rtol=1e-3)
     loss, logs = obj.generator_loss(b, stop=torch.tensor([0, 1, 2, 3]))
     assert abs(loss.item() - (logs["cfg_mse"] - 0.5 * logs["diversity_reward"])) < 1e-6
+
+
+def test_training_state_counts_a_shared_base_once():
+    """weights + gradients + AdamW moments: LoRA on the shared base ≈ one UNet, the full copy = two UNets + grads + 2
+    moments (the LoRA-enhanced distillation memory claim, without the process overhead of max RSS)."""
+    from stepdistill.student import TeacherSamplerGenerator
+    from stepdistill.teacher import Teacher
+    from stepdistill.training.trainer import training_state_bytes
+
+    sizes = {}
+    for name, kw in (("shared", {"lora_rank": 4, "share_base": True}), ("full", {})):
+        teacher = Teacher(make_tiny_sd_pipeline())
+        gen = TeacherSamplerGenerator.from_teacher(teacher, 2, **kw)
+        opt = torch.optim.AdamW(gen.trainable_parameters())
+        loss = sum(p.sum() for p in gen.trainable_parameters())
+        loss.backward()
+        opt.step()
+        sizes[name] = training_state_bytes([teacher.unet, gen], [opt])
+    unet = sum(p.numel() * 4 for n, p in make_tiny_sd_pipeline().unet.named_parameters())
+    assert sizes["full"]["weights"] == 2 * unet and sizes["full"]["total"] == 5 * unet
+    assert unet < sizes["shared"]["weights"] < 1.1 * unet and sizes["shared"]["total"] < 1.3 * unet

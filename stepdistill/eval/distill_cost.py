@@ -109,6 +109,7 @@ def measure_recipe(
         "process_wall_s": elapsed,
         "peak_memory_bytes": int(summary["peak_memory_bytes"]),
         "peak_memory_source": summary["peak_memory_source"],
+        "training_state_bytes": (summary.get("training_state_bytes") or {}).get("total"),
         "generator_saved_activation_bytes": summary.get("generator_saved_activation_bytes", {}).get("main"),
         "device": summary["device"],
         "recipe_max_steps": full_steps,
@@ -131,13 +132,14 @@ def _mib(n: int | None) -> str:
 
 def markdown_table(entries: list[dict]) -> str:
     head = ("| recipe | objective | batch | fake updates / step | steps/s | s/step | setup (s) | peak memory (MiB) "
-            "| saved activations, generator step (MiB) | recipe steps | warm-up steps (steps/s) | projected full run |")
+            "| weights + grads + optimizer (MiB) | saved activations, generator step (MiB) | recipe steps | warm-up steps (steps/s) | projected full run |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for e in entries:
         lines.append(
             f"| {e['recipe']} | {e['objective']} | {e['batch_size']} | {e['aux_updates_per_generator_update']} "
             f"| {e['steps_per_s']:.3f} | {e['seconds_per_step']:.2f} | {e['setup_s']:.1f} "
-            f"| {e['peak_memory_bytes'] / 2**20:.0f} | {_mib(e.get('generator_saved_activation_bytes'))} "
+            f"| {e['peak_memory_bytes'] / 2**20:.0f} | {_mib(e.get('training_state_bytes'))} "
+            f"| {_mib(e.get('generator_saved_activation_bytes'))} "
             f"| {e['recipe_max_steps']} | {_warmup_cell(e)} "
             f"| {e['projected_full_run_s'] / 60:.1f} min |"
         )

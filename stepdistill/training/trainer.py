@@ -248,6 +248,23 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "process max RSS (getrusage)"
 
 
+def training_state_bytes(modules: Sequence[torch.nn.Module], optimizers: Sequence[Any]) -> dict[str, int]:
+    """Bytes of what training keeps resident besides activations: every *distinct* parameter tensor of ``modules``
+    (a UNet shared by the teacher and a LoRA student counts once), their gradients, and the optimizers' state
+    tensors (AdamW's two moments)."""
+    seen: dict[int, torch.Tensor] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen.setdefault(id(p), p)
+    weights = sum(p.numel() * p.element_size() for p in seen.values())
+    grads = sum(p.numel() * p.element_size() for p in seen.values() if p.requires_grad)
+    states = 0
+    for opt in optimizers:
+        for state in getattr(opt, "state", {}).values():
+            states += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.ndim > 0)
+    return {"weights": weights, "gradients": grads, "optimizer_state": states, "total": weights + grads + states}
+
+
 def _seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
 
@@ -780,6 +797,10 @@ class Trainer:
         wall = time.perf_counter() - t0
         done = self.state.step - start_step
         peak, peak_source = _peak_memory(device)
+        pipe = getattr(self.teacher, "pipeline", None)
+        teacher_modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)] if pipe else []
+        state_bytes = training_state_bytes([*teacher_modules, self.generator, self.objective],
+                                           [self.gen_opt, *self.aux_opts.values()])
         summary = {
             "steps": self.state.step,
             "start_step": start_step,
@@ -788,6 +809,7 @@ class Trainer:
             "steps_per_s": done / wall if wall > 0 else math.nan,
             "peak_memory_bytes": peak,
             "peak_memory_source": peak_source,
+            "training_state_bytes": state_bytes,
             "generator_saved_activation_bytes": dict(self.saved_activation_bytes),
             "device": str(device),
             "num_processes": acc.num_processes,
