@@ -121,7 +121,8 @@ def test_recipes_validate_and_refuse_a_missing_sampler(tmp_path):
     make_tiny_sd_pipeline(tmp_path / "teacher")
     spec = tmp_path / "pipe.yaml"
     spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
-    for name in ("cfg-distill.yaml", "lora-cfg-distill.yaml", "toy-cfg-distill.yaml", "toy-lora-cfg-distill.yaml"):
+    for name in ("cfg-distill.yaml", "lora-cfg-distill.yaml", "toy-cfg-distill.yaml", "toy-lora-cfg-distill.yaml",
+                 "toy-cfg-distill-diverse.yaml"):
         validate_run(spec, REPO / "training" / name)
     with pytest.raises(ConfigError, match="teacher_sampler_steps"):
         validate_run(spec, REPO / "training" / "toy-cfg-distill.yaml", ["generator.teacher_sampler_steps=null"])

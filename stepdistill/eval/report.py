@@ -238,6 +238,35 @@ def plot_quality(entries: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def plot_front(entries: list[dict], path: Path) -> bool:
+    """The quality–diversity front: diversity (x) against adherence and against FID (y), one labelled point per
+    entry (e.g. the λ of a ``stepdistill merge --sweep``). Written when at least two entries have both; returns
+    whether it was."""
+    points = [e for e in entries if e.get("diversity") is not None and e.get("adherence") is not None]
+    if len(points) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "adherence", "adherence ↑"), (axes[1], "fid", "FID ↓")):
+        pts = [e for e in points if e.get(key) is not None]
+        ax.plot([e["diversity"] for e in pts], [e[key] for e in pts], "o-", color="tab:blue")
+        for e in pts:
+            ax.annotate(e["name"], (e["diversity"], e[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="diversity (1 − cos, same prompt) →", ylabel=label, title=f"{label.split()[0]} vs diversity")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
 def write_report(out_dir: str | Path, suite: str, entries: list[dict], extra_md: str = "", images: dict[str, str] | None = None) -> dict:
     """Write report.json, report.md and quality.png under ``out_dir``; returns the JSON object."""
     out = Path(out_dir)
@@ -253,6 +282,7 @@ def write_report(out_dir: str | Path, suite: str, entries: list[dict], extra_md:
     if gaps:
         report["quality_gaps"] = gaps
     plot_quality(entries, out / "quality.png")
+    has_front = plot_front(entries, out / "front.png")
     md = [f"# stepdistill report — {suite}", "", f"Device: {report['device']}", "", markdown_table(entries), ""]
     if rows:
         md += ["Latency speed-ups (per image at the large batch; the end-to-end ideal divides by the teacher at the "
@@ -262,6 +292,8 @@ def write_report(out_dir: str | Path, suite: str, entries: list[dict], extra_md:
         md += ["Quality against the teacher (FID gap < 0: the student beats it; adherence gap > 0: the student follows "
                "prompts less well, in points of accuracy):", "", quality_gap_table(gaps), ""]
     md += ["![quality vs steps and latency](quality.png)", ""]
+    if has_front:
+        md += ["![quality-diversity front](front.png)", ""]
     for title, fname in (images or {}).items():
         md += [f"## {title}", "", f"![{title}]({fname})", ""]
     if extra_md:

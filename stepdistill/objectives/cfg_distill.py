@@ -10,10 +10,10 @@ N-step DDIM schedule of :class:`~stepdistill.student.TeacherSamplerGenerator`)::
 
 (raw model outputs, ε or v, mean over elements; the teacher's combination is ``unet_forward`` at CFG ``w``).
 Where x_t comes from (``states``):
-- ``on_policy`` (the paper): each row draws a step k ~ U{0 … N−1} and x_t is the state of the student's *own* sampler
-  before step k, run from z without gradient (guidance 1) — the states the student will meet at inference;
+- ``on_policy`` (the paper): a step k ~ U{0 … N−1} is drawn per batch and x_t is the state of the student's *own*
+  sampler before step k, run from z without gradient (guidance 1) — the states the student will meet at inference;
 - ``noised_real``: x_t = a_t·x₀ + σ_t·ε with x₀ real images (the toy world's; ``Batch.real_latents``) and t drawn
-  uniformly from the N sampling timesteps — cheaper (no roll-out), off-policy.
+  per batch from the N sampling timesteps — cheaper (no roll-out), off-policy.
 The paper's student is initialised from the teacher and its sampler is the teacher's; the paper's t is the sampling
 position (autoregressive tokens); here the N DDIM timesteps. No auxiliary network.
 
@@ -88,8 +88,8 @@ class CFGDistill(Objective):
         """(x_t, t) per row, as ``config['states']`` says; ``stop`` (step indices) and ``noise`` replace the draws."""
         gen = self.generator
         n, device = batch.noise.shape[0], batch.noise.device
-        if stop is None:
-            stop = torch.randint(0, gen.num_steps, (n,)).to(device)
+        if stop is None:  # one step k per batch (as DMD2's backward simulation): the roll-out costs k passes, not max k
+            stop = torch.randint(0, gen.num_steps, (1,)).expand(n).to(device)
         if self.config["states"] == "on_policy":
             return gen.rollout(batch.noise, batch.embeds, stop)
         if batch.real_latents is None:
