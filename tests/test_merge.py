@@ -99,3 +99,12 @@ def test_merge_cli_sweep_writes_one_folder_per_lambda_and_a_bench_suite(students
                            str(students["narrow"]), "--alpha", "0.5", "--out", str(out / "x")], capture_output=True,
                           text=True, cwd=REPO, timeout=300)
     assert proc.returncode != 0 and "architectures" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_plots_the_quality_diversity_front_only_with_two_points(tmp_path):
+    from stepdistill.eval.report import plot_front
+
+    entries = [{"name": f"lambda_{lam}", "diversity": 0.03 + 0.01 * lam, "adherence": 0.97 - 0.02 * lam,
+                "fid": 40 + 5 * lam} for lam in (0, 0.5, 1)]
+    assert plot_front(entries, tmp_path / "front.png") and (tmp_path / "front.png").stat().st_size > 1000
+    assert not plot_front(entries[:1], tmp_path / "one.png") and not (tmp_path / "one.png").exists()
