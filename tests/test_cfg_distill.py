@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import make_tiny_sd_pipeline, run_without_stepdistill  # noqa: E402
+from tiny_models import make_tiny_sd_pipeline, make_tiny_teacher_spec, run_without_stepdistill  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a small red cross on a gray background", "a large blue circle on a white background",
@@ -118,9 +118,7 @@ def test_recipes_validate_and_refuse_a_missing_sampler(tmp_path):
     from stepdistill.training.config import ConfigError
     from stepdistill.training.run import validate_run
 
-    make_tiny_sd_pipeline(tmp_path / "teacher")
-    spec = tmp_path / "pipe.yaml"
-    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    spec = make_tiny_teacher_spec(tmp_path)
     for name in ("cfg-distill.yaml", "lora-cfg-distill.yaml", "toy-cfg-distill.yaml", "toy-lora-cfg-distill.yaml",
                  "toy-cfg-distill-diverse.yaml"):
         validate_run(spec, REPO / "training" / name)
@@ -157,9 +155,7 @@ def test_lora_cfg_distill_run_exports_a_ddim_student_and_a_lora_file_plain_diffu
     from stepdistill.student import TeacherSamplerGenerator  # noqa: F401
     from stepdistill.training.run import distill, load_pipeline_spec, load_teacher
 
-    make_tiny_sd_pipeline(tmp_path / "teacher")
-    spec = tmp_path / "pipe.yaml"
-    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    spec = make_tiny_teacher_spec(tmp_path)
     overrides = ["train.max_steps=2", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
                  "generator.teacher_sampler_steps=4", "optimizer.generator_lr=1.0e-2"]
     summary = distill(spec, REPO / "training" / "toy-lora-cfg-distill.yaml", tmp_path / "run", overrides=overrides)

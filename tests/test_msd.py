@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import make_tiny_sd_pipeline, run_without_stepdistill  # noqa: E402
+from tiny_models import make_tiny_sd_pipeline, make_tiny_teacher_spec, run_without_stepdistill  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a small red cross on a gray background", "a large blue circle on a white background",
@@ -46,9 +46,7 @@ def test_msd_trains_one_student_per_shape_exports_a_routed_folder_and_resumes(tm
     from stepdistill.router import load_router
     from stepdistill.training.run import distill
 
-    make_tiny_sd_pipeline(tmp_path / "teacher")
-    spec = tmp_path / "pipe.yaml"
-    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    spec = make_tiny_teacher_spec(tmp_path)
     overrides = ["train.max_steps=2", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
                  "objective_config.aux_updates_per_generator_update=1", "objective_config.ode_warmup_steps=1",
                  "objective_config.regression_pairs=4", "objective_config.regression_steps=2",
@@ -136,9 +134,7 @@ def test_smaller_students_run_tsm_then_dmd2_from_their_own_narrow_unet(tmp_path)
 
     from stepdistill.training.run import distill
 
-    make_tiny_sd_pipeline(tmp_path / "teacher")
-    spec = tmp_path / "pipe.yaml"
-    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    spec = make_tiny_teacher_spec(tmp_path)
     recipe = yaml.safe_load((REPO / "training" / "toy-msd-small.yaml").read_text())
     recipe["multi_student"]["student_unet"] = {"block_out_channels": [32, 32]}
     recipe["multi_student"]["tsm"] = {"steps": 3, "batch_size": 2, "data": "teacher", "teacher_samples": 4,
@@ -174,9 +170,7 @@ def test_sd15_msd_recipe_trains_a_step_per_kmeans_student(tmp_path):
     """training/msd.yaml (SD1.5 DMD2 values, k-means router) runs end to end on a tiny teacher."""
     from stepdistill.training.run import distill
 
-    make_tiny_sd_pipeline(tmp_path / "teacher")
-    spec = tmp_path / "pipe.yaml"
-    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    spec = make_tiny_teacher_spec(tmp_path)
     overrides = ["train.max_steps=1", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
                  "train.mixed_precision=no", "train.gradient_checkpointing=false", "prompts.source=toy",
                  "objective_config.aux_updates_per_generator_update=1"]

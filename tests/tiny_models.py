@@ -391,3 +391,12 @@ def run_without_stepdistill(code: str, spec: dict, folder: Path, timeout: int = 
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(Path(spec["report"]).read_text())
+
+
+def make_tiny_teacher_spec(tmp_path: str | Path) -> Path:
+    """A tiny SD teacher saved under ``tmp_path/teacher`` and the pipeline preset naming it (``tmp_path/pipe.yaml``)."""
+    tmp_path = Path(tmp_path)
+    make_tiny_sd_pipeline(tmp_path / "teacher")
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
+    return spec

@@ -203,6 +203,18 @@ def quality_gap_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` atomically (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_quality(entries: list[dict], path: Path) -> None:
     """FID_toy against steps and against latency per image, one series per (name, guidance)."""
     import matplotlib
@@ -230,12 +242,7 @@ def plot_quality(entries: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
 
 
 def plot_front(entries: list[dict], path: Path) -> bool:
@@ -258,12 +265,7 @@ def plot_front(entries: list[dict], path: Path) -> bool:
             ax.annotate(e["name"], (e["diversity"], e[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="diversity (1 − cos, same prompt) →", ylabel=label, title=f"{label.split()[0]} vs diversity")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
     return True
 
 
