@@ -1,0 +1,39 @@
+"""Latency per image of several one-step student folders, measured in one process, alternating A B C A B C … so that
+drifts of a shared machine hit every folder alike (the bench's own protocol per call: batch 64, 2 warm-up, 5 timed
+repeats, the median; the toy's first prompt).
+
+    .venv/bin/python eval/results/msd/latency_ab.py OUT.json NAME=FOLDER [NAME=FOLDER ...]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import torch
+
+from stepdistill.eval.bench import measure_pipeline_latency
+from stepdistill.eval.generate import load_pipeline
+from stepdistill.toy import world
+
+
+def main(out: str, entries: list[str], rounds: int = 3) -> None:
+    torch.set_num_threads(2)
+    pipes = {name: load_pipeline(folder) for name, folder in (e.split("=", 1) for e in entries)}
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    prompt = world.all_prompts()[0]
+    times: dict[str, list[float]] = {name: [] for name in pipes}
+    for _ in range(rounds):
+        for name, pipe in pipes.items():
+            times[name].append(measure_pipeline_latency(pipe, prompt, 1, 1.0, batch=64)["batchN"])
+    report = {name: {"batch64_ms_per_image": [round(t, 2) for t in ts], "median": round(statistics.median(ts), 2)}
+              for name, ts in times.items()}
+    json.dump({"prompt": prompt, "rounds": rounds, "results": report}, open(out, "w"), indent=2)
+    for name, r in report.items():
+        print(f"{name}: median {r['median']} ms/img (rounds {r['batch64_ms_per_image']})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
