@@ -2,7 +2,9 @@
 drifts of a shared machine hit every folder alike (the bench's own protocol per call: batch 64, 2 warm-up, 5 timed
 repeats, the median; the toy's first prompt).
 
-    .venv/bin/python eval/results/msd/latency_ab.py OUT.json NAME=FOLDER [NAME=FOLDER ...]
+    .venv/bin/python eval/results/latency_ab.py OUT.json NAME=FOLDER[@STEPS,GUIDANCE] [...]
+
+FOLDER may be ``toy`` (the embedded teacher); STEPS and GUIDANCE default to 1 and 1.0.
 """
 
 from __future__ import annotations
@@ -20,15 +22,20 @@ from stepdistill.toy import world
 
 def main(out: str, entries: list[str], rounds: int = 3) -> None:
     torch.set_num_threads(2)
-    pipes = {name: load_pipeline(folder) for name, folder in (e.split("=", 1) for e in entries)}
+    pipes, calls = {}, {}
+    for entry in entries:
+        name, spec = entry.split("=", 1)
+        folder, _, call = spec.partition("@")
+        steps, guidance = (call.split(",") if call else ("1", "1.0"))
+        pipes[name], calls[name] = load_pipeline(folder), (int(steps), float(guidance))
     for p in pipes.values():
         p.set_progress_bar_config(disable=True)
     prompt = world.all_prompts()[0]
     times: dict[str, list[float]] = {name: [] for name in pipes}
     for _ in range(rounds):
         for name, pipe in pipes.items():
-            times[name].append(measure_pipeline_latency(pipe, prompt, 1, 1.0, batch=64)["batchN"])
-    report = {name: {"batch64_ms_per_image": [round(t, 2) for t in ts], "median": round(statistics.median(ts), 2)}
+            times[name].append(measure_pipeline_latency(pipe, prompt, *calls[name], batch=64)["batchN"])
+    report = {name: {"steps": calls[name][0], "guidance": calls[name][1], "batch64_ms_per_image": [round(t, 2) for t in ts], "median": round(statistics.median(ts), 2)}
               for name, ts in times.items()}
     json.dump({"prompt": prompt, "rounds": rounds, "results": report}, open(out, "w"), indent=2)
     for name, r in report.items():
