@@ -6,7 +6,10 @@ point): for 8 prompts × 2 generations, the gradient of E[r], r = 1 − cos(E(x)
   mean_i (r_i − mean r)·∇ Σ_steps log N(x_{s−1}; μ_θ(x_s), σ_s²) — the paper's estimator family for continuous samples.
 
 For each: seconds per estimate, and the agreement of two independent estimates (fresh noise, same prompts), cos(g₁, g₂)
-averaged over 3 pairs — near 1 means the estimate is mostly signal, near 0 mostly noise.
+averaged over 3 pairs — near 1 means the estimate is mostly signal, near 0 mostly noise. Then the alignment with a
+reference direction: the pathwise K = 25 gradient (the exact gradient of the deterministic sampler's E[r], which is what
+training moves and inference uses) averaged over 8 further batches (128 samples, its own noise); its two 4-batch halves'
+cosine says how well that reference is itself determined.
 
     .venv/bin/python eval/results/cfg/estimator.py eval/results/cfg/estimator.json
 """
@@ -88,7 +91,29 @@ def main(out: str) -> None:
                          "cos_between_independent_estimates": [round(c, 3) for c in cos],
                          "mean_cos": round(sum(cos) / len(cos), 3)}
         print(name, results[name], flush=True)
-    json.dump({"prompts": PROMPTS, "samples_per_estimate": 2 * len(PROMPTS), "results": results},
+    ref_halves = []
+    for half in range(2):
+        acc = None
+        for draw in range(4):
+            rng = torch.Generator().manual_seed(90_000 + 10 * half + draw)
+            noise = torch.randn(2 * len(PROMPTS), *teacher.latent_shape, generator=rng)
+            g = flat_grad(pathwise(gen, embedder, embeds, noise, 25), params)
+            acc = g if acc is None else acc + g
+        ref_halves.append(acc / 4)
+    ref = (ref_halves[0] + ref_halves[1]) / 2
+    cos = torch.nn.functional.cosine_similarity
+    reference = {"samples": 8 * 2 * len(PROMPTS), "cos_between_halves": round(float(cos(*ref_halves, dim=0)), 3)}
+    print("reference", reference, flush=True)
+    for name, fn in methods.items():
+        ests = []
+        for draw in range(4):
+            rng = torch.Generator().manual_seed(50_000 + draw)
+            noise = torch.randn(2 * len(PROMPTS), *teacher.latent_shape, generator=rng)
+            ests.append(flat_grad(fn(noise, rng), params))
+        results[name]["cos_with_reference"] = [round(float(cos(g, ref, dim=0)), 3) for g in ests]
+        results[name]["cos_of_4_estimate_mean_with_reference"] = round(float(cos(sum(ests) / 4, ref, dim=0)), 3)
+        print(name, results[name], flush=True)
+    json.dump({"prompts": PROMPTS, "samples_per_estimate": 2 * len(PROMPTS), "reference": reference, "results": results},
               open(out, "w"), indent=2)
 
 
