@@ -45,16 +45,12 @@ def reinforce(gen, embedder, embeds, noise, rng):
     """Surrogate whose gradient is the score-function estimate: mean((r − b)·Σ log p)."""
     scheduler = gen._fresh_scheduler()
     x, logp = noise, torch.zeros(noise.shape[0])
+    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     for t in scheduler.timesteps:
         out = unet_forward(gen.unet, x, int(t), embeds, guidance_scale=1.0)
-        mean = scheduler.step(out, t, x, eta=0.0, return_dict=False)[0]  # μ_θ: the η = 0 mean ...
-        prev = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-        a_t = scheduler.alphas_cumprod[int(t)]
-        a_p = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
-        var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)  # DDIM η = 1 variance (DDPM posterior)
-        # ... shifted as DDIM η = 1 shifts it: the direction term uses √(1 − ᾱ' − σ²) instead of √(1 − ᾱ')
-        eps = gen.schedule.to_eps(out, x, int(t))
-        mean = mean - ((1 - a_p).sqrt() - (1 - a_p - var).clamp(min=0).sqrt()) * eps
+        # the scheduler owns DDIM at η = 1: μ_θ is its step without noise, σ² its _get_variance (DDPM posterior)
+        mean = scheduler.step(out, t, x, eta=1.0, variance_noise=torch.zeros_like(x), return_dict=False)[0]
+        var = scheduler._get_variance(int(t), int(t) - stride)
         sample = (mean + var.sqrt() * torch.randn(mean.shape, generator=rng)).detach()
         logp = logp - ((sample - mean) ** 2).flatten(1).sum(1) / (2 * var)
         x = sample
