@@ -158,6 +158,41 @@ def test_fake_score_loss_regresses_the_kappa1_combination(teacher, batch):
     assert loss.item() == pytest.approx(((pred - eps) ** 2).sum().item() / B, rel=1e-4)
 
 
+def test_dropped_prompts_condition_the_generator_sample_too(teacher):
+    """The official loop replaces a dropped prompt by "" before the generator samples (SiD-LSG
+    ``sid_training_loop.py`` 392-411): the generator's input embeddings of dropped rows are the empty prompt's, the
+    other rows keep their prompts, and the fake score is trained on that very sample under the same embeddings."""
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    embeds = teacher.encode_prompt(prompts, with_uncond=True)
+    empty = teacher.encode_prompt([""], with_uncond=False).cond[0]
+    own = teacher.encode_prompt(prompts, with_uncond=False).cond
+    batch = Batch(embeds=embeds, noise=torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(6)))
+    obj = make(teacher, {"kappa1": 1.5, "kappa2": 1.5, "kappa3": 1.5, "kappa4": 1.5})
+    seen = {}
+    x = (0.5 * torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(4)))
+
+    def generate(b, grad=True):  # noqa: ARG001 - records what the generator is conditioned on
+        seen["cond"] = b.embeds.cond.clone()
+        return x
+
+    obj.generate = generate
+    drop = torch.tensor([True, False, True])
+    t, eps = torch.tensor([20, 421, 979]), fixed_eps()
+    loss, _ = obj.auxiliary_loss(batch, timesteps=t, noise=eps, drop=drop)
+    for i in range(B):
+        want = empty if drop[i] else own[i]
+        torch.testing.assert_close(seen["cond"][i], want, rtol=0, atol=0)
+    # the fake-score loss on that sample, computed by hand: rows 0 and 2 under "", row 1 under its prompt
+    a = ac(teacher, t)
+    x_t = a.sqrt() * x + (1 - a).sqrt() * eps
+    rows = torch.stack([empty if drop[i] else own[i] for i in range(B)])
+    with torch.no_grad():
+        cond = obj.fake_unet(x_t, t, encoder_hidden_states=rows).sample
+        uncond = obj.fake_unet(x_t, t, encoder_hidden_states=empty.expand(B, -1, -1)).sample
+    pred = uncond + 1.5 * (cond - uncond)
+    assert loss.item() == pytest.approx(((pred - eps) ** 2).sum().item() / B, rel=1e-4)
+
+
 def test_prompt_dropout_only_when_a_fake_scale_is_not_one(teacher):
     assert make(teacher, {"kappa1": 1.5, "kappa2": 1.5, "kappa3": 1.5, "kappa4": 1.5}).uses_prompt_dropout()
     assert make(teacher, {"kappa1": 1.0, "kappa2": 2.0, "kappa3": 2.0, "kappa4": 1.0}).uses_prompt_dropout()

@@ -17,7 +17,10 @@ activations. Samples with a NaN in x, y_real or y_fake are dropped from the loss
 Fake-score update (``auxiliary_loss``): x = sg(G_θ(z, c)) of fresh noise; t ~ randint(min_t, max_t); the fake score's
 CFG combination at κ₁ is regressed onto the denoising target: Σ (ψ^{κ₁}(x_t) − ε)² · loss_scaling / B
 (v-prediction teachers: the v target weighted by snr/(snr + 1), as ``compute_snr`` there). Whenever κ₁ or κ₂ ≠ 1
-each prompt of the fake-score batch is replaced by the empty prompt with probability ``prompt_dropout`` (0.1).
+each prompt of the fake-score batch is replaced by the empty prompt with probability ``prompt_dropout`` (0.1)
+*before the generator samples*, as the official loop rewrites ``contexts`` before ``sid_sd_sampler`` and
+``sid_sd_denoise`` read them (``sid_training_loop.py`` 392–421): the fake score learns the pairs (G(z, ""), ""), so
+its unconditional branch models the generator's unconditional samples. The generator update never drops prompts.
 
 Guidance modes (``guidance_mode``): ``lsg`` — the four scales as given (the released SD1.5 models use
 κ₁ = κ₂ = κ₃ = κ₄ ∈ {1.5, 2, 3, 4.5}; the official code has one key for κ₂ = κ₃, here they are separate: κ₂ scales the
@@ -49,6 +52,8 @@ Config keys: see ``DEFAULTS``; min_t/max_t are integer timesteps (t ∈ [min_t, 
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -280,15 +285,15 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
     def auxiliary_loss(self, batch: Batch, *, timesteps=None, noise=None, drop=None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         k = self.scales()
+        n = batch.noise.shape[0]
+        if drop is None and self.uses_prompt_dropout():
+            drop = torch.rand(n) < cfg["prompt_dropout"]
+        if drop is not None:  # the dropped prompts condition the generator's sample and the fake score alike
+            batch = dataclasses.replace(batch, embeds=drop_rows(batch.embeds, torch.as_tensor(drop, dtype=torch.bool)))
         x = self.generate(batch, grad=False).detach().float()
-        n = x.shape[0]
         t = self._t(timesteps, n, x.device)
         eps = torch.randn_like(x) if noise is None else noise.to(x)
         embeds = self.fake_embeds(batch.embeds)
-        if drop is None and self.uses_prompt_dropout():
-            drop = torch.rand(n) < cfg["prompt_dropout"]
-        if drop is not None:
-            embeds = drop_rows(embeds, torch.as_tensor(drop, dtype=torch.bool))
         weight = None
         if self.schedule.prediction_type == "v_prediction":
             snr = self.schedule.snr(t.cpu()).to(x)
