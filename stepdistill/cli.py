@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` are refused: no option here means anything at infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _set_threads(threads: int | None) -> None:
@@ -70,30 +82,54 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def recipe_description(text: str, width: int) -> str:
+    """The first paragraph of a recipe's header comment on one line, shortened to ``width`` characters at a word
+    boundary (with "…") when longer."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line.lstrip("#").strip()
+        if not body:
+            if lines:
+                break
+            continue
+        lines.append(body)
+    summary = " ".join(" ".join(lines).split())
+    if len(summary) <= width:
+        return summary
+    cut = summary.rfind(" ", 0, max(width - 1, 1))
+    return (summary[:cut] if cut > 0 else summary[: width - 1]).rstrip(" ,;:(") + "…"
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
-    """List the recipes under --dir with their method and the first line of their header comment."""
-    import yaml
+    """List the recipes under --dir with their method and the start of their header comment."""
+    import shutil
+
+    from stepdistill.yaml_io import YAMLFileError, load_yaml_file
 
     folder = Path(args.dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"recipe folder {folder} not found (run from the repository root or pass --dir)")
-    rows = []
+    rows, broken = [], []
     for path in sorted(folder.glob("*.yaml")):
-        text = path.read_text(encoding="utf-8")
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError:
+            data = load_yaml_file(path)
+        except YAMLFileError as err:
+            broken.append(str(err))
             continue
         if not isinstance(data, dict) or "objective" not in data:
             continue
-        comment = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
-        rows.append((path.name, str(data["objective"]), comment))
+        rows.append((path.name, str(data["objective"]), path.read_text(encoding="utf-8")))
     if not rows:
         raise FileNotFoundError(f"no recipes (YAML files with an 'objective' key) in {folder}")
     width = max(len(r[0]) for r in rows)
     mwidth = max(len(r[1]) for r in rows)
-    for name, method, comment in rows:
-        print(f"{name:<{width}}  {method:<{mwidth}}  {comment}")
+    room = max(40, shutil.get_terminal_size((120, 24)).columns - width - mwidth - 4)
+    for name, method, text in rows:
+        print(f"{name:<{width}}  {method:<{mwidth}}  {recipe_description(text, room)}")
+    for problem in broken:
+        print(f"skipped {problem}", file=sys.stderr)
     return 0
 
 
@@ -122,15 +158,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from stepdistill.pipelines.merge import merge_students, merge_sweep
 
     if (args.alpha is None) == (args.sweep is None):
-        raise SystemExit("stepdistill merge: give exactly one of --alpha λ or --sweep λ1,λ2,...")
+        raise ValueError("give exactly one of --alpha λ or --sweep λ1,λ2,...")
     if args.alpha is not None:
         path = merge_students(args.a, args.b, args.alpha, args.out)
         print(f"wrote the merged student (λ = {args.alpha}) to {path}")
         return 0
     try:
-        alphas = [float(x) for x in args.sweep.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"stepdistill merge: --sweep takes comma-separated numbers, got {args.sweep!r}") from None
+        alphas = [finite_float(x) for x in args.sweep.split(",") if x.strip()]
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"--sweep takes comma-separated finite numbers, got {args.sweep!r}") from None
     template = args.suite if args.suite else ("eval/toy-students.yaml" if Path("eval/toy-students.yaml").is_file()
                                               else None)
     result = merge_sweep(args.a, args.b, alphas, args.out, suite_template=template)
@@ -260,9 +296,14 @@ def _distill_line(summary: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # eval / bench
 # ---------------------------------------------------------------------------------------------------------------
-def _one_line(err: BaseException) -> str:
-    """The error's message on one line (library messages sometimes span several)."""
-    return " ".join(str(err).split()) or type(err).__name__
+def _one_line(err: BaseException, command: str = "") -> str:
+    """The error's message on one line (library messages sometimes span several), without a leading
+    ``stepdistill <command>:`` that the caller prints itself."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    prefix = f"stepdistill {command}: " if command else None
+    while prefix and text.startswith(prefix):
+        text = text[len(prefix):]
+    return text
 
 
 def _quiet_libraries() -> None:
@@ -302,14 +343,14 @@ def _guarded(command: str, fn) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"stepdistill {command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"stepdistill {command}: error: {_one_line(err, command)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
         if os.environ.get("STEPDISTILL_DEBUG"):
             import traceback
 
             traceback.print_exc()
-        print(f"stepdistill {command}: error: {type(err).__name__}: {_one_line(err)} (set STEPDISTILL_DEBUG=1 for "
+        print(f"stepdistill {command}: error: {type(err).__name__}: {_one_line(err, command)} (set STEPDISTILL_DEBUG=1 for "
               "the traceback)", file=sys.stderr)
         return 1
 
@@ -344,7 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "hps_version": args.hps_version,
         }
         data.update({k: v for k, v in optional.items() if v is not None})
-        suite = suite_from_dict(data, base_dir=Path.cwd(), source="stepdistill eval")
+        suite = suite_from_dict(data, base_dir=Path.cwd(), source="the eval options")
         out = Path(args.out)
         work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}_samples"
         report = run_suite(suite, work, write_files=False)
@@ -396,11 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline", required=True, help="diffusers pipeline folder, or 'toy' for the shipped teacher")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--nasa-alpha", type=float, default=None,
+    g.add_argument("--nasa-alpha", type=finite_float, default=None,
                    help="apply --negative-prompt by SNOOPI's NASA attention with this alpha (0.1 for SD1.5) instead of "
                         "CFG; for one-/few-step students at --guidance 1")
     g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=3.0)
+    g.add_argument("--guidance", type=finite_float, default=3.0)
     g.add_argument("--num", type=int, default=8, help="number of images (seeds seed..seed+num-1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--scale", type=int, default=1, help="enlarge each image this many times in the grid")
@@ -452,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "architecture), one folder, or a --sweep of folders plus a bench suite")
     mg.add_argument("--a", required=True, help="student folder a (λ = 0)")
     mg.add_argument("--b", required=True, help="student folder b (λ = 1)")
-    mg.add_argument("--alpha", type=float, default=None, help="λ in [0, 1]")
+    mg.add_argument("--alpha", type=finite_float, default=None, help="λ in [0, 1]")
     mg.add_argument("--sweep", default=None, metavar="L1,L2,...", help="several λ, e.g. 0,0.25,0.5,0.75,1")
     mg.add_argument("--suite", default=None, help="bench suite whose protocol the sweep's front.yaml copies "
                                                   "(default eval/toy-students.yaml)")
@@ -461,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on the embedded toy default; writes a report under --out")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--guidance", type=float, default=3.0, help="teacher CFG scale")
+    d.add_argument("--guidance", type=finite_float, default=3.0, help="teacher CFG scale")
     d.add_argument("--samples-per-prompt", type=int, default=4,
                    help="samples for each of the 144 toy prompts (4: 576 per configuration, about 3.7 minutes of "
                         "evaluation on 2 CPU cores; `stepdistill bench --suite eval/toy.yaml` uses 35)")
@@ -490,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'toy' (the 144 toy prompts), 'hpsv2' (the HPSv2 benchmark prompts), or a .txt / .jsonl / "
                          ".json prompt file")
     ev.add_argument("--steps", type=int, required=True)
-    ev.add_argument("--guidance", type=float, required=True)
+    ev.add_argument("--guidance", type=finite_float, required=True)
     ev.add_argument("--metrics", default="toy", help="comma-separated subset of toy,fid,clip,hpsv2 (default: toy)")
     ev.add_argument("--out", required=True, help="output JSON file ({suite, device, entries: [one entry], run})")
     ev.add_argument("--work-dir", default=None, help="where samples are kept for resuming (default: <out stem>_samples "
@@ -540,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vae-steps", type=int, default=1000)
     tt.add_argument("--unet-steps", type=int, default=5000)
     tt.add_argument("--batch-size", type=int, default=96)
-    tt.add_argument("--lr", type=float, default=6e-4)
+    tt.add_argument("--lr", type=finite_float, default=6e-4)
     tt.add_argument("--vae-cache", default=None,
                     help="folder that keeps the trained VAE: reused if it holds one (a rerun skips the VAE stage)")
     tt.set_defaults(func=cmd_toy_train_teacher)

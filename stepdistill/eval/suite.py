@@ -21,6 +21,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -202,15 +203,15 @@ class Suite:
 # ---------------------------------------------------------------------------------------------------------------
 def load_suite(path: str | os.PathLike) -> Suite:
     """Read and validate a suite YAML file; :class:`SuiteError` naming the file and key on any problem."""
-    import yaml
+    from stepdistill.yaml_io import YAMLFileError, load_yaml_file
 
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist" if not path.exists() else f"suite path {path} is not a file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise SuiteError(f"{path}: not valid YAML: {err}") from None
+        data = load_yaml_file(path)
+    except YAMLFileError as err:
+        raise SuiteError(str(err)) from None
     if data is None:
         raise SuiteError(f"{path}: the suite file is empty")
     return suite_from_dict(data, base_dir=path.resolve().parent, source=str(path))
@@ -527,6 +528,8 @@ class _Reader:
             where = f"{key}[{k}]" if isinstance(value, list) else key
             if isinstance(item, bool) or not isinstance(item, (int, float)) or (integer and not isinstance(item, int)):
                 self.fail(where, f"expected {'an integer' if integer else 'a number'}, got {_type_name(item)} {item!r}")
+            if not math.isfinite(item):
+                self.fail(where, f"expected a finite number, got {item!r}")
             out.append(int(item) if integer else float(item))
         return tuple(out)
 

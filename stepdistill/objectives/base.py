@@ -23,6 +23,7 @@ random draws, and :meth:`Objective.generate` (the generator's x₀ for a batch) 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -77,6 +78,10 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
 def _range_text(low: float | None, high: float | None) -> str:
     """"must be ≥ 1", "must be ≤ 5" or "must lie in [0, 1]"."""
     if low is not None and high is not None:
@@ -87,8 +92,12 @@ def _range_text(low: float | None, high: float | None) -> str:
 
 
 def check_number(name: str, key: str, value: Any, low: float | None = None, high: float | None = None) -> None:
+    """A finite int or float (NaN and ±inf are refused: no objective key means anything at infinity) in
+    [``low``, ``high``] where given."""
     if not _is_number(value):
         raise ObjectiveConfigError(name, key, f"must be a number, got {value!r}")
+    if not _is_finite(value):
+        raise ObjectiveConfigError(name, key, f"must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ObjectiveConfigError(name, key, f"{_range_text(low, high)}, got {value!r}")
 

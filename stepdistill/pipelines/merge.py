@@ -125,7 +125,9 @@ def merge_sweep(a: str | Path, b: str | Path, alphas: Sequence[float], out_dir: 
     info = json.loads((Path(a) / INFO).read_text(encoding="utf-8"))
     template: dict[str, Any] = {}
     if suite_template is not None:
-        template = yaml.safe_load(Path(suite_template).read_text(encoding="utf-8"))
+        from stepdistill.yaml_io import load_yaml_file
+
+        template = load_yaml_file(suite_template) or {}
     suite = {k: v for k, v in template.items() if k not in ("entries", "suite", "description")}
     suite.update(suite=f"merge-front", description=f"θ(λ) = (1 − λ)·θ_a + λ·θ_b, a = {a}, b = {b}",
                  entries=[{"name": f"lambda_{lam:g}", "role": "student", "pipeline": str(f.resolve()),

@@ -36,10 +36,10 @@ from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
 
+from stepdistill.yaml_io import YAMLFileError, is_finite_number, load_yaml_file, parse_yaml_value
+
 MAX_TIMESTEP = 999
 _MISSING = object()
-# PyYAML follows YAML 1.1, where ``1e-5`` (no dot) is a string; accept such strings for float fields.
-_SCI_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 class ConfigError(ValueError):
@@ -51,6 +51,14 @@ class ConfigError(ValueError):
         self.file = file
         where = f"{file}: " if file else ""
         super().__init__(f"{where}{key}: {problem}")
+
+
+class RecipeSyntaxError(ConfigError):
+    """A recipe that is not valid YAML; the message is ``file:line:column: not valid YAML: ...``."""
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)
+        self.key, self.problem, self.file = "<file>", message, None
 
 
 # --- sections ----------------------------------------------------------------------------------------------------
@@ -195,6 +203,8 @@ def _coerce(value: Any, tp: Any, key: str, file: str | None) -> Any:
                 return _coerce(value, arg, key, file)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # "X or null" given a wrong X: X's own message says more
+            raise ConfigError(key, f"{errors[0].problem} (or null)", file)
         raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}", file)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -226,10 +236,10 @@ def _coerce(value: Any, tp: Any, key: str, file: str | None) -> Any:
             raise ConfigError(key, f"must be an integer, got {value!r}", file)
         return value
     if tp is float:
-        if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
-            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {value!r}", file)
+        if not is_finite_number(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}", file)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -332,9 +342,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(key or text, "an override must look like key.sub=value", None)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(key, f"cannot parse override value {raw!r}: {e}", None) from e
+        value = parse_yaml_value(raw, where=f"override {text!r}") if raw.strip() else ""
+    except YAMLFileError as e:
+        raise ConfigError(key, f"cannot parse the override value {raw!r}: {e}", None) from None
     return key.split("."), value
 
 
@@ -370,9 +380,9 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     if not path.is_file():
         raise ConfigError("<file>", "recipe file not found", file)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError("<file>", f"not valid YAML: {e}", file) from e
+        data = load_yaml_file(path)
+    except YAMLFileError as e:
+        raise RecipeSyntaxError(str(e)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -38,6 +38,8 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from stepdistill.yaml_io import is_finite_number, load_yaml_file
+
 SECTION = "multi_student"
 KEYS = {"router", "patterns", "num_students", "seed", "student_unet", "tsm"}
 TSM_DEFAULTS = {"steps": 400, "batch_size": 64, "lr": 5.0e-4, "data": "auto", "teacher_samples": 512,
@@ -45,7 +47,7 @@ TSM_DEFAULTS = {"steps": 400, "batch_size": 64, "lr": 5.0e-4, "data": "auto", "t
 
 
 def is_multi_student(recipe: str | Path) -> bool:
-    data = yaml.safe_load(Path(recipe).read_text(encoding="utf-8")) if Path(recipe).is_file() else None
+    data = load_yaml_file(recipe) if Path(recipe).is_file() else None
     return isinstance(data, dict) and SECTION in data
 
 
@@ -92,10 +94,11 @@ def _small_spec(section: dict, recipe: str) -> tuple[dict | None, dict]:
     for key in ("steps", "batch_size", "teacher_samples", "teacher_steps"):
         if not isinstance(tsm[key], int) or isinstance(tsm[key], bool) or tsm[key] < 1:
             raise ConfigError(f"{SECTION}.tsm.{key}", f"must be a positive integer, got {tsm[key]!r}", recipe)
-    try:
-        tsm["lr"], tsm["teacher_guidance"] = float(tsm["lr"]), float(tsm["teacher_guidance"])
-    except (TypeError, ValueError):
-        raise ConfigError(f"{SECTION}.tsm.lr", "lr and teacher_guidance must be numbers", recipe) from None
+    for key in ("lr", "teacher_guidance"):
+        if not is_finite_number(tsm[key]) or (key == "lr" and not tsm[key] > 0):
+            raise ConfigError(f"{SECTION}.tsm.{key}", f"must be a finite{' positive' if key == 'lr' else ''} number, "
+                              f"got {tsm[key]!r}", recipe)
+        tsm[key] = float(tsm[key])
     if tsm["data"] not in ("auto", "real", "teacher"):
         raise ConfigError(f"{SECTION}.tsm.data", f"must be auto, real or teacher, got {tsm['data']!r}", recipe)
     return overrides, tsm
@@ -169,7 +172,7 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
     from stepdistill.training.trainer import load_prompts
 
     recipe, out = Path(recipe), Path(out_dir)
-    data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    data = load_yaml_file(recipe)
     section = data.pop(SECTION)
     spec = _router_spec({k: v for k, v in section.items() if k not in ("student_unet", "tsm")}
                         if isinstance(section, dict) else section, str(recipe))

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
+
+from stepdistill.yaml_io import load_yaml_file
 
 PIPELINE_KEYS = {"teacher", "dtype", "single_file_config", "real_images", "resolution"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +32,7 @@ def load_pipeline_spec(path: str | Path) -> PipelineSpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pipeline spec {path} not found (see pipelines/*.yaml for examples)")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of {sorted(PIPELINE_KEYS)}")
     unknown = sorted(set(data) - PIPELINE_KEYS)

@@ -1,0 +1,90 @@
+"""What a new user meets trying every toy recipe: bad numbers, files that must survive, runs that must repeat and
+resume, and checks that must come before anything is written. CLI checks run ``python -m stepdistill.cli`` in a
+subprocess (the helpers of tests/test_front_door.py); the teacher is the tiny random SD pipeline of
+tests/tiny_models.py.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_front_door import FAST, RECIPE, cli, one_error_line, spec  # noqa: E402,F401 - `spec` is a fixture
+
+from stepdistill.objectives import OBJECTIVES, ObjectiveConfigError  # noqa: E402
+from stepdistill.training.config import ConfigError, load_recipe  # noqa: E402
+from stepdistill.yaml_io import parse_yaml_value  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- non-finite numbers and YAML numbers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_numeric_objective_key_refuses_nan_and_inf(name):
+    cls = OBJECTIVES[name]
+    numeric = [k for k, v in cls.DEFAULTS.items() if isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool))]
+    optional = [k for k, v in cls.DEFAULTS.items() if v is None]
+    assert numeric, f"{name} has no numeric key: the test would check nothing"
+    for key in numeric + optional:
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ObjectiveConfigError) as err:
+                cls.check_config({key: bad})
+            assert err.value.key == key
+
+
+def test_recipe_floats_are_finite_and_scientific_notation_parses(tmp_path):
+    with pytest.raises(ConfigError, match="optimizer.generator_lr: must be a finite number"):
+        load_recipe(RECIPE, ["optimizer.generator_lr=.nan"])
+    with pytest.raises(ConfigError, match="train.grad_clip: must be a finite number"):
+        load_recipe(RECIPE, ["train.grad_clip=.inf"])
+    # YAML 1.1 reads 1e-3 (no dot) as a string; recipes and overrides read it as the number it is
+    assert parse_yaml_value("1e-3") == pytest.approx(1e-3) and parse_yaml_value("2E5") == 2e5
+    config = load_recipe(RECIPE, ["objective_config.disback_record_lr=1e-3", "optimizer.generator_lr=1e-4"])
+    assert config.objective_config["disback_record_lr"] == pytest.approx(1e-3)
+    assert config.optimizer.generator_lr == pytest.approx(1e-4)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.read_text().replace("generator_lr: ", "generator_lr: 1e-3 #"))
+    assert load_recipe(recipe).optimizer.generator_lr == pytest.approx(1e-3)
+
+
+def test_bad_yaml_names_the_file_and_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("objective: dmd2\ntrain:\n  batch_size: [1, 2\n")
+    with pytest.raises(ValueError) as err:
+        load_recipe(recipe)
+    text = str(err.value)
+    assert str(recipe) in text and "<unicode string>" not in text and ":4:" in text
+
+
+def test_cli_refuses_non_finite_numbers_and_prints_its_prefix_once(tmp_path):
+    for value in ("nan", "inf"):
+        one_error_line(cli("generate", "--pipeline", "toy", "--prompt", "a red circle", "--guidance", value, "--out",
+                           str(tmp_path / "g.png")), "--guidance", "finite")
+    assert not (tmp_path / "g.png").exists()
+    line = one_error_line(cli("eval", "--pipeline", "toy", "--prompts", "toy", "--steps", "1", "--guidance", "1",
+                              "--samples-per-prompt", "0", "--out", str(tmp_path / "e.json")), "samples_per_prompt")
+    assert line.count("stepdistill eval") == 1, line
+    line = one_error_line(cli("merge", "--a", "x", "--b", "y", "--out", str(tmp_path / "m")), "--alpha")
+    assert line.count("stepdistill merge") == 1, line
+
+
+def test_recipes_never_cut_a_word():
+    proc = cli("recipes")
+    assert proc.returncode == 0, proc.stderr
+    for line in proc.stdout.splitlines():
+        name = line.split()[0]
+        text = (REPO / "training" / name).read_text()
+        header = " ".join(" ".join(ln.lstrip("#").strip() for ln in text.splitlines()[:8] if ln.startswith("#")).split())
+        shown = line.split(None, 2)[2]
+        if shown.endswith("…"):
+            shown = shown[:-1]
+            # what is shown is whole words of the header: the next character in the header is a space or punctuation
+            assert header.startswith(shown), (shown, header[:200])
+            assert header[len(shown)] in " ,;:(", (name, shown[-20:], header[len(shown):len(shown) + 10])
+        else:
+            assert header.startswith(shown)
