@@ -149,7 +149,7 @@ def cmd_distill_cost(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from stepdistill.training.run import export_run
 
-    path = export_run(args.run, args.out, args.checkpoint)
+    path = export_run(args.run, args.out, args.checkpoint, overwrite=args.overwrite)
     print(f"exported the student to {path}")
     return 0
 
@@ -160,7 +160,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if (args.alpha is None) == (args.sweep is None):
         raise ValueError("give exactly one of --alpha λ or --sweep λ1,λ2,...")
     if args.alpha is not None:
-        path = merge_students(args.a, args.b, args.alpha, args.out)
+        path = merge_students(args.a, args.b, args.alpha, args.out, overwrite=args.overwrite)
         print(f"wrote the merged student (λ = {args.alpha}) to {path}")
         return 0
     try:
@@ -169,7 +169,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--sweep takes comma-separated finite numbers, got {args.sweep!r}") from None
     template = args.suite if args.suite else ("eval/toy-students.yaml" if Path("eval/toy-students.yaml").is_file()
                                               else None)
-    result = merge_sweep(args.a, args.b, alphas, args.out, suite_template=template)
+    result = merge_sweep(args.a, args.b, alphas, args.out, suite_template=template, overwrite=args.overwrite)
     print(f"wrote {len(result['folders'])} merged students under {args.out}; score the front with\n"
           f"  stepdistill bench --suite {result['suite']} --out {Path(args.out) / 'bench'}")
     return 0
@@ -486,7 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a run's student as a diffusers pipeline folder")
     ex.add_argument("--run", required=True, help="a `stepdistill distill` output folder")
     ex.add_argument("--checkpoint", default="latest")
-    ex.add_argument("--out", default=None, help="output folder (default <run>/student)")
+    ex.add_argument("--out", default=None, help="output folder (default <run>/student); an existing folder must be "
+                                                "an exported student (or empty) unless --overwrite")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace whatever --out holds (never the run folder itself)")
     ex.set_defaults(func=cmd_export)
 
     mg = sub.add_parser("merge", help="interpolate two students' weights: θ = (1 − λ)·θ_a + λ·θ_b (same base and "
@@ -497,7 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--sweep", default=None, metavar="L1,L2,...", help="several λ, e.g. 0,0.25,0.5,0.75,1")
     mg.add_argument("--suite", default=None, help="bench suite whose protocol the sweep's front.yaml copies "
                                                   "(default eval/toy-students.yaml)")
-    mg.add_argument("--out", required=True, help="output folder (a student folder, or the sweep's folder)")
+    mg.add_argument("--out", required=True, help="output folder (a student folder, or the sweep's folder); an "
+                                                 "existing folder must be an exported student (or empty) unless "
+                                                 "--overwrite")
+    mg.add_argument("--overwrite", action="store_true", help="replace whatever --out holds (never --a or --b)")
     mg.set_defaults(func=cmd_merge)
 
     d = sub.add_parser("demo", help="the main job on the embedded toy default; writes a report under --out")

@@ -108,3 +108,40 @@ def test_report_plots_the_quality_diversity_front_only_with_two_points(tmp_path)
                 "fid": 40 + 5 * lam} for lam in (0, 0.5, 1)]
     assert plot_front(entries, tmp_path / "front.png") and (tmp_path / "front.png").stat().st_size > 1000
     assert not plot_front(entries[:1], tmp_path / "one.png") and not (tmp_path / "one.png").exists()
+
+
+def test_merge_never_deletes_what_it_did_not_write(students, tmp_path):
+    from stepdistill.outputs import OutputFolderError
+    from stepdistill.pipelines.merge import MergeError, merge_students, merge_sweep
+
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputFolderError, match="notes.txt.*--overwrite"):
+        merge_students(students["a"], students["b"], 0.5, notes)
+    assert (notes / "notes.txt").read_text() == "keep me"
+    sweep = tmp_path / "sweep"
+    (sweep / "lambda_0.5").mkdir(parents=True)
+    (sweep / "lambda_0.5" / "notes.txt").write_text("x")
+    with pytest.raises(OutputFolderError, match="notes.txt"):  # a sweep checks every folder before writing one
+        merge_sweep(students["a"], students["b"], [0.25, 0.5], sweep)
+    assert not (sweep / "lambda_0.25").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(OutputFolderError, match="is a file"):
+        merge_students(students["a"], students["b"], 0.5, a_file)
+    assert a_file.read_text() == "not a folder"
+    with pytest.raises(OutputFolderError, match="an input of this command"):  # never the inputs, even with overwrite
+        merge_students(students["a"], students["b"], 0.5, students["a"], overwrite=True)
+    # --overwrite says so: the folder is replaced by the merged student
+    merge_students(students["a"], students["b"], 0.5, notes, overwrite=True)
+    assert not (notes / "notes.txt").exists() and (notes / "stepdistill_export.json").is_file()
+    # a truncated UNet file is named
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(students["b"], broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(MergeError, match=str(weights)):
+        merge_students(students["a"], broken, 0.5, tmp_path / "m")

@@ -88,3 +88,32 @@ def test_recipes_never_cut_a_word():
             assert header[len(shown)] in " ,;:(", (name, shown[-20:], header[len(shown):len(shown) + 10])
         else:
             assert header.startswith(shown)
+
+
+# --- export never deletes what it did not write -------------------------------------------------------------------
+def test_export_refuses_its_own_run_and_foreign_folders(spec, tmp_path):
+    from stepdistill.outputs import OutputFolderError
+    from stepdistill.training.checkpoint import list_checkpoints
+    from stepdistill.training.run import distill, export_run
+
+    run = tmp_path / "run"
+    distill(spec, RECIPE, run, overrides=[*FAST, "train.max_steps=2"], export=False)
+    before = sorted(p.name for p in run.iterdir())
+    one_error_line(cli("export", "--run", str(run), "--out", str(run)), "an input of this command")
+    one_error_line(cli("export", "--run", str(run), "--out", str(tmp_path), "--overwrite"), "contains")
+    assert sorted(p.name for p in run.iterdir()) == before and list_checkpoints(run / "checkpoints")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputFolderError, match="notes.txt"):
+        export_run(run, mine)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(OutputFolderError, match="is a file"):
+        export_run(run, a_file)
+    assert (mine / "notes.txt").read_text() == "keep me" and a_file.read_text() == "x"
+    # an earlier student folder is replaced without a flag; --overwrite replaces the others
+    export_run(run, tmp_path / "student")
+    export_run(run, tmp_path / "student")
+    export_run(run, mine, overwrite=True)
+    assert not (mine / "notes.txt").exists() and (mine / "stepdistill_export.json").is_file()

@@ -40,10 +40,12 @@ from typing import Any, Mapping
 
 import torch
 
+from stepdistill.outputs import STUDENT_MARKER, check_output_folder, replace_folder
+
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-EXPORT_INFO_FILE = "stepdistill_export.json"
+EXPORT_INFO_FILE = STUDENT_MARKER
 TIMESTEP_SCALING = 10_000.0
 
 
@@ -394,22 +396,6 @@ def _card(
 
 
 # --- export -------------------------------------------------------------------------------------------------------
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` onto ``out_dir``, replacing an existing folder only now that the export succeeded."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".old_{out_dir.name}_{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def default_example_prompt(teacher) -> str:
     """A prompt the teacher's text encoder can read: a toy-world prompt for the shipped toy teacher (its tokenizer
     knows only the toy vocabulary), else a generic one."""
@@ -444,8 +430,11 @@ def export_student(
     *,
     dtype: torch.dtype | None = None,
     example_prompt: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the student as a diffusers pipeline folder at ``out_dir`` (atomically) and return its path.
+    ``out_dir`` may be absent, empty or an earlier student folder; anything else is refused unless ``overwrite``
+    (:func:`stepdistill.outputs.check_output_folder`).
 
     ``method``: the distillation method (model card, tags). ``steps_info``: optional training facts for the model
     card (e.g. the trainer's summary: steps, wall time); when it holds ``"timesteps"`` they must equal the
@@ -455,7 +444,7 @@ def export_student(
     """
     from stepdistill.training.ema import GeneratorEMA, get_ema
 
-    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir = check_output_folder(out_dir, overwrite=overwrite)
     steps_info = dict(steps_info or {})
     if example_prompt is None:
         example_prompt = default_example_prompt(teacher)
@@ -570,7 +559,7 @@ def export_student(
             ),
             encoding="utf-8",
         )
-        _replace_dir(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

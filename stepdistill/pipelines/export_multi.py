@@ -19,7 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from stepdistill.pipelines.export import EXPORT_INFO_FILE, ExportError, _replace_dir
+from stepdistill.outputs import check_output_folder, replace_folder
+from stepdistill.pipelines.export import EXPORT_INFO_FILE, ExportError
 
 PIPELINE_MODULE = "pipeline_multi_student"
 PIPELINE_CLASS = "MultiStudentPipeline"
@@ -30,14 +31,16 @@ def loading_call(folder: str) -> str:
 
 
 def export_multi_student(run_dir: Path, router, student_folders: Sequence[Path], students: Sequence[dict[str, Any]],
-                         out_dir: Path | None = None) -> Path:
-    """Write ``<run_dir>/student`` (atomically) from the exported student folders; returns its path."""
+                         out_dir: Path | None = None, overwrite: bool = False) -> Path:
+    """Write ``<run_dir>/student`` (atomically) from the exported student folders; returns its path. An ``out_dir``
+    that is not absent, empty or an earlier student folder is refused unless ``overwrite``."""
     from diffusers import UNet2DConditionModel
 
     from stepdistill.eval.generate import export_info, load_pipeline
     from stepdistill.pipelines.pipeline_multi_student import MAX_STUDENTS, MultiStudentPipeline
 
-    out_dir = Path(out_dir or Path(run_dir) / "student").resolve()
+    out_dir = check_output_folder(out_dir or Path(run_dir) / "student", overwrite=overwrite,
+                                  protect=[run_dir] if out_dir is not None else [])
     if len(student_folders) > MAX_STUDENTS:
         raise ExportError(f"the exported pipeline holds at most {MAX_STUDENTS} students, got {len(student_folders)}")
     infos = [export_info(f) for f in student_folders]
@@ -79,7 +82,7 @@ def export_multi_student(run_dir: Path, router, student_folders: Sequence[Path],
                 "steps_info": {"students": list(students)}}
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
         (tmp / "README.md").write_text(_card(str(out_dir), info, students), encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

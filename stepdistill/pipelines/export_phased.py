@@ -22,11 +22,11 @@ from typing import Any, Mapping
 
 import torch
 
+from stepdistill.outputs import replace_folder
 from stepdistill.pipelines.export import (
     EXPORT_INFO_FILE,
     ExportError,
     _cast,
-    _replace_dir,
     base_model_name,
     merged_unet,
 )
@@ -113,7 +113,7 @@ def export_phased_student(teacher, generator, out_dir: Path, method: str, steps_
         (tmp / "README.md").write_text(
             _card(str(out_dir), base_model, method, timesteps, ema_obj is not None, generator.is_lora, steps_info,
                   example_prompt), encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
+from stepdistill.outputs import check_output_folder, replace_folder
+
 INFO = "stepdistill_export.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 SAMPLER_KEYS = ("steps", "timesteps", "scheduler", "prediction_type", "guidance_scale", "scaled_input_noise")
@@ -77,16 +79,31 @@ def check_mergeable(a: str | Path, b: str | Path) -> tuple[dict[str, Any], dict[
     return info_a, info_b
 
 
-def merge_students(a: str | Path, b: str | Path, alpha: float, out: str | Path) -> Path:
-    """Write θ = (1 − alpha)·θ_a + alpha·θ_b as a student folder at ``out`` (atomically); returns ``out``."""
+def _load_unet_weights(folder: Path) -> dict:
+    """The UNet tensors of a student folder; a truncated or damaged file is a :class:`MergeError` naming it."""
+    from safetensors.torch import load_file
+
+    path = folder / UNET_WEIGHTS
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types without the file name
+        raise MergeError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())}): the file is "
+                         "truncated or damaged; export that student again") from None
+
+
+def merge_students(a: str | Path, b: str | Path, alpha: float, out: str | Path, overwrite: bool = False) -> Path:
+    """Write θ = (1 − alpha)·θ_a + alpha·θ_b as a student folder at ``out`` (atomically); returns ``out``. ``out`` may
+    be absent, empty or an earlier student folder; anything else is refused unless ``overwrite``, and ``a`` or ``b``
+    (or a folder holding them) always."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     if not 0.0 <= float(alpha) <= 1.0:
         raise MergeError(f"--alpha must lie in [0, 1] (an interpolation), got {alpha}")
-    a, b, out = Path(a), Path(b), Path(out)
+    a, b = Path(a), Path(b)
+    out = check_output_folder(out, overwrite=overwrite, protect=[a, b])
     info_a, info_b = check_mergeable(a, b)
-    sd_a, sd_b = load_file(str(a / UNET_WEIGHTS)), load_file(str(b / UNET_WEIGHTS))
+    sd_a, sd_b = _load_unet_weights(a), _load_unet_weights(b)
     if sd_a.keys() != sd_b.keys() or any(sd_a[k].shape != sd_b[k].shape for k in sd_a):
         raise MergeError(f"{a} and {b} hold UNet tensors of different names or shapes: not one architecture")
     lam = float(alpha)
@@ -103,9 +120,7 @@ def merge_students(a: str | Path, b: str | Path, alpha: float, out: str | Path) 
         (tmp / "README.md").write_text(
             card + f"\n\n## Merged weights\n\nθ = (1 − λ)·θ_a + λ·θ_b with λ = {lam}, a = `{a}`, b = `{b}` "
             "(`stepdistill merge`); load and call it exactly as above. It ships no LoRA file.\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -113,15 +128,17 @@ def merge_students(a: str | Path, b: str | Path, alpha: float, out: str | Path) 
 
 
 def merge_sweep(a: str | Path, b: str | Path, alphas: Sequence[float], out_dir: str | Path,
-                suite_template: str | Path | None = None) -> dict[str, Any]:
+                suite_template: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """One merged folder per λ (``<out_dir>/lambda_<λ>``) and ``<out_dir>/front.yaml``, a bench suite of them (the
     toy-quality protocol of ``suite_template``, default eval/toy-students.yaml's header) whose report plots the
     quality–diversity front; returns {"folders": [...], "suite": path}."""
     import yaml
 
     out = Path(out_dir)
+    for lam in alphas:  # every folder checked before the first is written
+        check_output_folder(out / f"lambda_{lam:g}", overwrite=overwrite, protect=[a, b])
     out.mkdir(parents=True, exist_ok=True)
-    folders = [merge_students(a, b, lam, out / f"lambda_{lam:g}") for lam in alphas]
+    folders = [merge_students(a, b, lam, out / f"lambda_{lam:g}", overwrite=overwrite) for lam in alphas]
     info = json.loads((Path(a) / INFO).read_text(encoding="utf-8"))
     template: dict[str, Any] = {}
     if suite_template is not None:

@@ -192,9 +192,13 @@ def _build(spec: PipelineSpec, config):
     return teacher, generator, objective
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: str = "latest") -> Path:
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: str = "latest",
+               overwrite: bool = False) -> Path:
     """Export the student of a distillation run (its ``run_config.yaml``, ``pipeline.yaml`` and a checkpoint) as a
-    diffusers pipeline folder (default ``<run_dir>/student``)."""
+    diffusers pipeline folder (default ``<run_dir>/student``). ``out_dir`` is checked before anything loads: it may
+    be absent, empty or an earlier student folder (anything else only with ``overwrite``), and never the run folder
+    itself or a folder that holds it."""
+    from stepdistill.outputs import check_output_folder
     from stepdistill.pipelines.export import export_student
     from stepdistill.training.config import load_recipe
     from stepdistill.training.trainer import Trainer
@@ -203,6 +207,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoin
     for name in ("run_config.yaml", "pipeline.yaml"):
         if not (run / name).is_file():
             raise FileNotFoundError(f"{run / name} not found: {run} is not a `stepdistill distill` output folder")
+    out_dir = check_output_folder(out_dir if out_dir is not None else run / "student", overwrite=overwrite,
+                                  protect=[run] if out_dir is not None else [])
     spec = load_pipeline_spec(run / "pipeline.yaml")
     config = load_recipe(run / "run_config.yaml")
     teacher, generator, objective = _build(spec, config)
@@ -213,7 +219,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoin
     from stepdistill.training.trainer import load_prompts
 
     example = load_prompts(config.prompts.source).prompts[0]
-    return export_student(teacher, generator, Path(out_dir) if out_dir else run / "student", method=config.objective,
+    return export_student(teacher, generator, out_dir, method=config.objective, overwrite=overwrite,
                           steps_info={"steps": trainer.state.step, "checkpoint": loaded.name}, example_prompt=example)
 
 
