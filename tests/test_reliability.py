@@ -117,3 +117,77 @@ def test_export_refuses_its_own_run_and_foreign_folders(spec, tmp_path):
     export_run(run, tmp_path / "student")
     export_run(run, mine, overwrite=True)
     assert not (mine / "notes.txt").exists() and (mine / "stepdistill_export.json").is_file()
+
+
+# --- two runs of one recipe are bit-identical ----------------------------------------------------------------------
+QUICK = ["train.batch_size=2", "train.sample_every=0", "train.log_every=1", "objective_config.aux_updates_per_generator_update=1"]
+PAIRS = ["objective_config.regression_pairs=4", "objective_config.regression_steps=2", "objective_config.ode_warmup_steps=1"]
+FAMILIES = {  # recipe, overrides: every recipe family, each with whatever it builds at random (LoRA, GAN head, ...)
+    "dmd": ("toy-dmd.yaml", PAIRS),
+    "dmd2-gan": ("toy-dmd2.yaml", PAIRS),
+    "dmd2-4step-gan": ("toy-dmd2-4step.yaml", []),
+    "vsd-lora-fake-score": ("toy-vsd.yaml", []),
+    "pgsb": ("toy-pgsb.yaml", []),
+    "sid": ("toy-sid.yaml", []),
+    "sid-4step": ("toy-sid-4step.yaml", []),
+    "sida-gan": ("toy-sid.yaml", ["objective_config.gan_enabled=true"]),
+    "phased-dmd": ("toy-phased-dmd.yaml", ["objective_config.updates_per_phase=1"]),
+    "cfg-distill": ("toy-cfg-distill.yaml", []),
+    "lora-cfg-distill": ("toy-lora-cfg-distill.yaml", []),
+    "disback": ("toy-dmd2.yaml", ["objective_config.gan_enabled=false", "objective_config.ode_warmup_steps=0",
+                                  "objective_config.disback=true", "objective_config.disback_nodes=2",
+                                  "objective_config.disback_record_updates=2", "objective_config.disback_interval=1"]),
+    "msd": ("toy-msd.yaml", PAIRS),
+}
+
+
+def _trainable_states(run: Path) -> dict[str, dict]:
+    import torch
+
+    found = {}
+    for state in sorted(run.rglob("trainable_state.pt")):
+        found[str(state.relative_to(run))] = torch.load(state, map_location="cpu", weights_only=True)
+    return found
+
+
+@pytest.fixture
+def gan_ready_spec(spec, tmp_path, monkeypatch):
+    """The tiny teacher with a stand-in for the toy world's real images (the tiny VAE takes 16 px images, the world
+    draws 32 px ones): seeded random latents of the teacher's shape, so GAN recipes build and train their head."""
+    import torch
+
+    import stepdistill.training.run as run_module
+
+    def fake_real_latents(teacher, seed=0, prompts=None):
+        def source(n, generator):
+            chosen = prompts.sample(n, generator) if prompts is not None else ["a red circle"] * n
+            return torch.randn((n, *teacher.latent_shape), generator=generator), chosen
+        return source
+
+    monkeypatch.setattr(run_module, "toy_real_latents", fake_real_latents)
+    path = tmp_path / "pipe-real.yaml"
+    path.write_text(spec.read_text() + "real_images: toy\n")
+    return path
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_two_runs_of_every_recipe_family_are_bit_identical(gan_ready_spec, tmp_path, family):
+    import torch
+
+    from stepdistill.training.run import distill
+
+    recipe, extra = FAMILIES[family]
+    steps = 4 if "phased" in recipe else 2
+    overrides = [*QUICK, *extra, f"train.max_steps={steps}", f"train.checkpoint_every={steps}"]
+    states = []
+    for k in range(2):
+        torch.manual_seed(1000 + k)  # whatever the process's RNG holds before a run must not matter
+        distill(gan_ready_spec, REPO / "training" / recipe, tmp_path / f"run{k}", overrides=overrides, export=False,
+                log=lambda *a: None)
+        states.append(_trainable_states(tmp_path / f"run{k}"))
+    assert states[0] and states[0].keys() == states[1].keys()
+    for where, first in states[0].items():
+        second = states[1][where]
+        assert first.keys() == second.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), f"{family}: {where} {key} differs between two runs"

@@ -118,8 +118,10 @@ def _run_tsm(pipeline, student_run: Path, subset: Sequence[str], unet_overrides:
     spec = load_pipeline_spec(pipeline)
     teacher = load_teacher(spec)
     from accelerate import PartialState
+    from accelerate.utils import set_seed
 
     teacher.to(PartialState().device)
+    set_seed(seed)  # the narrow UNet's random initialisation is part of the run
     unet = narrow_unet(teacher.unet, unet_overrides)  # a bad config fails here, before any teacher sampling
     prompts = PromptSource(list(subset), str(student_run / "prompts.txt"))
     data = tsm["data"] if tsm["data"] != "auto" else ("real" if _all_toy(subset) else "teacher")

@@ -169,10 +169,16 @@ def load_teacher(spec: PipelineSpec):
 
 
 def _build(spec: PipelineSpec, config):
+    """The teacher, the generator and the objective of a run. Everything random they hold at the start (LoRA
+    adapters, GAN heads, freshly initialised networks) is drawn after seeding with ``train.seed``, so two runs of
+    one recipe start from the same weights, and a resumed run is comparable with an uninterrupted one."""
+    from accelerate.utils import set_seed
+
     from stepdistill.objectives import build_objective
     from stepdistill.student import Generator, PhasedGenerator, TeacherSamplerGenerator
 
     teacher = load_teacher(spec)
+    set_seed(config.train.seed)
     if config.generator.teacher_sampler_steps is not None:
         generator = TeacherSamplerGenerator.from_teacher(teacher, config.generator.teacher_sampler_steps,
                                                          lora_rank=config.generator.lora_rank,
