@@ -191,3 +191,36 @@ def test_two_runs_of_every_recipe_family_are_bit_identical(gan_ready_spec, tmp_p
         assert first.keys() == second.keys()
         for key in first:
             assert torch.equal(first[key], second[key]), f"{family}: {where} {key} differs between two runs"
+
+
+# --- the DisBack path belongs to its run ---------------------------------------------------------------------------
+def test_disback_path_is_removed_by_overwrite_and_checked_before_reuse(spec, tmp_path):
+    import json
+
+    from stepdistill.training.run import distill
+
+    run = tmp_path / "run"
+    base = [*QUICK, "objective_config.gan_enabled=false", "objective_config.ode_warmup_steps=2",
+            "objective_config.regression_pairs=4", "objective_config.regression_steps=2",
+            "objective_config.disback=true", "objective_config.disback_nodes=2", "objective_config.disback_interval=1",
+            "train.checkpoint_every=1", "train.keep_checkpoints=5", "train.max_steps=3"]
+    recipe = REPO / "training" / "toy-dmd2.yaml"
+    manifest = run / "disback" / "path.json"
+    distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=2"], export=False)
+    assert json.loads(manifest.read_text())["record_updates"] == 2
+    # a new run with other recording settings: --overwrite removes the old path, the new one is recorded
+    distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=4"], export=False,
+            overwrite=True)
+    assert json.loads(manifest.read_text())["record_updates"] == 4
+    # resumed before the path was recorded, with other recording settings: recorded again, and said so
+    lines = []
+    distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=4",
+                                          "objective_config.disback_record_lr=1e-3"],
+            resume="step_000001", allow_config_change=True, export=False, log=lines.append)
+    assert json.loads(manifest.read_text())["lr"] == pytest.approx(1e-3)
+    assert any("recorded by other settings" in line and "lr" in line for line in lines), lines
+    # resumed after it was recorded, with other recording settings: refused (the student trained against it)
+    with pytest.raises(RuntimeError, match="recorded with other settings"):
+        distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=4",
+                                              "objective_config.disback_record_lr=5e-4", "train.max_steps=4"],
+                resume="latest", allow_config_change=True, export=False)

@@ -11,9 +11,14 @@ teacher from then on; the fake score starts from ψ_N, the checkpoint nearest G�
 
 Stage 1 runs when distillation proper starts (update 0, or after an ODE-pair warm-up, so G₀ is the student that
 score distillation starts from); the path lives in the run folder (``disback/node_XX.safetensors`` +
-``disback/path.json``, written atomically) and a resumed run reads it instead of recording again; an incomplete
-path is recorded again from the start. The target is a function of the update number, so a run resumed mid-path
-picks the same target.
+``disback/path.json``, written atomically; ``distill --overwrite`` removes it with the rest of the run) and a resumed
+run reads it instead of recording again. The manifest records what the path was recorded with — the recording
+settings and the run's fingerprint (:func:`path_settings`) — and is checked before reuse: at the start of stage 2 a
+path recorded with other settings or by another run configuration is recorded again (and said so); later, a path
+recorded with other settings is an error (the student has been trained against it), one recorded by another run
+configuration with the same settings (``--allow-config-change``) is used with a warning. An incomplete path is
+recorded again from the start. The target is a function of the update number, so a run resumed mid-path picks the
+same target.
 
 Differences from the released code, following the paper (see ../shared/OBJECTIVES.md): the switch loads the
 recorded ψ_i into a separate real-score network (the released ``load_state_dict(..., strict=False)`` of a full
@@ -25,6 +30,7 @@ trained without the released code's extra GAN-classifier term; recording uses Ad
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +56,14 @@ def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def path_settings(cfg: dict[str, Any], batch_size: int, seed: int, run_fingerprint: str | None) -> dict[str, Any]:
+    """What a recorded path depends on besides the initial student: the recording settings, and the run's
+    fingerprint, which stands for the initial student G₀ (teacher, seed, warm-up)."""
+    return {"nodes": int(cfg["disback_nodes"]), "record_updates": int(cfg["disback_record_updates"]),
+            "lr": float(cfg["disback_record_lr"]), "batch_size": int(batch_size), "seed": int(seed),
+            "run": run_fingerprint}
+
+
 def read_manifest(directory: Path) -> dict[str, Any] | None:
     """The path's manifest when the whole path was recorded (every node file present), else None."""
     path = directory / MANIFEST
@@ -70,6 +84,7 @@ def record_degradation_path(
     lr: float,
     batch_size: int,
     seed: int = 0,
+    run_fingerprint: str | None = None,
 ) -> list[Path]:
     """Stage 1 (see the module docstring): fine-tune a copy of ``objective.teacher``'s UNet by the objective's own
     denoising loss (:meth:`Objective.denoising_loss`) on samples of the frozen ``objective.generator``, save ``nodes``
@@ -106,7 +121,7 @@ def record_degradation_path(
             _atomic_save(score.state_dict(), f)
             files.append(f)
     manifest = {"complete": True, "nodes": nodes, "record_updates": updates, "lr": lr, "batch_size": batch_size,
-                "seed": seed, "node_updates": sorted(save_at), "files": [f.name for f in files],
+                "seed": seed, "run": run_fingerprint, "node_updates": sorted(save_at), "files": [f.name for f in files],
                 "node_0": "the teacher (not stored)"}
     tmp = directory / f".tmp_{MANIFEST}"
     tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -148,10 +163,26 @@ class DisBackOption:
     _disback_unet: torch.nn.Module | None = None
 
     def attach_run(self, run_dir: str | Path, sample_embeds: Callable[[int, torch.Generator], Any], batch_size: int,
-                   seed: int = 0) -> None:
-        """Where the path is stored and how stage 1 draws prompts (``distill`` calls this before training)."""
+                   seed: int = 0, run_fingerprint: str | None = None, log: Callable[[str], None] | None = None) -> None:
+        """Where the path is stored, how stage 1 draws prompts and which run it belongs to (``distill`` calls this
+        before training with the run's fingerprint)."""
         self._disback_run = {"dir": Path(run_dir) / PATH_DIR, "sample_embeds": sample_embeds,
-                             "batch_size": int(batch_size), "seed": int(seed)}
+                             "batch_size": int(batch_size), "seed": int(seed), "fingerprint": run_fingerprint,
+                             "log": log or logging.getLogger(__name__).warning}
+
+    def _path_settings(self) -> dict[str, Any]:
+        run = self._disback_run
+        return path_settings(self.config, run["batch_size"], run["seed"], run["fingerprint"])
+
+    def _manifest_problem(self, manifest: dict[str, Any]) -> str | None:
+        """What differs between the recorded path and this run (None: nothing); "run" alone when only the run's
+        fingerprint does."""
+        want = self._path_settings()
+        recorded = {k: manifest.get(k) for k in want}
+        changed = [k for k in want if k != "run" and recorded[k] != want[k]]
+        if changed:
+            return ", ".join(f"{k} {recorded[k]!r} -> {want[k]!r}" for k in changed)
+        return "run" if recorded["run"] != want["run"] else None
 
     def disback_start(self) -> int:
         """The first update of score distillation proper (after an ODE-pair warm-up, if any)."""
@@ -168,14 +199,19 @@ class DisBackOption:
         return self._disback_run["dir"]
 
     def ensure_disback_path(self) -> dict[str, Any]:
-        """The recorded path's manifest, recording it first (stage 1) when the run folder has no complete one."""
+        """The recorded path's manifest, recording it first (stage 1) when the run folder has no complete one of
+        this run's settings and configuration."""
         directory = self._disback_dir()
         manifest = read_manifest(directory)
-        if manifest is None:
+        problem = None if manifest is None else self._manifest_problem(manifest)
+        if manifest is None or problem is not None:
             cfg, run = self.config, self._disback_run
+            if problem is not None:
+                why = "another run configuration" if problem == "run" else f"other settings ({problem})"
+                run["log"](f"disback: the path in {directory} was recorded by {why}; recording it again")
             record_degradation_path(self, run["sample_embeds"], directory,
                                     cfg["disback_nodes"], cfg["disback_record_updates"], cfg["disback_record_lr"],
-                                    run["batch_size"], run["seed"])
+                                    run["batch_size"], run["seed"], run_fingerprint=run["fingerprint"])
             manifest = read_manifest(directory)
         return manifest
 
@@ -198,11 +234,19 @@ class DisBackOption:
         if not cfg["disback"] or step < self.disback_start():
             return
         j = self.disback_target()
-        if step > self.disback_start() and self._disback_loaded is None and read_manifest(self._disback_dir()) is None:
-            raise RuntimeError(
-                f"disback: no complete degradation path in {self._disback_dir()}; it is recorded from the initial student "
-                f"at update {self.disback_start()} and cannot be recorded again at update {step}. Resume from a "
-                f"checkpoint at or before update {self.disback_start()}, or start the run again (--overwrite)")
+        if step > self.disback_start() and self._disback_loaded is None:
+            manifest = read_manifest(self._disback_dir())
+            problem = "missing" if manifest is None else self._manifest_problem(manifest)
+            if problem == "run":
+                self._disback_run["log"](f"disback: the path in {self._disback_dir()} was recorded by another run "
+                                         "configuration with the same recording settings; using it")
+            elif problem is not None:
+                what = ("no complete degradation path" if problem == "missing"
+                        else f"a degradation path recorded with other settings ({problem})")
+                raise RuntimeError(
+                    f"disback: {what} in {self._disback_dir()}; it is recorded from the initial student at update "
+                    f"{self.disback_start()} and cannot be recorded again at update {step}. Resume from a checkpoint at "
+                    f"or before update {self.disback_start()}, or start the run again (--overwrite)")
         if step == self.disback_start():
             self.ensure_disback_path()
             from safetensors.torch import load_file

@@ -284,7 +284,8 @@ def distill(
         def disback_embeds(n: int, rng: torch.Generator):
             return teacher.encode_prompt(prompts.sample(n, rng), with_uncond=True)
 
-        objective.attach_run(out, disback_embeds, config.train.batch_size, seed=config.train.seed + 23)
+        objective.attach_run(out, disback_embeds, config.train.batch_size, seed=config.train.seed + 23,
+                             run_fingerprint=plan.fingerprint, log=lambda line: log(f"[distill] {line}"))
 
     batch_fn = build_batch
     pairs_seconds = None

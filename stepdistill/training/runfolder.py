@@ -35,7 +35,7 @@ VOLATILE_KEYS = frozenset({
 })
 #: what a run writes into its folder (and ``--overwrite`` removes)
 RUN_ARTIFACTS = ("run.json", "run_config.yaml", "pipeline.yaml", "checkpoints", "logs", "samples", "student",
-                 "distill_summary.json")
+                 "distill_summary.json", "disback")
 
 
 class RunFolderError(ValueError):
