@@ -125,7 +125,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no recipes (YAML files with an 'objective' key) in {folder}")
     width = max(len(r[0]) for r in rows)
     mwidth = max(len(r[1]) for r in rows)
-    room = max(40, shutil.get_terminal_size((120, 24)).columns - width - mwidth - 4)
+    columns = shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 160
+    room = max(40, columns - width - mwidth - 4)
     for name, method, text in rows:
         print(f"{name:<{width}}  {method:<{mwidth}}  {recipe_description(text, room)}")
     for problem in broken:
