@@ -65,6 +65,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     summary = distill(args.pipeline, args.recipe, args.out, overrides=args.set or (), resume=args.resume,
                       export=not args.no_export, overwrite=args.overwrite,
                       allow_config_change=args.allow_config_change, dry_run=args.dry_run)
+    if args.dry_run and summary.get("multi_student"):
+        import yaml
+
+        print("# stepdistill distill --dry-run (multi-student recipe): nothing was loaded or written")
+        for s in summary["students"]:
+            print(f"# student {s['student']} of {s['of']} ({s['folder']}): {s['status']}"
+                  + (f", {s['why']}" if s["why"] else "") + f"; prompts: {s['prompts']}")
+        print(yaml.safe_dump({"router": summary["router"], **summary["config"]}, sort_keys=False).rstrip())
+        return 0
     if args.dry_run:
         import yaml
 

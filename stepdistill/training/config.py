@@ -383,8 +383,12 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         data = load_yaml_file(path)
     except YAMLFileError as e:
         raise RecipeSyntaxError(str(e)) from None
-    if data is None:
-        data = {}
+    return recipe_from_data({} if data is None else data, file, overrides)
+
+
+def recipe_from_data(data: Any, file: str | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A recipe already read (a mapping) with ``key.sub=value`` overrides applied, validated; errors name ``file``
+    and the override that set the offending key."""
     if not isinstance(data, dict):
         raise ConfigError("<root>", f"the recipe must be a mapping of sections, got {type(data).__name__}", file)
     data = apply_overrides(data, list(overrides), file)

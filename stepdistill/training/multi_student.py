@@ -165,64 +165,137 @@ def _last_losses(run: Path) -> dict[str, float]:
     return out
 
 
+def _student_status(run: Path, config, spec, resume: str | None, allow_config_change: bool) -> tuple[str, str]:
+    """What a (resumed) MSD run does with student folder ``run``: ("fresh" | "resume" | "finished", why). A
+    folder written by another configuration of this student is refused unless ``allow_config_change``."""
+    from stepdistill.training.runfolder import RUN_FILE, RunFolderError, fingerprint, identity_changes, run_identity
+
+    info = run / RUN_FILE
+    if resume is None or not info.is_file():
+        return "fresh", ""
+    recorded = json.loads(info.read_text(encoding="utf-8"))
+    identity = run_identity(config, spec)
+    if recorded.get("fingerprint") != fingerprint(identity):
+        changes = identity_changes(recorded.get("identity") or {}, identity) or ["<not recorded>"]
+        if not allow_config_change:
+            raise RunFolderError(
+                f"{run} was trained with another configuration (changed: {'; '.join(changes[:4])}"
+                f"{'; …' if len(changes) > 4 else ''}); resume with the recipe, pipeline and overrides that trained it, "
+                "or pass --allow-config-change to keep what it trained")
+    summary = run / "distill_summary.json"
+    if summary.is_file():
+        done = int(json.loads(summary.read_text(encoding="utf-8")).get("steps") or 0)
+        if done >= config.train.max_steps:
+            return "finished", f"finished earlier ({done} updates)"
+        return "resume", f"continued from {done} to {config.train.max_steps} updates"
+    return "resume", "resumed"
+
+
 def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path, overrides: Sequence[str] = (),
                   resume: str | None = None, export: bool = True, overwrite: bool = False,
-                  allow_config_change: bool = False, log=print) -> dict[str, Any]:
-    """Train every student of an MSD recipe in turn, then export the routed folder ``<out_dir>/student``."""
+                  allow_config_change: bool = False, dry_run: bool = False, log=print) -> dict[str, Any]:
+    """Train every student of an MSD recipe in turn, then export the routed folder ``<out_dir>/student``.
+
+    Everything is validated before anything is written (the per-student recipe with the overrides, the objective
+    config, each student's folder). With ``resume`` a student whose run finished ``train.max_steps`` updates is
+    skipped, a started one continues from its latest checkpoint (or from update 0 when it has none yet), and a
+    folder trained under another configuration is refused unless ``allow_config_change``. ``dry_run`` returns the
+    plan without writing anything."""
     from stepdistill.router import KMeansRouter, load_router, save_router, split_prompts
-    from stepdistill.training.run import distill, load_pipeline_spec, load_teacher
+    from stepdistill.training.config import recipe_from_data
+    from stepdistill.training.run import check_run_config, distill, load_pipeline_spec, load_teacher
+    from stepdistill.training.runfolder import RunFolderError, existing_artifacts
     from stepdistill.training.trainer import load_prompts
 
     recipe, out = Path(recipe), Path(out_dir)
     data = load_yaml_file(recipe)
     section = data.pop(SECTION)
-    spec = _router_spec({k: v for k, v in section.items() if k not in ("student_unet", "tsm")}
-                        if isinstance(section, dict) else section, str(recipe))
+    router_spec = _router_spec({k: v for k, v in section.items() if k not in ("student_unet", "tsm")}
+                               if isinstance(section, dict) else section, str(recipe))
     unet_overrides, tsm = _small_spec(section, str(recipe))
-    out.mkdir(parents=True, exist_ok=True)
-    base_recipe = out / "student_recipe.yaml"
-    base_recipe.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    from stepdistill.training.config import load_recipe
-
-    config = load_recipe(base_recipe, overrides)  # errors name the key before anything trains
+    spec = load_pipeline_spec(pipeline)
+    config = recipe_from_data(data, str(recipe), overrides)  # errors name the key before anything is written
+    check_run_config(spec, config, recipe, overrides, pipeline)
     prompts = load_prompts(config.prompts.source).prompts
+    if overwrite and resume:
+        raise RunFolderError("--overwrite starts a new run and --resume continues one: pass only one of them")
     router_path = out / "router.json"
     resumed_router = load_router(router_path) if resume and router_path.is_file() else None
+    kmeans = isinstance(router_spec, tuple) or (resumed_router is not None and resumed_router.kind == "kmeans")
+
+    def student_overrides(k: int) -> list[str]:
+        run = out / f"student_{k}"
+        extra = [f"prompts.source={run / 'prompts.txt'}"]
+        if unet_overrides is not None:
+            extra.append(f"generator.init_unet={run / 'tsm_unet'}")
+        return [*overrides, *extra]
+
+    def student_config(k: int):
+        """Student k's resolved recipe; its TSM UNet folder (written later by the TSM stage) is not required yet."""
+        given = student_overrides(k)
+        cfg = recipe_from_data(data, str(recipe), given[:-1] if unet_overrides is not None else given)
+        if unet_overrides is not None:
+            cfg.generator.init_unet = str(out / f"student_{k}" / "tsm_unet")
+        return cfg
+
+    def status_of(k: int) -> tuple[str, str]:
+        run = out / f"student_{k}"
+        status, why = _student_status(run, student_config(k), spec, resume, allow_config_change)
+        if status == "fresh" and existing_artifacts(run) and not overwrite:
+            raise RunFolderError(f"{run} already holds a run; continue the MSD run with --resume latest, replace it "
+                                 "with --overwrite, or choose another --out")
+        return status, why
+
+    if dry_run:
+        num = (resumed_router.num_students if resumed_router is not None else
+               router_spec[1] if isinstance(router_spec, tuple) else router_spec.num_students)
+        router = resumed_router or (None if kmeans else router_spec)
+        subsets = split_prompts(router, prompts) if router is not None and not kmeans else None
+        plan = []
+        for k in range(num):
+            status, why = status_of(k)
+            plan.append({"student": k + 1, "of": num, "folder": str(out / f"student_{k}"), "status": status,
+                         "why": why, "prompts": len(subsets[k]) if subsets else "split by k-means at run time"})
+        return {"dry_run": True, "multi_student": True, "config": config.to_dict(), "students": plan,
+                "out": str(out), "router": router_spec.to_dict() if not isinstance(router_spec, tuple)
+                else {"kind": "kmeans", "num_students": router_spec[1]}}
+
     embeds = None  # the training prompts' text embeddings, computed once, for a k-means router only
-    if isinstance(spec, tuple) or (resumed_router is not None and resumed_router.kind == "kmeans"):
-        teacher = load_teacher(load_pipeline_spec(pipeline))
+    if kmeans:
+        teacher = load_teacher(spec)
         embeds = teacher.encode_prompt(list(prompts), with_uncond=False).cond  # (N, L, D) hidden states
         del teacher
     if resumed_router is not None:
         router = resumed_router  # a resumed run keeps the partition it started with
-    elif isinstance(spec, tuple):
-        router = KMeansRouter.fit(embeds, spec[1], seed=spec[2])
+    elif isinstance(router_spec, tuple):
+        router = KMeansRouter.fit(embeds, router_spec[1], seed=router_spec[2])
     else:
-        router = spec
-    save_router(router, router_path)
+        router = router_spec
     subsets = split_prompts(router, prompts, embeds)
+    statuses = [status_of(k) for k in range(len(subsets))]  # every student checked before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    base_recipe = out / "student_recipe.yaml"
+    base_recipe.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    save_router(router, router_path)
     t0 = time.time()
     students = []
+    total = len(subsets)
     for k, subset in enumerate(subsets):
         run = out / f"student_{k}"
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "prompts.txt").write_text("\n".join(subset) + "\n", encoding="utf-8")
-        summary_path = run / "distill_summary.json"
+        status, why = statuses[k]
         tsm_file = run / "tsm_unet" / "tsm_summary.json"
         tsm_summary = json.loads(tsm_file.read_text(encoding="utf-8")) if tsm_file.is_file() else None
-        if resume and summary_path.is_file():
-            log(f"[msd] student {k}: finished earlier ({len(subset)} prompts), skipped")
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        if status == "finished":
+            log(f"[msd] student {k + 1} of {total}: {why} ({len(subset)} prompts), skipped")
+            summary = json.loads((run / "distill_summary.json").read_text(encoding="utf-8"))
         else:
-            has_ckpt = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
-            log(f"[msd] student {k} of {len(subsets)}: {len(subset)} prompts" + (" (resumed)" if has_ckpt and resume
-                                                                                   else ""))
-            extra = [f"prompts.source={run / 'prompts.txt'}"]
+            log(f"[msd] student {k + 1} of {total}: {len(subset)} prompts" + (f" ({why})" if why else ""))
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "prompts.txt").write_text("\n".join(subset) + "\n", encoding="utf-8")
             if unet_overrides is not None:
                 tsm_summary = _run_tsm(pipeline, run, subset, unet_overrides, tsm, config.train.seed + k, log)
-                extra.append(f"generator.init_unet={run / 'tsm_unet'}")
-            summary = distill(pipeline, base_recipe, run, overrides=[*overrides, *extra],
-                              resume=resume if has_ckpt else None, export=export, overwrite=overwrite,
+            summary = distill(pipeline, base_recipe, run, overrides=student_overrides(k),
+                              resume="latest" if status == "resume" else None, export=export, overwrite=overwrite,
                               allow_config_change=allow_config_change, log=log)
         students.append({"student": k, "prompts": len(subset), "example_prompt": subset[0],
                          "steps": summary.get("steps"), "seconds": summary.get("total_seconds"),
@@ -238,5 +311,6 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
     (out / "msd_summary.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     for s in students:
         losses = ", ".join(f"{k}={v:.4g}" for k, v in sorted(s["final_losses"].items()))
-        log(f"[msd] student {s['student']}: {s['prompts']} prompts, {s['steps']} updates, {s['seconds']} s; {losses}")
+        log(f"[msd] student {s['student'] + 1} of {total}: {s['prompts']} prompts, {s['steps']} updates, "
+            f"{s['seconds']} s; {losses}")
     return result

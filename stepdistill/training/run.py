@@ -76,11 +76,13 @@ def _all_toy(prompts: Sequence[str]) -> bool:
 
 
 def with_regression_pairs(pairs, base_batch_fn):
-    """Wrap the trainer's batch builder so each batch also carries a random subset of DMD's (z_ref, c_ref, y_ref)."""
+    """Wrap the trainer's batch builder so each batch also carries a random subset of DMD's (z_ref, c_ref, y_ref),
+    drawn from the batch's own generator (``rng``): a run resumed after the warm-up, which makes no pairs, draws the
+    same timesteps and noise as an uninterrupted one."""
 
-    def batch_fn(teacher, prompts, noise, *args, **kwargs):
-        batch = base_batch_fn(teacher, prompts, noise, *args, **kwargs)
-        idx = torch.randint(0, len(pairs), (len(prompts),))
+    def batch_fn(teacher, prompts, noise, *args, rng: torch.Generator | None = None, **kwargs):
+        batch = base_batch_fn(teacher, prompts, noise, *args, rng=rng, **kwargs)
+        idx = torch.randint(0, len(pairs), (len(prompts),), generator=rng)
         chosen = pairs.select(idx).to(batch.noise.device)  # the training device (base_batch_fn moved the batch there)
         batch.ref_noise, batch.ref_embeds, batch.ref_latents = chosen.noise, chosen.embeds, chosen.latents
         return batch
@@ -125,12 +127,21 @@ def teacher_num_train_timesteps(spec: PipelineSpec) -> int:
 def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[str] = ()):
     """The pipeline preset, the recipe with its overrides and the objective's config, all checked before any model
     loads or any file is written; returns ``(spec, config)``. Errors name the file, the key and the override."""
-    from stepdistill.objectives import ObjectiveConfigError, objective_class
-    from stepdistill.training.config import ConfigError, load_recipe
-    from stepdistill.training.runfolder import config_error_from_objective
+    from stepdistill.training.config import load_recipe
 
     spec = load_pipeline_spec(pipeline)
     config = load_recipe(recipe, overrides)
+    return spec, check_run_config(spec, config, recipe, overrides, pipeline)
+
+
+def check_run_config(spec: PipelineSpec, config, recipe: str | Path, overrides: Sequence[str] = (),
+                     pipeline: str | Path | None = None):
+    """The checks of :func:`validate_run` on a recipe already loaded (``recipe`` and ``pipeline`` name the files in
+    errors); returns ``config``."""
+    from stepdistill.objectives import ObjectiveConfigError, objective_class
+    from stepdistill.training.config import ConfigError
+    from stepdistill.training.runfolder import config_error_from_objective
+
     T = teacher_num_train_timesteps(spec)
     try:
         cls = objective_class(config.objective)
@@ -156,9 +167,9 @@ def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[s
             raise ConfigError(f"generator.timesteps[{i}]", f"must be below the teacher's {T} timesteps, got {t}",
                               str(recipe))
     if cls.real_images_needed(cfg) and spec.real_images != "toy":
-        raise ValueError(f"{pipeline}: the {config.objective} GAN term needs real images; set real_images: toy "
-                         "(other sources are not supported yet) or objective_config.gan_enabled=false")
-    return spec, config
+        raise ValueError(f"{pipeline or 'the pipeline preset'}: the {config.objective} GAN term needs real images; set "
+                         "real_images: toy (other sources are not supported yet) or objective_config.gan_enabled=false")
+    return config
 
 
 def load_teacher(spec: PipelineSpec):
@@ -250,10 +261,8 @@ def distill(
     from stepdistill.training.multi_student import distill_multi, is_multi_student
 
     if is_multi_student(recipe):  # MSD: one ordinary run per student, then the routed export
-        if dry_run:
-            raise ValueError(f"{recipe}: --dry-run is not supported for multi-student recipes yet")
         return distill_multi(pipeline, recipe, out_dir, overrides=overrides, resume=resume, export=export,
-                             overwrite=overwrite, allow_config_change=allow_config_change, log=log)
+                             overwrite=overwrite, allow_config_change=allow_config_change, dry_run=dry_run, log=log)
     from stepdistill.pipelines.export import export_student
     from stepdistill.training.runfolder import plan_run
     from stepdistill.training.trainer import Trainer, build_batch, load_prompts

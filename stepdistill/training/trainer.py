@@ -156,12 +156,15 @@ def build_batch(
     device: torch.device | str | None = None,
     with_uncond: bool = True,
     real_prompts: Sequence[str] | None = None,
+    rng: torch.Generator | None = None,
 ):
     """THE place where training batches are made (extend it here when an objective needs more fields).
 
     Prompts are encoded by the teacher (with the unconditional embeddings, for CFG); ``noise`` is the generator input
     (B, C, H, W); ``real_latents`` are optional encoded real images (DMD2's GAN) and ``real_prompts`` their captions
-    (encoded into ``Batch.real_embeds``; without them the real latents are judged under the batch's prompts)."""
+    (encoded into ``Batch.real_embeds``; without them the real latents are judged under the batch's prompts).
+    ``rng`` is the batch's own generator (seeded by its position in the run): a wrapper that draws more for the
+    batch draws from it, never from the global RNG, so a batch does not depend on what earlier batches drew."""
     from stepdistill.objectives.base import Batch
 
     extra = {}
@@ -499,7 +502,8 @@ class Trainer:
             if isinstance(real, (tuple, list)):  # (latents, their prompts)
                 real, real_prompts = real
         kwargs = {"real_prompts": real_prompts} if real_prompts is not None else {}
-        return self.batch_fn(self.teacher, prompts, noise, real_latents=real, device=self.accelerator.device, **kwargs)
+        return self.batch_fn(self.teacher, prompts, noise, real_latents=real, device=self.accelerator.device, rng=g,
+                             **kwargs)
 
     # --- one update ---------------------------------------------------------------------------------------------------
     def _zero_grads(self) -> None:
