@@ -373,6 +373,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from stepdistill.eval.runner import run_suite
         from stepdistill.eval.suite import suite_from_dict
 
+        out = Path(args.out)
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder; give the JSON file to write, e.g. {out / 'eval.json'}")
+        if out.suffix.lower() != ".json":
+            raise ValueError(f"--out must name a .json file, got {out}")
+
         data: dict = {
             "suite": args.name if args.suite_name is None else args.suite_name,
             "metrics": args.metrics,
@@ -396,7 +402,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         }
         data.update({k: v for k, v in optional.items() if v is not None})
         suite = suite_from_dict(data, base_dir=Path.cwd(), source="the eval options")
-        out = Path(args.out)
         work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}_samples"
         report = run_suite(suite, work, write_files=False)
         atomic_write_text(out, json.dumps(report, indent=2))

@@ -261,7 +261,7 @@ def test_sampling_chains_experts_with_ddim_steps(teacher):
 
 def test_config_errors_name_the_fix(teacher):
     gen = PhasedGenerator.from_teacher(teacher, [999, 500])
-    with pytest.raises(ObjectiveConfigError, match=r"needs generator timesteps \[999, 233\]"):
+    with pytest.raises(ObjectiveConfigError, match=r"need generator timesteps \[999, 233\]"):
         build_objective("phased_dmd", teacher, gen, {"num_phases": 2})
     with pytest.raises(ObjectiveConfigError, match="target"):
         build_objective("phased_dmd", teacher, gen, {"num_phases": 2, "target": "biased"})

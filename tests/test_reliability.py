@@ -278,3 +278,43 @@ def test_msd_dry_run_writes_nothing(spec, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "student 1 of 4" in proc.stdout and "student 4 of 4" in proc.stdout and "fresh" in proc.stdout
     assert not (tmp_path / "msd").exists()
+
+
+# --- checks before anything is written; a failed run does not block the next ---------------------------------------
+def test_phased_dmd_timesteps_are_checked_by_dry_run(spec, tmp_path):
+    out = tmp_path / "phased"
+    line = one_error_line(cli("distill", "--pipeline", str(spec), "--recipe", str(REPO / "training" / "toy-phased-dmd.yaml"),
+                              "--out", str(out), "--dry-run", "--set", "generator.timesteps=[999,500,250,100]"),
+                          "generator.timesteps", "need generator timesteps")
+    assert "toy-phased-dmd.yaml" in line and not out.exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(spec, tmp_path, monkeypatch):
+    from stepdistill.training import trainer as trainer_module
+    from stepdistill.training.run import distill
+    from stepdistill.training.trainer import TrainingDiverged
+
+    out = tmp_path / "run"
+
+    def diverges(self, turn, update):
+        raise TrainingDiverged(self.state.step + 1, "the generator loss", float("nan"))
+
+    original = trainer_module.Trainer._update
+    monkeypatch.setattr(trainer_module.Trainer, "_update", diverges)
+    with pytest.raises(TrainingDiverged):
+        distill(spec, RECIPE, out, overrides=[*FAST, "train.max_steps=2"], export=False)
+    assert (out / "run.json").is_file()
+    monkeypatch.setattr(trainer_module.Trainer, "_update", original)
+    notes = []
+    summary = distill(spec, RECIPE, out, overrides=[*FAST, "train.max_steps=2", "optimizer.generator_lr=1e-6"],
+                      export=False, log=notes.append)  # the corrected command, without --overwrite
+    assert summary["steps"] == 2 and any("before its first checkpoint" in n for n in notes)
+
+
+def test_eval_out_is_checked_before_generating(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    one_error_line(cli("eval", "--pipeline", "toy", "--prompts", "toy", "--steps", "1", "--guidance", "1",
+                       "--max-prompts", "2", "--samples-per-prompt", "2", "--latency-batch", "0", "--out", str(folder)),
+                   "is a folder")
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["results"]

@@ -219,6 +219,13 @@ class Objective(torch.nn.Module):
         """Whether the generator must hold one expert per step (``generator.experts: true``)."""
         return False
 
+    @classmethod
+    def generator_timesteps_problem(cls, cfg: Mapping[str, Any], timesteps: list[int], schedule) -> str | None:
+        """What is wrong with the generator's ``timesteps`` for a run with config ``cfg`` on a teacher with
+        ``schedule`` (None: nothing). ``distill`` asks before anything is written; the objective asks again when
+        it is built."""
+        return None
+
     def grad_clip_values(self) -> dict[str, float]:
         """Clip-by-value thresholds per auxiliary parameter group (applied before the norm clipping); none here."""
         return {}

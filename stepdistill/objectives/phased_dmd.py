@@ -53,13 +53,9 @@ class PhasedDMD(DistributionMatching, Objective):
     def __init__(self, teacher, generator, config=None) -> None:
         super().__init__(teacher, generator, config)
         cfg = self.config
-        expected = self.phase_starts(teacher.schedule, cfg)
-        if [int(t) for t in generator.timesteps] != expected:
-            raise ObjectiveConfigError(
-                self.name, "num_phases",
-                f"({cfg['num_phases']} phases on [{cfg['phase_min_ratio']}, {cfg['phase_max_ratio']}]) needs generator "
-                f"timesteps {expected} (the starts of NoiseSchedule.snr_phases), got {list(generator.timesteps)}: set "
-                f"generator.timesteps: {expected} in the recipe")
+        problem = self.generator_timesteps_problem(cfg, [int(t) for t in generator.timesteps], teacher.schedule)
+        if problem is not None:
+            raise ObjectiveConfigError(self.name, "num_phases", problem)
         if not hasattr(generator, "phase_output"):
             raise ObjectiveConfigError(self.name, "num_phases", "needs a PhasedGenerator (generator.experts: true)")
         self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"])
@@ -70,6 +66,16 @@ class PhasedDMD(DistributionMatching, Objective):
     def phase_starts(schedule, cfg) -> list[int]:
         """t₀ > … > t_{K−1}: the upper ends of ``snr_phases(K, min, max)``, the timesteps each expert is conditioned at."""
         return [hi for _, hi in schedule.snr_phases(cfg["num_phases"], cfg["phase_min_ratio"], cfg["phase_max_ratio"])]
+
+    @classmethod
+    def generator_timesteps_problem(cls, cfg, timesteps, schedule) -> str | None:
+        """The experts are conditioned at the phase starts: ``timesteps`` must equal :meth:`phase_starts`."""
+        expected = cls.phase_starts(schedule, cfg)
+        if list(timesteps) == expected:
+            return None
+        return (f"{cfg['num_phases']} phases on [{cfg['phase_min_ratio']}, {cfg['phase_max_ratio']}] need generator "
+                f"timesteps {expected} (the starts of NoiseSchedule.snr_phases), got {list(timesteps)}: set "
+                f"generator.timesteps: {expected} in the recipe")
 
     @classmethod
     def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:

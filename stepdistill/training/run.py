@@ -108,20 +108,22 @@ def make_sample_fn(teacher, prompts: Sequence[str], seed: int = 1234):
     return sample_fn
 
 
-def teacher_num_train_timesteps(spec: PipelineSpec) -> int:
-    """T of the teacher's noise schedule, read from its scheduler config without loading any model (1000 when the
-    config cannot be found; the teacher load later checks the rest)."""
+def teacher_schedule(spec: PipelineSpec):
+    """The teacher's :class:`~stepdistill.schedule.NoiseSchedule`, read from its scheduler config without loading
+    any model (None when the config cannot be found or read; the teacher load later checks the rest). A missing
+    teacher path is an error here, before anything is written."""
+    from stepdistill.schedule import NoiseSchedule
     from stepdistill.teacher import _resolve_source
 
-    source = _resolve_source(spec.teacher)  # a missing teacher path is an error here, before anything is written
+    source = _resolve_source(spec.teacher)
     folder = source if source.is_dir() else (Path(spec.single_file_config) if spec.single_file_config else None)
     cfg = folder / "scheduler" / "scheduler_config.json" if folder is not None else None
-    if cfg is not None and cfg.is_file():
-        try:
-            return int(json.loads(cfg.read_text(encoding="utf-8")).get("num_train_timesteps", 1000))
-        except (ValueError, TypeError):
-            return 1000
-    return 1000
+    if cfg is None or not cfg.is_file():
+        return None
+    try:
+        return NoiseSchedule.from_config(json.loads(cfg.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[str] = ()):
@@ -142,7 +144,8 @@ def check_run_config(spec: PipelineSpec, config, recipe: str | Path, overrides: 
     from stepdistill.training.config import ConfigError
     from stepdistill.training.runfolder import config_error_from_objective
 
-    T = teacher_num_train_timesteps(spec)
+    schedule = teacher_schedule(spec)
+    T = schedule.num_train_timesteps if schedule is not None else 1000
     try:
         cls = objective_class(config.objective)
     except ValueError as e:
@@ -166,6 +169,9 @@ def check_run_config(spec: PipelineSpec, config, recipe: str | Path, overrides: 
         if t >= T:
             raise ConfigError(f"generator.timesteps[{i}]", f"must be below the teacher's {T} timesteps, got {t}",
                               str(recipe))
+    problem = cls.generator_timesteps_problem(cfg, list(config.generator.timesteps), schedule) if schedule else None
+    if problem is not None:
+        raise ConfigError("generator.timesteps", problem, str(recipe))
     if cls.real_images_needed(cfg) and spec.real_images != "toy":
         raise ValueError(f"{pipeline or 'the pipeline preset'}: the {config.objective} GAN term needs real images; set "
                          "real_images: toy (other sources are not supported yet) or objective_config.gan_enabled=false")

@@ -86,6 +86,14 @@ def existing_artifacts(out: Path) -> list[Path]:
     return found
 
 
+def left_nothing(out: Path) -> bool:
+    """Whether the run in ``out`` ended (failed, diverged, was killed) before writing anything worth keeping: no
+    checkpoint, no student, no summary of a finished run and no DisBack path; its logs and samples alone do not
+    block a new run there."""
+    return (not list_checkpoints(out / "checkpoints") and not any((out / name).exists() for name in
+            ("student", "distill_summary.json", "disback")))
+
+
 def describe_run(out: Path) -> str:
     ckpts = list_checkpoints(out / "checkpoints")
     what = [f"{len(ckpts)} checkpoint{'s' if len(ckpts) != 1 else ''}" + (f", the last {ckpts[-1][1].name}" if ckpts else "")]
@@ -172,10 +180,13 @@ def plan_run(
 
     if resume is None:
         if found:
-            if not overwrite:
+            if overwrite:
+                plan.notes.append(f"--overwrite: removing the earlier run in {out} ({describe_run(out)})")
+            elif left_nothing(out):
+                plan.notes.append(f"the earlier run in {out} ended before its first checkpoint; replacing it")
+            else:
                 refuse_in_use()
             plan.remove = found
-            plan.notes.append(f"--overwrite: removing the earlier run in {out} ({describe_run(out)})")
         return plan
 
     if str(resume) == "latest":
@@ -189,10 +200,11 @@ def plan_run(
                     f"{b.name}: {p}" for b, p in skipped) + ". Start over with --overwrite")
             owner = _folder_fingerprint(out)
             if found and owner != fp:
-                if not overwrite:
+                if not (overwrite or left_nothing(out)):
                     refuse_in_use()
                 plan.remove = found
-                plan.notes.append(f"--overwrite: removing the earlier run in {out}")
+                plan.notes.append(f"{'--overwrite: removing' if overwrite else 'replacing'} the earlier run in {out}"
+                                  + ("" if overwrite else " (it ended before its first checkpoint)"))
             elif found:
                 plan.notes.append(f"{out} holds this run but no checkpoint yet: starting it from step 0")
             return plan
