@@ -10,13 +10,16 @@ merged) is refused even then.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
-__all__ = ["OutputFolderError", "STUDENT_MARKER", "check_output_folder", "replace_folder"]
+__all__ = ["DiskFullError", "OutputFolderError", "STUDENT_MARKER", "check_output_folder", "disk_full",
+           "replace_folder", "staged_folder"]
 
 #: the file every exported student folder holds (written by the exporters)
 STUDENT_MARKER = "stepdistill_export.json"
@@ -80,3 +83,54 @@ def replace_folder(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk is full; the message names the path, and the partial file is gone."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+#: what torch's checkpoint writer raises on a short write (no errno survives into its RuntimeError)
+_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+_LOW_SPACE = 256 * 2**20
+
+
+def disk_full(err: BaseException, path: str | os.PathLike) -> bool:
+    """Whether ``err``, raised while writing under ``path``, means the disk is full: ENOSPC (or EDQUOT), "No space
+    left on device", or torch's short-write error while less than 256 MiB is free there."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return True
+    text = str(err)
+    if "No space left on device" in text:
+        return True
+    if any(marker in text for marker in _SHORT_WRITE):
+        folder = Path(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            return shutil.disk_usage(folder).free < _LOW_SPACE
+        except OSError:
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike, what: str = "the student") -> Iterator[Path]:
+    """A temporary folder beside ``out`` to build ``what`` in; when the block succeeds it replaces ``out``
+    (:func:`replace_folder`). On failure it is removed, and a full disk is reported as :class:`DiskFullError`
+    naming the folder."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp_{out.name}_{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        replace_folder(tmp, out)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and disk_full(err, out.parent):
+            raise DiskFullError(f"no space left on {out.parent} while writing {what} to {out}; the partial folder "
+                                "was removed") from None
+        raise

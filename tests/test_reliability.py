@@ -318,3 +318,50 @@ def test_eval_out_is_checked_before_generating(tmp_path):
                        "--max-prompts", "2", "--samples-per-prompt", "2", "--latency-batch", "0", "--out", str(folder)),
                    "is a folder")
     assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+# --- a full disk -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("failure", ["torch-short-write", "enospc"])
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial_file(spec, tmp_path, monkeypatch,
+                                                                                   capsys, failure):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from accelerate import Accelerator
+
+    from stepdistill import cli, outputs
+    from stepdistill.outputs import DiskFullError
+    from stepdistill.training.run import distill
+
+    def save_state_on_a_full_disk(self, output_dir=None, **kwargs):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 4096)  # the part written before the disk filled
+        if failure == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 120000000")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(Accelerator, "save_state", save_state_on_a_full_disk)
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+    out = tmp_path / "run"
+    with pytest.raises(DiskFullError) as err:
+        distill(spec, RECIPE, out, overrides=[*FAST, "train.max_steps=2"], export=False)
+    assert str(err.value).startswith(f"no space left on {out / 'checkpoints'}")
+    assert not any(p.name.startswith(".tmp_") for p in (out / "checkpoints").iterdir())
+    monkeypatch.setattr(outputs.shutil, "disk_usage", shutil.disk_usage)
+
+    def fails():
+        raise err.value
+
+    capsys.readouterr()  # what the run printed so far
+    assert cli._guarded("distill", fails) != 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no space left on" in lines[0] and "inline_container" not in lines[0]
+
+
+def test_a_short_write_with_space_left_is_not_called_a_full_disk(tmp_path):
+    from stepdistill.outputs import disk_full
+
+    assert not disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2"), tmp_path)
+    assert disk_full(OSError(28, "No space left on device"), tmp_path)

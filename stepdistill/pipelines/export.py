@@ -32,15 +32,13 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from stepdistill.outputs import STUDENT_MARKER, check_output_folder, replace_folder
+from stepdistill.outputs import STUDENT_MARKER, check_output_folder, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -486,9 +484,7 @@ def export_student(
             raise ExportError(f"the exported {type(scheduler).__name__}'s alphas_cumprod differ from the teacher's "
                               "noise schedule")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".tmp_{out_dir.name}_{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_folder(out_dir, "the student") as tmp:
         with ema_obj.applied() if use_ema else contextlib.nullcontext(), torch.no_grad():
             if is_lora:
                 student_unet = merged_unet(unet, dtype=dtype)
@@ -559,8 +555,4 @@ def export_student(
             ),
             encoding="utf-8",
         )
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

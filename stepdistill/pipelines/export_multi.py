@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from stepdistill.outputs import check_output_folder, replace_folder
+from stepdistill.outputs import check_output_folder, staged_folder
 from stepdistill.pipelines.export import EXPORT_INFO_FILE, ExportError
 
 PIPELINE_MODULE = "pipeline_multi_student"
@@ -58,8 +57,7 @@ def export_multi_student(run_dir: Path, router, student_folders: Sequence[Path],
     shared = load_pipeline(student_folders[0])
     unets = [shared.unet] + [UNet2DConditionModel.from_pretrained(str(f / "unet"), local_files_only=True)
                              for f in student_folders[1:]]
-    tmp = out_dir.with_name(f".tmp_{out_dir.name}_{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_folder(out_dir, "the student") as tmp:
         pipe = MultiStudentPipeline(vae=shared.vae, text_encoder=shared.text_encoder, tokenizer=shared.tokenizer,
                                     unet=unets[0], scheduler=shared.scheduler, router=router.to_dict(),
                                     student_timestep=timestep, **{f"unet_{k}": u for k, u in enumerate(unets) if k})
@@ -82,10 +80,6 @@ def export_multi_student(run_dir: Path, router, student_folders: Sequence[Path],
                 "steps_info": {"students": list(students)}}
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
         (tmp / "README.md").write_text(_card(str(out_dir), info, students), encoding="utf-8")
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from stepdistill.outputs import replace_folder
+from stepdistill.outputs import staged_folder
 from stepdistill.pipelines.export import (
     EXPORT_INFO_FILE,
     ExportError,
@@ -80,9 +79,7 @@ def export_phased_student(teacher, generator, out_dir: Path, method: str, steps_
         raise ExportError(f"the exported pipeline holds at most {MAX_EXPERTS} experts, the student has {len(timesteps)}")
     pipeline = teacher.pipeline
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".tmp_{out_dir.name}_{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_folder(out_dir, "the student") as tmp:
         with ema_obj.applied() if ema_obj is not None else contextlib.nullcontext(), torch.no_grad():
             experts = []
             for k in range(len(timesteps)):
@@ -113,8 +110,4 @@ def export_phased_student(teacher, generator, out_dir: Path, method: str, steps_
         (tmp / "README.md").write_text(
             _card(str(out_dir), base_model, method, timesteps, ema_obj is not None, generator.is_lora, steps_info,
                   example_prompt), encoding="utf-8")
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -15,11 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from stepdistill.outputs import check_output_folder, replace_folder
+from stepdistill.outputs import check_output_folder, staged_folder
 
 INFO = "stepdistill_export.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -95,7 +94,6 @@ def merge_students(a: str | Path, b: str | Path, alpha: float, out: str | Path, 
     """Write θ = (1 − alpha)·θ_a + alpha·θ_b as a student folder at ``out`` (atomically); returns ``out``. ``out`` may
     be absent, empty or an earlier student folder; anything else is refused unless ``overwrite``, and ``a`` or ``b``
     (or a folder holding them) always."""
-    import torch
     from safetensors.torch import save_file
 
     if not 0.0 <= float(alpha) <= 1.0:
@@ -108,8 +106,7 @@ def merge_students(a: str | Path, b: str | Path, alpha: float, out: str | Path, 
         raise MergeError(f"{a} and {b} hold UNet tensors of different names or shapes: not one architecture")
     lam = float(alpha)
     merged = {k: ((1.0 - lam) * sd_a[k].float() + lam * sd_b[k].float()).to(sd_a[k].dtype).contiguous() for k in sd_a}
-    tmp = out.with_name(f".tmp_{out.name}_{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_folder(out, "the merged student") as tmp:
         shutil.copytree(a, tmp, ignore=shutil.ignore_patterns("pytorch_lora_weights.safetensors"))
         save_file(merged, str(tmp / UNET_WEIGHTS), metadata={"format": "pt"})
         info = dict(info_a, lora=False, lora_file=None,
@@ -120,10 +117,6 @@ def merge_students(a: str | Path, b: str | Path, alpha: float, out: str | Path, 
         (tmp / "README.md").write_text(
             card + f"\n\n## Merged weights\n\nθ = (1 − λ)·θ_a + λ·θ_b with λ = {lam}, a = `{a}`, b = `{b}` "
             "(`stepdistill merge`); load and call it exactly as above. It ships no LoRA file.\n", encoding="utf-8")
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -146,7 +139,7 @@ def merge_sweep(a: str | Path, b: str | Path, alphas: Sequence[float], out_dir: 
 
         template = load_yaml_file(suite_template) or {}
     suite = {k: v for k, v in template.items() if k not in ("entries", "suite", "description")}
-    suite.update(suite=f"merge-front", description=f"θ(λ) = (1 − λ)·θ_a + λ·θ_b, a = {a}, b = {b}",
+    suite.update(suite="merge-front", description=f"θ(λ) = (1 − λ)·θ_a + λ·θ_b, a = {a}, b = {b}",
                  entries=[{"name": f"lambda_{lam:g}", "role": "student", "pipeline": str(f.resolve()),
                            "steps": int(info.get("steps") or 1), "guidance": 1.0} for lam, f in zip(alphas, folders)])
     (out / "front.yaml").write_text(yaml.safe_dump(suite, sort_keys=False), encoding="utf-8")

@@ -30,6 +30,8 @@ from typing import Any, Mapping
 
 import torch
 
+from stepdistill.outputs import DiskFullError, disk_full
+
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
 LATEST_FILE = "latest"
@@ -233,7 +235,15 @@ def save_checkpoint(accelerator, root: str | Path, step: int, keep: int, metadat
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint filling the disk
+        if disk_full(err, root):
+            raise DiskFullError(f"no space left on {root} while writing checkpoint {name}; the partial checkpoint was "
+                                "removed. Free some space (or lower train.keep_checkpoints) and resume with --resume "
+                                "latest") from None
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         info = {"step": int(step), "time": time.time(), "num_processes": accelerator.num_processes}
