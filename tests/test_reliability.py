@@ -365,3 +365,48 @@ def test_a_short_write_with_space_left_is_not_called_a_full_disk(tmp_path):
 
     assert not disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2"), tmp_path)
     assert disk_full(OSError(28, "No space left on device"), tmp_path)
+
+
+# --- generate follows the student; the toy vocabulary is closed ------------------------------------------------------
+def test_generate_defaults_to_the_students_steps_and_guidance_and_refuses_what_it_cannot_do(spec, tmp_path):
+    from stepdistill.training.run import distill
+
+    run = tmp_path / "run"
+    distill(spec, REPO / "training" / "toy-dmd2-4step.yaml", run, export=True, log=lambda *a: None,
+            overrides=[*QUICK, "train.max_steps=1", "train.checkpoint_every=1", "objective_config.gan_enabled=false"])
+    student = str(run / "student")
+    proc = cli("generate", "--pipeline", student, "--prompt", "a red circle", "--num", "2", "--out",
+               str(tmp_path / "g.png"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4 steps, guidance 1" in proc.stdout and (tmp_path / "g.png").is_file()
+    one_error_line(cli("generate", "--pipeline", student, "--prompt", "a red circle", "--steps", "25", "--out",
+                       str(tmp_path / "h.png")), "4-step", "not 25")
+    one_error_line(cli("generate", "--pipeline", student, "--prompt", "a red circle", "--guidance", "3", "--out",
+                       str(tmp_path / "h.png")), "already embeds", "guidance 1")
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_cfg_distilled_student_takes_any_step_count_but_no_guidance_on_top(tmp_path):
+    from stepdistill.eval.generate import check_student_call, student_call_defaults
+
+    info = {"method": "cfg_distill", "steps": 25, "timesteps": list(range(961, -1, -40)), "guidance_scale": 1.0}
+    assert student_call_defaults(info) == (25, 1.0) and student_call_defaults({}) == (25, 3.0)
+    check_student_call(info, 10, 1.0)  # its DDIM sampler takes any step count
+    with pytest.raises(ValueError, match="already embeds"):
+        check_student_call(info, 25, 3.0)
+    with pytest.raises(ValueError, match="exactly 1 step, not 4"):
+        check_student_call({"method": "dmd", "steps": 1, "timesteps": [999], "guidance_scale": 1.0}, 4, 1.0)
+
+
+def test_words_outside_the_toy_vocabulary_are_refused_in_one_line(tmp_path):
+    from stepdistill.training.config import ConfigError
+    from stepdistill.training.run import distill
+
+    one_error_line(cli("generate", "--pipeline", "toy", "--prompt", "a red dog", "--out", str(tmp_path / "g.png")),
+                   "'dog'", "toy world's vocabulary")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue unicorn on white background\n")
+    with pytest.raises(ConfigError, match=r"prompts.source.*prompt 2 .*'unicorn'"):
+        distill(REPO / "pipelines" / "toy.yaml", REPO / "training" / "toy-sid.yaml", tmp_path / "run",
+                overrides=[f"prompts.source={prompts}"])
+    assert not (tmp_path / "run").exists()

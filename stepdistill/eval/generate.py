@@ -64,19 +64,52 @@ def export_info(folder: str | Path) -> dict[str, Any]:
         raise PipelineLoadError(f"{path} is not valid JSON ({e}); re-export the student") from e
 
 
+def pipeline_export_info(pipe: Any) -> dict[str, Any]:
+    """``stepdistill_export.json`` of the folder a loaded pipeline came from ({} for a teacher or any other
+    pipeline)."""
+    folder = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    return export_info(folder) if folder and Path(folder).is_dir() else {}
+
+
+def student_call_defaults(info: dict[str, Any]) -> tuple[int, float]:
+    """(steps, guidance) an exported student is sampled with by default: its own step count and guidance (1: it
+    embeds the teacher's); (25, 3.0) for a teacher or any other pipeline (``info`` empty)."""
+    if not info:
+        return 25, 3.0
+    return int(info.get("steps") or len(info.get("timesteps") or [1])), float(info.get("guidance_scale", 1.0))
+
+
+def check_student_call(info: dict[str, Any], steps: int, guidance: float, folder: str | Path = "the student") -> None:
+    """Refuse, in one line, a call an exported student cannot do: classifier-free guidance on top of the guidance
+    it already embeds (every student is called at guidance 1), or another step count than it was trained for
+    (except a guidance-distilled student, whose DDIM sampler takes any step count)."""
+    if not info:
+        return
+    from stepdistill.pipelines.export import GUIDANCE_DISTILLED_METHODS
+
+    method = info.get("method", "distilled")
+    own = float(info.get("guidance_scale", 1.0))
+    if guidance > 1.0 and guidance != own:
+        raise ValueError(f"{folder} is a {method} student that already embeds the teacher's guidance: call it with "
+                         f"guidance {own:g} (its default), not {guidance:g} (CFG on top would apply guidance twice)")
+    trained = int(info.get("steps") or 0)
+    if trained and steps != trained and method not in GUIDANCE_DISTILLED_METHODS:
+        timesteps = info.get("timesteps")
+        raise ValueError(f"{folder} is a {trained}-step {method} student (timesteps {timesteps}): it samples in "
+                         f"exactly {trained} step{'s' if trained != 1 else ''}, not {steps}; leave the step count out "
+                         f"or give {trained}")
+
+
 def step_kwargs(pipe: Any, steps: int) -> dict[str, Any]:
     """The step arguments of a pipeline call for ``steps`` steps: ``num_inference_steps=steps``, except for an
     exported stepdistill student whose timesteps that call does not reproduce (``stepdistill_export.json`` says
     ``num_inference_steps_reproduces_timesteps: false``, e.g. a one-step student conditioned at t = 399), which is
     called with its own ``timesteps=[...]`` as its model card recommends. Asking such a student for another step
     count than it was trained for is an error."""
-    import json
-
     folder = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    info_path = Path(folder) / "stepdistill_export.json" if folder else None
-    if info_path is None or not info_path.is_file():
+    info = pipeline_export_info(pipe)
+    if not info:
         return {"num_inference_steps": steps}
-    info = json.loads(info_path.read_text())
     timesteps = [int(t) for t in info.get("timesteps") or []]
     if info.get("num_inference_steps_reproduces_timesteps", True) or not timesteps:
         return {"num_inference_steps": steps}
@@ -137,6 +170,8 @@ def generate(
     if not prompts:
         raise ValueError("no prompts to generate: the prompt list is empty")
     out = []
+    check_student_call(pipeline_export_info(pipe), steps, guidance,
+                       getattr(getattr(pipe, "config", None), "_name_or_path", None) or "the student")
     steps_kw = step_kwargs(pipe, steps)
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         batch_prompts = prompts[start:start + batch_size]

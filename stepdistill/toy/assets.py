@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
@@ -24,3 +25,32 @@ def toy_teacher_path() -> Path:
 
 def toy_evaluator_path() -> Path:
     return require(TOY_EVALUATOR, "toy evaluator", "stepdistill toy train-evaluator")
+
+
+def is_toy_model(source: str | Path) -> bool:
+    """Whether ``source`` names the toy teacher (``"toy"`` or its folder) or a student exported from it: models
+    whose tokenizer knows only the toy world's closed vocabulary."""
+    if str(source) == "toy":
+        return True
+    path = Path(source).expanduser()
+    try:
+        if path.resolve() == TOY_TEACHER.resolve():
+            return True
+        info = path / "stepdistill_export.json"
+        return info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("base_model") == "toy-teacher"
+    except (OSError, ValueError):
+        return False
+
+
+def check_toy_vocabulary(prompts, where: str) -> None:
+    """ValueError naming ``where`` and the first prompt with a word outside the toy vocabulary (which the toy
+    tokenizer would split into characters, silently)."""
+    from stepdistill.toy import world
+
+    for i, prompt in enumerate(prompts):
+        unknown = world.words_outside_vocabulary(prompt)
+        if unknown:
+            raise ValueError(
+                f"{where}: prompt {i + 1} ({prompt!r}) uses {', '.join(repr(w) for w in unknown)}, outside the toy "
+                f"world's vocabulary, which the toy tokenizer would split into characters; use only: "
+                f"{' '.join(world.VOCABULARY)}")

@@ -85,6 +85,16 @@ def make_prompt(shape: str, color: str, size: str, background: str) -> str:
     return f"a {size} {color} {shape} on a {background} background"
 
 
+def words_outside_vocabulary(prompt: str) -> list[str]:
+    """The words of ``prompt`` (lower-cased, split on whitespace) that are not in :data:`VOCABULARY`, in order and
+    without repeats: the toy tokenizer knows only the vocabulary and splits any other word into characters."""
+    out: list[str] = []
+    for word in prompt.lower().split():
+        if word not in VOCABULARY and word not in out:
+            out.append(word)
+    return out
+
+
 def parse_prompt(prompt: str) -> dict[str, int]:
     """Discrete attribute indices named by a toy prompt; raises ValueError for a prompt outside the world."""
     words = prompt.lower().split()

@@ -203,10 +203,8 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
     plan without writing anything."""
     from stepdistill.router import KMeansRouter, load_router, save_router, split_prompts
     from stepdistill.training.config import recipe_from_data
-    from stepdistill.training.run import check_run_config, distill, load_pipeline_spec, load_teacher
+    from stepdistill.training.run import check_run_config, distill, load_pipeline_spec, load_run_prompts, load_teacher
     from stepdistill.training.runfolder import RunFolderError, existing_artifacts
-    from stepdistill.training.trainer import load_prompts
-
     recipe, out = Path(recipe), Path(out_dir)
     data = load_yaml_file(recipe)
     section = data.pop(SECTION)
@@ -216,7 +214,7 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
     spec = load_pipeline_spec(pipeline)
     config = recipe_from_data(data, str(recipe), overrides)  # errors name the key before anything is written
     check_run_config(spec, config, recipe, overrides, pipeline)
-    prompts = load_prompts(config.prompts.source).prompts
+    prompts = load_run_prompts(spec, config, recipe).prompts
     if overwrite and resume:
         raise RunFolderError("--overwrite starts a new run and --resume continues one: pass only one of them")
     router_path = out / "router.json"

@@ -178,6 +178,23 @@ def check_run_config(spec: PipelineSpec, config, recipe: str | Path, overrides: 
     return config
 
 
+def load_run_prompts(spec: PipelineSpec, config, recipe: str | Path):
+    """The training prompts of a run, read before any model loads or file is written; a missing or malformed file,
+    or a word the toy teacher's closed vocabulary lacks, is a ConfigError naming ``prompts.source`` and the
+    recipe."""
+    from stepdistill.toy.assets import check_toy_vocabulary, is_toy_model
+    from stepdistill.training.config import ConfigError
+    from stepdistill.training.trainer import load_prompts
+
+    try:
+        prompts = load_prompts(config.prompts.source)
+        if is_toy_model(spec.teacher):
+            check_toy_vocabulary(prompts.prompts, str(config.prompts.source))
+    except (OSError, ValueError) as e:
+        raise ConfigError("prompts.source", str(e), str(recipe)) from None
+    return prompts
+
+
 def load_teacher(spec: PipelineSpec):
     """The teacher a pipeline spec names, in its dtype (and single-file config)."""
     from stepdistill.teacher import Teacher
@@ -271,15 +288,10 @@ def distill(
                              overwrite=overwrite, allow_config_change=allow_config_change, dry_run=dry_run, log=log)
     from stepdistill.pipelines.export import export_student
     from stepdistill.training.runfolder import plan_run
-    from stepdistill.training.trainer import Trainer, build_batch, load_prompts
-
-    from stepdistill.training.config import ConfigError
+    from stepdistill.training.trainer import Trainer, build_batch
 
     spec, config = validate_run(pipeline, recipe, overrides)
-    try:  # read before any model loads or file is written; its errors name the key and the recipe
-        prompts = load_prompts(config.prompts.source)
-    except (OSError, ValueError) as e:
-        raise ConfigError("prompts.source", str(e), str(recipe)) from None
+    prompts = load_run_prompts(spec, config, recipe)
     out = Path(out_dir)
     plan = plan_run(config, spec, out, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     if dry_run:
