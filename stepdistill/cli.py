@@ -386,7 +386,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """One pipeline, one prompt set, one (steps, guidance): the bench engine with a single entry -> a JSON file."""
 
     def run() -> int:
-        from stepdistill.eval.report import atomic_write_text, markdown_table
+        from stepdistill.eval.report import atomic_write_text, markdown_table, warnings_markdown
         from stepdistill.eval.runner import run_suite
         from stepdistill.eval.suite import suite_from_dict
 
@@ -423,6 +423,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = run_suite(suite, work, write_files=False)
         atomic_write_text(out, json.dumps(report, indent=2))
         print(markdown_table(report["entries"]))
+        warned = warnings_markdown(report["entries"])
+        if warned:
+            print(f"\n{warned}")
         print(f"wrote {out} (samples under {work}) in {report['run']['wall_seconds']:.0f} s")
         return 0
 
@@ -433,7 +436,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark suite file and write report.json, report.md, quality.png, metrics.png and grid.png."""
 
     def run() -> int:
-        from stepdistill.eval.report import markdown_table
+        from stepdistill.eval.report import markdown_table, warnings_markdown
         from stepdistill.eval.runner import run_suite
         from stepdistill.eval.suite import load_suite
 
@@ -444,6 +447,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = run_suite(suite, out)
         print()
         print(markdown_table(report["entries"]))
+        warned = warnings_markdown(report["entries"])
+        if warned:
+            print(f"\n{warned}")
         wall = report["run"]["wall_seconds"]
         print(f"\nwrote {out / 'report.json'}, {out / 'report.md'}, {out / 'quality.png'}, {out / 'grid.png'} "
               f"in {wall:.0f} s ({time.strftime('%H:%M:%S', time.gmtime(wall))})")

@@ -2,9 +2,12 @@
 oversubscribed OpenMP threads make tiny models orders of magnitude slower)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# computed statistics (the toy reference set) are cached per test process, never in the user's ~/.cache
+os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="stepdistill-test-cache-"))
 
 import torch  # noqa: E402
 

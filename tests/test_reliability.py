@@ -379,6 +379,7 @@ def test_generate_defaults_to_the_students_steps_and_guidance_and_refuses_what_i
                str(tmp_path / "g.png"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 steps, guidance 1" in proc.stdout and (tmp_path / "g.png").is_file()
+    assert "torchvision" not in proc.stderr  # our own command keeps transformers' import-time lines quiet
     one_error_line(cli("generate", "--pipeline", student, "--prompt", "a red circle", "--steps", "25", "--out",
                        str(tmp_path / "h.png")), "4-step", "not 25")
     one_error_line(cli("generate", "--pipeline", student, "--prompt", "a red circle", "--guidance", "3", "--out",
@@ -410,3 +411,114 @@ def test_words_outside_the_toy_vocabulary_are_refused_in_one_line(tmp_path):
         distill(REPO / "pipelines" / "toy.yaml", REPO / "training" / "toy-sid.yaml", tmp_path / "run",
                 overrides=[f"prompts.source={prompts}"])
     assert not (tmp_path / "run").exists()
+
+
+# --- the evaluation's small conveniences ------------------------------------------------------------------------------
+def test_toy_reference_statistics_are_computed_once_and_cached_by_fingerprint(tmp_path, monkeypatch):
+    import numpy as np
+
+    from stepdistill.eval import toy_metrics
+    from stepdistill.eval.toy_metrics import ToyJudge
+
+    first = ToyJudge(reference_size=64, cache_dir=tmp_path).reference_stats()
+    cached = list(tmp_path.glob("toy-reference-*.npz"))
+    assert len(cached) == 1
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("the reference images were rendered again")
+
+    monkeypatch.setattr(toy_metrics.world, "sample", no_rendering)
+    again = ToyJudge(reference_size=64, cache_dir=tmp_path).reference_stats()
+    assert np.array_equal(first.mean, again.mean) and np.array_equal(first.cov, again.cov) and again.num == 64
+    with pytest.raises(AssertionError, match="rendered again"):  # another size is another fingerprint
+        ToyJudge(reference_size=65, cache_dir=tmp_path).reference_stats()
+
+
+@pytest.mark.parametrize("steps,latencies", [([1, 2, 4, 8], [3.6, 4.2, 10.2, 20.4, 38.0]),
+                                              ([1, 2, 3, 4, 5, 6], [2.5, 3.1, 4.4, 5.0, 6.2, 7.9]),
+                                              ([1, 2, 4, 8, 25, 50], [3.6, 10.2, 20.4, 38.0, 103.8, 210.4])])
+def test_quality_plot_tick_labels_never_overlap(steps, latencies):
+    import matplotlib.pyplot as plt
+
+    from stepdistill.eval.report import quality_figure
+
+    entries = [{"name": "teacher", "role": "teacher", "steps": s, "guidance": 3.0, "fid": 600 / s, "fid_features": "toy",
+                "latency_ms": {"batchN": lat}} for s, lat in zip(steps, latencies)]
+    entries.append({"name": "student", "role": "student", "steps": 1, "guidance": 1.0, "fid": 99.0,
+                    "fid_features": "toy", "latency_ms": {"batchN": latencies[-1] * 0.9}})
+    fig = quality_figure(entries)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+                 if t.get_visible() and t.get_text()]
+        assert len(boxes) >= 2
+        boxes.sort(key=lambda b: b.x0)
+        for left, right in zip(boxes, boxes[1:]):
+            assert left.x1 <= right.x0, f"tick labels overlap on {ax.get_xlabel()}"
+    plt.close(fig)
+
+
+def test_front_plot_only_for_merge_sweeps(tmp_path):
+    from stepdistill.eval.report import write_report
+
+    entry = {"name": "a", "role": "student", "steps": 1, "guidance": 1.0, "nfe": 1, "fid": 10.0, "fid_features": "toy",
+             "adherence": 0.9, "diversity": 0.05, "num_samples": 5040, "latency_ms": None}
+    entries = [entry, dict(entry, name="b", fid=12.0, diversity=0.06)]
+    write_report(tmp_path / "plain", "toy", entries)
+    assert not (tmp_path / "plain" / "front.png").exists()
+    assert "front.png" not in (tmp_path / "plain" / "report.md").read_text()
+    write_report(tmp_path / "sweep", "merge-front", entries, front=True)
+    assert (tmp_path / "sweep" / "front.png").is_file()
+
+
+def test_fid_on_few_samples_and_one_timed_call_are_flagged(tmp_path):
+    from stepdistill.eval.report import measurement_warnings, write_report
+
+    entry = {"name": "s", "role": "student", "steps": 1, "guidance": 1.0, "nfe": 1, "fid": 50.0, "fid_features": "toy",
+             "adherence": 0.9, "diversity": 0.05, "num_samples": 16,
+             "latency_ms": {"batch1": 5.0, "batchN": 2.0, "n": 8, "repeats": 1}}
+    warnings = measurement_warnings(entry)
+    assert len(warnings) == 2 and "16 samples" in warnings[0] and "one timed call" in warnings[1]
+    assert measurement_warnings(dict(entry, num_samples=5040, latency_ms=dict(entry["latency_ms"], repeats=5))) == []
+    write_report(tmp_path, "toy", [entry])
+    md = (tmp_path / "report.md").read_text()
+    assert "**Warnings**" in md and "FID from 16 samples" in md
+
+
+def test_every_recipe_writes_sample_grids_and_a_cfg_distilled_run_does(spec, tmp_path):
+    import yaml
+
+    from stepdistill.training.run import distill
+
+    for recipe in sorted((REPO / "training").glob("*.yaml")):
+        train = (yaml.safe_load(recipe.read_text()) or {}).get("train", {})
+        assert train.get("sample_every", 0) > 0, recipe.name  # (the last update is always sampled too)
+    run = tmp_path / "cfg"
+    distill(spec, REPO / "training" / "toy-cfg-distill.yaml", run, log=lambda *a: None, export=False,
+            overrides=[*QUICK, "train.max_steps=1", "train.sample_every=1", "train.checkpoint_every=0",
+                       "generator.teacher_sampler_steps=3"])
+    assert (run / "samples" / "step_000001.png").is_file() and (run / "samples" / "step_000001_ema.png").is_file()
+
+
+def test_a_run_shorter_than_its_warmup_says_so(spec, tmp_path):
+    from stepdistill.training.run import distill
+
+    lines = []
+    summary = distill(spec, REPO / "training" / "toy-dmd.yaml", tmp_path / "run", log=lines.append, export=False,
+                      overrides=[*QUICK, *PAIRS[:2], "objective_config.ode_warmup_steps=3", "train.max_steps=2",
+                                 "train.checkpoint_every=0"])
+    assert any(line.startswith("[distill] warning: train.max_steps (2) ends within the 3-update") for line in lines)
+    assert "no dmd update" in summary["warnings"][0]
+
+
+def test_model_card_names_the_teachers_folder_and_the_torchvision_lines(spec, tmp_path):
+    from stepdistill.training.run import distill
+
+    run = tmp_path / "run"
+    distill(spec, REPO / "training" / "toy-lora-cfg-distill.yaml", run, log=lambda *a: None,
+            overrides=[*QUICK, "train.max_steps=1", "train.checkpoint_every=1", "generator.teacher_sampler_steps=3"])
+    card = (run / "student" / "README.md").read_text()
+    teacher_folder = spec.read_text().split("teacher:")[1].split()[0]
+    assert "path/to/" not in card and f'from_pretrained("{Path(teacher_folder).resolve()}")' in card
+    assert "prints no warning" not in card and "CLIPImageProcessor" in card and "TRANSFORMERS_VERBOSITY" in card

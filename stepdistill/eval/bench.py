@@ -9,7 +9,7 @@ import torch
 
 from stepdistill.eval.generate import generate, sample_seeds
 from stepdistill.eval.latency import measure_latency
-from stepdistill.eval.report import nfe
+from stepdistill.eval.report import measurement_warnings, nfe
 
 
 class _UnetTimer:
@@ -115,4 +115,6 @@ def evaluate_configuration(
         "generation_seconds": round(gen_seconds, 1),
         **(extra or {}),
     }
+    entry.setdefault("num_samples", len(all_prompts))
+    entry["warnings"] = measurement_warnings(entry)
     return entry, images

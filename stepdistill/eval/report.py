@@ -50,6 +50,31 @@ def _fmt(value: Any, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+#: below this many samples a Fréchet distance carries a warning (its bias and spread grow as the sample shrinks)
+FID_MIN_SAMPLES = 2000
+
+
+def measurement_warnings(entry: dict) -> list[str]:
+    """What makes an entry's figures weak: FID from fewer than :data:`FID_MIN_SAMPLES` samples, a latency from a
+    single timed call."""
+    out = []
+    n = entry.get("num_samples") or 0
+    if entry.get("fid") is not None and n < FID_MIN_SAMPLES:
+        out.append(f"FID from {n} samples: biased upward and noisy at this size (the toy-quality protocol uses 5,040); "
+                   "compare it only with figures from the same number of samples")
+    lat = entry.get("latency_ms") or {}
+    if lat and int(lat.get("repeats") or 0) == 1:
+        out.append("latency from one timed call: no spread to judge its noise (use 3 or more repeats)")
+    return out
+
+
+def warnings_markdown(entries: list[dict]) -> str:
+    """A "Warnings" list naming each entry's :func:`measurement_warnings` ("" when there are none)."""
+    rows = [f"- {e['name']} ({e['steps']} step{'s' if e['steps'] != 1 else ''}, w={e['guidance']:g}): {w}"
+            for e in entries for w in measurement_warnings(e)]
+    return "" if not rows else "\n".join(["**Warnings**", "", *rows])
+
+
 def _spread_text(lat: dict) -> str:
     spread = lat.get("batchN_spread")
     return "" if spread is None else f" ±{50 * spread:.0f}%"
@@ -221,8 +246,37 @@ def _save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def steps_axis(ax, steps) -> None:
+    """A log x axis labelled only at the step counts plotted, as plain integers (no 2×10⁰ minor labels, which
+    overlap on short ranges)."""
+    from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
+
+    ticks = sorted({int(s) for s in steps})
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(ticks) == 1:
+        ax.set_xlim(ticks[0] / 1.5, ticks[0] * 1.5)
+
+
+def plain_log_axis(ax) -> None:
+    """A log x axis labelled at 1, 2 and 5 of each decade in plain numbers, minor ticks unlabelled."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_quality(entries: list[dict], path: Path) -> None:
-    """FID_toy against steps and against latency per image, one series per (name, guidance)."""
+    """FID_toy against steps and against latency per image, one series per (name, guidance): quality.png."""
+    _save_figure(quality_figure(entries), path)
+
+
+def quality_figure(entries: list[dict]):
+    """The figure of :func:`plot_quality` (not saved)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,14 +295,16 @@ def plot_quality(entries: list[dict], path: Path) -> None:
         lat = [(e["latency_ms"] or {}).get("batchN") for e in es]
         if all(v is not None for v in lat):
             axes[1].plot(lat, [e["fid"] for e in es], marker, label=label, markersize=9)
-    axes[0].set(xscale="log", xlabel="sampling steps", ylabel=f"FID ({entries[0].get('fid_features', '')}) ↓",
-                title="quality vs steps")
-    axes[1].set(xscale="log", xlabel="latency per image, large batch (ms)", ylabel="FID ↓", title="quality vs latency")
+    axes[0].set(xlabel="sampling steps", ylabel=f"FID ({entries[0].get('fid_features', '')}) ↓", title="quality vs steps")
+    steps_axis(axes[0], [e["steps"] for es in series.values() for e in es] or [1])
+    axes[1].set(xlabel="latency per image, large batch (ms)", ylabel="FID ↓", title="quality vs latency")
+    plain_log_axis(axes[1])
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    _save_figure(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def plot_front(entries: list[dict], path: Path) -> bool:
@@ -275,8 +331,10 @@ def plot_front(entries: list[dict], path: Path) -> bool:
     return True
 
 
-def write_report(out_dir: str | Path, suite: str, entries: list[dict], extra_md: str = "", images: dict[str, str] | None = None) -> dict:
-    """Write report.json, report.md and quality.png under ``out_dir``; returns the JSON object."""
+def write_report(out_dir: str | Path, suite: str, entries: list[dict], extra_md: str = "",
+                 images: dict[str, str] | None = None, front: bool = False) -> dict:
+    """Write report.json, report.md and quality.png under ``out_dir`` (and front.png when ``front``: the suite is a
+    merge sweep, whose entries are points on one quality-diversity front); returns the JSON object."""
     out = Path(out_dir)
     for e in entries:
         missing = [k for k in REQUIRED_KEYS if k not in e]
@@ -290,8 +348,11 @@ def write_report(out_dir: str | Path, suite: str, entries: list[dict], extra_md:
     if gaps:
         report["quality_gaps"] = gaps
     plot_quality(entries, out / "quality.png")
-    has_front = plot_front(entries, out / "front.png")
+    has_front = front and plot_front(entries, out / "front.png")
     md = [f"# stepdistill report — {suite}", "", f"Device: {report['device']}", "", markdown_table(entries), ""]
+    warned = warnings_markdown(entries)
+    if warned:
+        md += [warned, ""]
     if rows:
         md += ["Latency speed-ups (per image at the large batch; the end-to-end ideal divides by the teacher at the "
                "student's NFE, so the text encoder and VAE decode that both run once are counted):", "",

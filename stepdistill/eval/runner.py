@@ -46,7 +46,14 @@ import torch
 
 from stepdistill.eval import generate as _gen
 from stepdistill.eval.bench import measure_pipeline_latency
-from stepdistill.eval.report import atomic_write_text, device_description, nfe, write_report
+from stepdistill.eval.report import (
+    atomic_write_text,
+    device_description,
+    measurement_warnings,
+    nfe,
+    steps_axis,
+    write_report,
+)
 from stepdistill.eval.suite import Configuration, Suite
 
 __all__ = ["run_suite", "RunStats", "INCEPTION_FID_FEATURES", "REFERENCE_IMAGE_SUFFIXES"]
@@ -698,6 +705,9 @@ def _score_configuration(suite: Suite, config: Configuration, store: _SampleStor
     entry.update(scores)
     entry["latency_ms"] = latency
     entry["num_samples"] = suite.num_samples
+    entry["warnings"] = measurement_warnings(entry)
+    for warning in entry["warnings"]:
+        log(f"  warning: {warning}")
     return entry
 
 
@@ -739,7 +749,8 @@ def plot_metrics(entries: list[dict], path: Path) -> bool:
             if real:
                 ax.axhline(float(np.mean(real)), color="gray", ls="--", lw=1, label="real images")
             label += f" ({entries[0].get('diversity_features') or ''})"
-        ax.set(xscale="log", xlabel="sampling steps", title=label)
+        ax.set(xlabel="sampling steps", title=label)
+        steps_axis(ax, [e["steps"] for e in entries])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -805,4 +816,4 @@ def _write_outputs(suite: Suite, out: Path, entries: list[dict], grid_rows: list
         f"{k + 1}. {suite.prompts[i // spp]!r} (seed {suite.seed + i})" for k, i in enumerate(grid_idx)))
     rows = "; ".join(f"{r + 1}. {e['name']} {e['steps']} steps w={e['guidance']:g}" for r, e in enumerate(entries))
     notes.append(f"- Grid rows: {rows}.")
-    return write_report(out, suite.name, entries, extra_md="\n".join(notes), images=images)
+    return write_report(out, suite.name, entries, extra_md="\n".join(notes), images=images, front=suite.front)

@@ -51,7 +51,7 @@ PROMPT_SUFFIXES = (".txt", ".jsonl", ".json")
 
 TOP_KEYS = (
     "suite", "description", "metrics", "prompts", "max_prompts", "samples_per_prompt", "seed", "batch_size",
-    "resolution", "dtype", "device", "sample_format", "latency", "grid_prompts", "grid_scale",
+    "resolution", "dtype", "device", "sample_format", "latency", "grid_prompts", "grid_scale", "front",
     "toy_evaluator", "toy_reference_size",
     "inception", "reference_images", "reference_stats", "reference_limit", "fid_resize",
     "clip_model", "clip_backend", "clip_arch",
@@ -143,6 +143,7 @@ class Suite:
     latency: LatencySpec | None = field(default_factory=LatencySpec)
     grid_prompts: int = 8
     grid_scale: int | None = None
+    front: bool = False  # the report plots the quality-diversity front (front.png): suites of a merge sweep
     toy_evaluator: str | None = None
     toy_reference_size: int = 10_000
     inception: str | None = None
@@ -239,6 +240,9 @@ def suite_from_dict(data: Any, base_dir: str | os.PathLike | None = None, source
     grid_prompts = r.integer(data, "grid_prompts", default=8, minimum=1)
     grid_scale = r.integer(data, "grid_scale", default=None, minimum=1)
     max_prompts = r.integer(data, "max_prompts", default=None, minimum=1)
+    front = data.get("front", False)
+    if not isinstance(front, bool):
+        r.fail("front", f"must be true or false (plot the quality-diversity front of a merge sweep), got {front!r}")
 
     toy_evaluator = r.path(data, "toy_evaluator", kind="dir")
     toy_reference_size = r.integer(data, "toy_reference_size", default=10_000, minimum=2)
@@ -294,7 +298,7 @@ def suite_from_dict(data: Any, base_dir: str | os.PathLike | None = None, source
         name=name, metrics=metrics, prompt_source=prompt_source, prompts=prompts, prompt_styles=styles,
         entries=entries, description=description, samples_per_prompt=samples_per_prompt, seed=seed,
         batch_size=batch_size, resolution=resolution, dtype=dtype, device=device, sample_format=sample_format,
-        latency=latency, grid_prompts=grid_prompts, grid_scale=grid_scale, toy_evaluator=toy_evaluator,
+        latency=latency, grid_prompts=grid_prompts, grid_scale=grid_scale, front=front, toy_evaluator=toy_evaluator,
         toy_reference_size=toy_reference_size, inception=inception, reference_images=reference_images,
         reference_stats=reference_stats, reference_limit=reference_limit, fid_resize=fid_resize,
         clip_model=clip_model, clip_backend=clip_backend, clip_arch=clip_arch, hps_checkpoint=hps_checkpoint,

@@ -11,6 +11,9 @@ Images are quantised to 8 bits first, as saved images would be.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from stepdistill.eval.diversity import pairwise_diversity
-from stepdistill.eval.fid import FeatureStats, frechet_distance
+from stepdistill.eval.fid import FeatureStats, frechet_distance, load_or_compute
 from stepdistill.eval.generate import quantize
 from stepdistill.toy import world
 from stepdistill.toy.evaluator import ToyEvaluator
@@ -27,14 +30,37 @@ REFERENCE_SEED = 2_024_1125
 REFERENCE_SIZE = 10_000
 
 
+def cache_folder() -> Path:
+    """Where computed statistics are cached: ``$STEPDISTILL_CACHE``, else ``$XDG_CACHE_HOME/stepdistill``, else
+    ``~/.cache/stepdistill``."""
+    if os.environ.get("STEPDISTILL_CACHE"):
+        return Path(os.environ["STEPDISTILL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "stepdistill"
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 over a file's bytes, or a folder's files (relative names and bytes, sorted)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 class ToyJudge:
     """Loads the toy evaluator and scores batches of generated images against their prompts."""
 
-    def __init__(self, evaluator_path: str | Path | None = None, batch_size: int = 500, reference_size: int = REFERENCE_SIZE):
+    def __init__(self, evaluator_path: str | Path | None = None, batch_size: int = 500, reference_size: int = REFERENCE_SIZE,
+                 cache_dir: str | Path | None = None):
         if evaluator_path is None:
             from stepdistill.toy.assets import toy_evaluator_path
 
             evaluator_path = toy_evaluator_path()
+        self.evaluator_path = Path(evaluator_path)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_folder()
         self.model = ToyEvaluator.from_pretrained(str(evaluator_path), local_files_only=True).eval()
         self.batch_size = batch_size
         self.reference_size = reference_size
@@ -56,12 +82,24 @@ class ToyJudge:
         result["continuous"] = np.concatenate(cont)
         return result
 
+    def reference_fingerprint(self) -> dict:
+        """What the reference statistics depend on: the evaluator's files (contents), the world's code, the seed
+        and the number of images."""
+        return {"features": "toy", "num": self.reference_size, "seed": REFERENCE_SEED,
+                "evaluator": content_digest(self.evaluator_path), "world": content_digest(Path(world.__file__))}
+
     def reference_stats(self) -> FeatureStats:
-        """Feature statistics of ``reference_size`` real world images (uniform over the world, fixed seed)."""
+        """Feature statistics of ``reference_size`` real world images (uniform over the world, fixed seed), cached
+        in :func:`cache_folder` under their fingerprint (computed once per evaluator, world and size)."""
         if self._reference is None:
-            images, _ = world.sample(REFERENCE_SEED, self.reference_size)
-            feats = self.analyze(torch.from_numpy(images))["features"]
-            self._reference = FeatureStats.from_features(feats, {"features": "toy", "num": self.reference_size})
+            fingerprint = self.reference_fingerprint()
+            name = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+            def compute() -> np.ndarray:
+                images, _ = world.sample(REFERENCE_SEED, self.reference_size)
+                return self.analyze(torch.from_numpy(images))["features"]
+
+            self._reference = load_or_compute(self.cache_dir / f"toy-reference-{name}.npz", fingerprint, compute)
         return self._reference
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> dict:

@@ -246,7 +246,10 @@ def _card(
     steps_info: Mapping[str, Any],
     example_prompt: str,
     scaled_input_noise: bool,
+    base_path: str | None = None,
 ) -> str:
+    """The model card. ``base_path``: where the teacher was loaded from on this machine (the LoRA snippet loads
+    it); None for a teacher built in memory."""
     import yaml
 
     n = len(timesteps)
@@ -341,7 +344,11 @@ def _card(
             + " Its `timestep_scaling` is set very large so that the boundary condition returns the model's x0 "
             "prediction unchanged (c_skip = 0, c_out = 1).")
     lines += [
-        "- The recommended call above prints no warning (checked by stepdistill's export test).",
+        "- Loading and calling the pipeline as above print no warning from diffusers (checked by stepdistill's export "
+        "test, in a process that never imports stepdistill). On a machine without torchvision, `import diffusers` "
+        "itself makes transformers print two lines saying that `CLIPImageProcessor` and `SiglipImageProcessor` fall "
+        "back to their PIL versions: they concern image processors this pipeline does not use; set "
+        "`TRANSFORMERS_VERBOSITY=error` before the import to hide them.",
         "- `safety_checker` is not included (`requires_safety_checker: false`).",
     ]
     if family == "sd":
@@ -367,13 +374,15 @@ def _card(
             "",
             "## As a LoRA on the base model",
             "",
-            f"`{LORA_WEIGHT_NAME}` holds the student's LoRA adapter (the full pipeline above has it merged). With your "
-            f"local copy of the base model `{base_model}`:",
+            f"`{LORA_WEIGHT_NAME}` holds the student's LoRA adapter (the full pipeline above has it merged). On the "
+            f"base model `{base_model}`"
+            + (f" (loaded from `{base_path}` when this student was exported; give your own copy's folder elsewhere):"
+               if base_path else " (give your local copy's folder):"),
             "",
             "```python",
             f"from diffusers import DiffusionPipeline, {sched_name}",
             "",
-            f'pipe = DiffusionPipeline.from_pretrained("path/to/{base_model}")',
+            f'pipe = DiffusionPipeline.from_pretrained("{base_path or "<folder of the base model>"}")',
             (f'pipe.scheduler = {sched_name}.from_pretrained("{folder}", subfolder="scheduler")'
              if not plan.trust_remote_code else
              f'pipe.scheduler = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True).scheduler'),
@@ -394,6 +403,13 @@ def _card(
 
 
 # --- export -------------------------------------------------------------------------------------------------------
+def _teacher_folder(teacher) -> str | None:
+    """The folder the teacher was loaded from, when it is a diffusers folder on this machine (the card's LoRA
+    snippet loads it); None otherwise."""
+    source = Path(str(getattr(teacher, "source", "")))
+    return str(source.resolve()) if source.is_dir() and (source / "model_index.json").is_file() else None
+
+
 def default_example_prompt(teacher) -> str:
     """A prompt the teacher's text encoder can read: a toy-world prompt for the shipped toy teacher (its tokenizer
     knows only the toy vocabulary), else a generic one."""
@@ -541,6 +557,7 @@ def export_student(
             _card(
                 folder=str(out_dir),
                 base_model=base_model_name(str(getattr(teacher, "source", ""))),
+                base_path=_teacher_folder(teacher),
                 method=method,
                 timesteps=timesteps,
                 plan=plan,

@@ -139,7 +139,7 @@ def merge_sweep(a: str | Path, b: str | Path, alphas: Sequence[float], out_dir: 
 
         template = load_yaml_file(suite_template) or {}
     suite = {k: v for k, v in template.items() if k not in ("entries", "suite", "description")}
-    suite.update(suite="merge-front", description=f"θ(λ) = (1 − λ)·θ_a + λ·θ_b, a = {a}, b = {b}",
+    suite.update(suite="merge-front", description=f"θ(λ) = (1 − λ)·θ_a + λ·θ_b, a = {a}, b = {b}", front=True,
                  entries=[{"name": f"lambda_{lam:g}", "role": "student", "pipeline": str(f.resolve()),
                            "steps": int(info.get("steps") or 1), "guidance": 1.0} for lam, f in zip(alphas, folders)])
     (out / "front.yaml").write_text(yaml.safe_dump(suite, sort_keys=False), encoding="utf-8")

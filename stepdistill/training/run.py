@@ -178,6 +178,21 @@ def check_run_config(spec: PipelineSpec, config, recipe: str | Path, overrides: 
     return config
 
 
+def run_warnings(config) -> list[str]:
+    """What a valid run does that its user probably did not mean: a run that ends within its ODE-pair warm-up
+    exports a student that never had an update of its method."""
+    from stepdistill.objectives import objective_class
+
+    cfg = objective_class(config.objective).check_config(config.objective_config)
+    warm = int(cfg.get("ode_warmup_steps") or 0)
+    out = []
+    if warm and config.train.max_steps <= warm:
+        out.append(f"train.max_steps ({config.train.max_steps}) ends within the {warm}-update ODE-pair warm-up "
+                   f"(objective_config.ode_warmup_steps): the student will have had no {config.objective} update, "
+                   "only regression onto the teacher's ODE pairs")
+    return out
+
+
 def load_run_prompts(spec: PipelineSpec, config, recipe: str | Path):
     """The training prompts of a run, read before any model loads or file is written; a missing or malformed file,
     or a word the toy teacher's closed vocabulary lacks, is a ConfigError naming ``prompts.source`` and the
@@ -292,15 +307,18 @@ def distill(
 
     spec, config = validate_run(pipeline, recipe, overrides)
     prompts = load_run_prompts(spec, config, recipe)
+    warnings = run_warnings(config)
     out = Path(out_dir)
     plan = plan_run(config, spec, out, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     if dry_run:
         return {"dry_run": True, "config": config.to_dict(), "pipeline": dataclasses.asdict(spec),
                 "fingerprint": plan.fingerprint, "out": str(out),
                 "resume_from": str(plan.resume_from) if plan.resume_from else None, "start_step": plan.start_step,
-                "notes": plan.notes, "remove": [str(p) for p in plan.remove]}
+                "notes": plan.notes + [f"warning: {w}" for w in warnings], "remove": [str(p) for p in plan.remove]}
     for note in plan.notes:
         log(f"[distill] {note}")
+    for warning in warnings:
+        log(f"[distill] warning: {warning}")
     plan.apply()
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(Path(pipeline).read_text())
@@ -346,6 +364,8 @@ def distill(
     summary = trainer.train(resume=plan.resume_from)
     summary["total_seconds"] = round(time.time() - t0, 1)
     summary["fingerprint"] = plan.fingerprint
+    if warnings:
+        summary["warnings"] = warnings
     if pairs_seconds is not None:
         summary["regression_pairs_seconds"] = pairs_seconds
     if export and trainer.accelerator.is_main_process:
