@@ -522,3 +522,24 @@ def test_model_card_names_the_teachers_folder_and_the_torchvision_lines(spec, tm
     teacher_folder = spec.read_text().split("teacher:")[1].split()[0]
     assert "path/to/" not in card and f'from_pretrained("{Path(teacher_folder).resolve()}")' in card
     assert "prints no warning" not in card and "CLIPImageProcessor" in card and "TRANSFORMERS_VERBOSITY" in card
+
+
+# --- precision where gradients flow through the teacher ------------------------------------------------------------
+def test_distill_runs_the_teacher_networks_an_objective_backpropagates_through_in_float32(spec, tmp_path):
+    from stepdistill.training.run import distill
+
+    bf16 = tmp_path / "bf16.yaml"
+    bf16.write_text(spec.read_text().replace("dtype: float32", "dtype: bfloat16"))
+    lines = []
+    sid = distill(bf16, REPO / "training" / "toy-sid.yaml", tmp_path / "sid", log=lines.append, export=False,
+                  overrides=[*QUICK, "train.max_steps=1", "train.checkpoint_every=0"])
+    assert sid["teacher_dtypes"]["unet"] == "float32" and sid["teacher_dtypes"]["vae"] == "bfloat16"
+    assert any("sid backpropagates through the teacher's unet: running it in float32" in line for line in lines)
+    dmd2 = distill(bf16, REPO / "training" / "toy-dmd2.yaml", tmp_path / "dmd2", log=lambda *a: None, export=False,
+                   overrides=[*QUICK, "train.max_steps=1", "train.checkpoint_every=0",
+                              "objective_config.gan_enabled=false", "objective_config.ode_warmup_steps=0"])
+    assert dmd2["teacher_dtypes"]["unet"] == "bfloat16"  # DMD2 only reads the teacher's output
+    dmd = distill(bf16, REPO / "training" / "toy-dmd.yaml", tmp_path / "dmd", log=lambda *a: None, export=False,
+                  overrides=[*QUICK, *PAIRS[:2], "train.max_steps=1", "train.checkpoint_every=0",
+                             "objective_config.ode_warmup_steps=0", "objective_config.regression_space=image"])
+    assert dmd["teacher_dtypes"]["vae"] == "float32" and dmd["teacher_dtypes"]["unet"] == "bfloat16"

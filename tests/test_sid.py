@@ -341,3 +341,26 @@ def test_gan_terms_have_the_official_signs_and_weights(teacher, batch):
     x.grad = None
     loss2.backward()
     assert x.grad.abs().sum() > 0 and all(p.grad is None for p in obj.fake_unet.parameters())
+
+
+def test_a_bf16_teacher_changes_the_generator_gradient_that_float32_gives(teacher, batch):
+    """Why SiD declares the teacher UNet in its gradient (``teacher_components_in_gradient``): its generator loss
+    differentiates the teacher's x̂₀ through x_t, so the teacher's precision is in the gradient. At the start of a
+    run (fake score = teacher) the bf16 rounding of y_real is the size of y_real − y_fake itself."""
+    import copy
+
+    obj = build_objective("sid", teacher, Generator.from_teacher(teacher), {})  # fake score = teacher, as at update 0
+    assert obj.teacher_components_in_gradient(obj.config) == ("unet",)
+    t, eps = T_FIXED, fixed_eps()
+
+    def grad_x(unet) -> torch.Tensor:
+        x = leaf_x(obj)
+        obj.real_score_unet = lambda: unet  # noqa: E731 - instance attribute shadows the method
+        loss, _ = obj.generator_loss(batch, timesteps=t, noise=eps)
+        loss.backward()
+        return x.grad.double()
+
+    reference = grad_x(teacher.unet)
+    assert float((grad_x(teacher.unet) - reference).norm()) == 0.0  # float32 repeats exactly
+    low = grad_x(copy.deepcopy(teacher.unet).to(torch.bfloat16))
+    assert float((low - reference).norm() / reference.norm()) > 0.05

@@ -126,9 +126,6 @@ class Objective(torch.nn.Module):
 
     name: str = "base"
     DEFAULTS: dict[str, Any] = {"aux_updates_per_generator_update": 1}
-    #: whether the generator loss backpropagates through the frozen teacher's input (its activations are kept;
-    #: gradient checkpointing then covers the teacher too)
-    grad_through_teacher: bool = False
 
     def __init__(self, teacher, generator, config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
@@ -218,6 +215,14 @@ class Objective(torch.nn.Module):
     def needs_phase_experts(cls) -> bool:
         """Whether the generator must hold one expert per step (``generator.experts: true``)."""
         return False
+
+    @classmethod
+    def teacher_components_in_gradient(cls, cfg: Mapping[str, Any]) -> tuple[str, ...]:
+        """The frozen teacher components (``"unet"``, ``"vae"``) whose *input* the generator loss backpropagates
+        through with config ``cfg``. ``distill`` runs them in float32 whatever the pipeline preset's dtype (a bf16
+        network's input-gradient is what the generator learns from; the bf16 error of SiD's gradient is measured in
+        docs/methods/sid.md), and gradient checkpointing covers them too. None here."""
+        return ()
 
     @classmethod
     def generator_timesteps_problem(cls, cfg: Mapping[str, Any], timesteps: list[int], schedule) -> str | None:

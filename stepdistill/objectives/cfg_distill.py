@@ -71,6 +71,13 @@ class CFGDistill(Objective):
         return cfg["states"] == "noised_real"
 
     @classmethod
+    def teacher_components_in_gradient(cls, cfg) -> tuple[str, ...]:
+        """The diversity reward decodes the student's samples with the teacher's VAE inside the loss. (A LoRA
+        student on the teacher's shared UNet trains through that UNet's frozen weights, not its input; the base stays
+        in the preset's dtype, as diffusers' LoRA scripts keep it.)"""
+        return ("vae",) if cfg["diversity_weight"] > 0 else ()
+
+    @classmethod
     def needs_teacher_sampler(cls) -> bool:
         return True
 

@@ -130,6 +130,11 @@ class DMD(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
         if cfg["regression_space"] not in ("latent", "image"):
             raise ObjectiveConfigError("dmd", "regression_space", f"must be 'latent' or 'image', got {cfg['regression_space']!r}")
 
+    @classmethod
+    def teacher_components_in_gradient(cls, cfg) -> tuple[str, ...]:
+        """``regression_space: image`` decodes the generator's output with the teacher's VAE inside the loss."""
+        return ("vae",) if cfg["regression_space"] == "image" else ()
+
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"fake_score": trainable_parameters(self.fake_unet)}
 

@@ -98,7 +98,6 @@ def per_sample_bce(logits: torch.Tensor, target: float) -> torch.Tensor:
 
 class SiD(DisBackOption, ODEPairWarmup, Objective):
     name = "sid"
-    grad_through_teacher = True
     DEFAULTS = {
         "alpha": 1.0,
         "min_t": 20,
@@ -168,6 +167,11 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
             check_number(name, "fake_grad_clip_value", cfg["fake_grad_clip_value"], low=0.0)
 
     # --- declarations read by the trainer / distill -------------------------------------------------------------------
+    @classmethod
+    def teacher_components_in_gradient(cls, cfg) -> tuple[str, ...]:
+        """The generator loss differentiates y_real = x̂₀ of the teacher UNet through its input x_t."""
+        return ("unet",)
+
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"fake_score": trainable_parameters(self.fake_unet)}
 

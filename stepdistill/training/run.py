@@ -217,16 +217,51 @@ def load_teacher(spec: PipelineSpec):
     return Teacher.load(spec.teacher, dtype=DTYPES[spec.dtype], config=spec.single_file_config)
 
 
-def _build(spec: PipelineSpec, config):
+def upcast_for_gradient(teacher, config, log=None) -> list[str]:
+    """Cast to float32 the teacher components the run's objective backpropagates through
+    (``Objective.teacher_components_in_gradient``) when the preset loaded them in a lower precision; returns what
+    was cast (each said in one line to ``log``)."""
+    from stepdistill.objectives import objective_class
+
+    cls = objective_class(config.objective)
+    cast = []
+    for name in cls.teacher_components_in_gradient(cls.check_config(config.objective_config)):
+        module = getattr(teacher, name)
+        dtype = next(module.parameters()).dtype
+        if dtype != torch.float32:
+            module.to(torch.float32)
+            cast.append(name)
+            if log is not None:
+                log(f"[distill] {config.objective} backpropagates through the teacher's {name}: running it in float32 "
+                    f"(the pipeline preset loads it in {str(dtype).replace('torch.', '')})")
+    return cast
+
+
+def teacher_dtypes(teacher) -> dict[str, str]:
+    """The dtype of each of the teacher's networks, e.g. ``{"unet": "float32", "vae": "bfloat16", ...}``."""
+    out = {}
+    for name, module in teacher.pipeline.components.items():
+        if isinstance(module, torch.nn.Module):
+            params = list(module.parameters())
+            if params:
+                out[name] = str(params[0].dtype).replace("torch.", "")
+    return out
+
+
+def _build(spec: PipelineSpec, config, training: bool = False, log=None):
     """The teacher, the generator and the objective of a run. Everything random they hold at the start (LoRA
     adapters, GAN heads, freshly initialised networks) is drawn after seeding with ``train.seed``, so two runs of
-    one recipe start from the same weights, and a resumed run is comparable with an uninterrupted one."""
+    one recipe start from the same weights, and a resumed run is comparable with an uninterrupted one. For
+    ``training``, the teacher components the objective backpropagates through run in float32
+    (:func:`upcast_for_gradient`); an export keeps the preset's dtype."""
     from accelerate.utils import set_seed
 
     from stepdistill.objectives import build_objective
     from stepdistill.student import Generator, PhasedGenerator, TeacherSamplerGenerator
 
     teacher = load_teacher(spec)
+    if training:
+        upcast_for_gradient(teacher, config, log)
     set_seed(config.train.seed)
     if config.generator.teacher_sampler_steps is not None:
         generator = TeacherSamplerGenerator.from_teacher(teacher, config.generator.teacher_sampler_steps,
@@ -324,7 +359,7 @@ def distill(
     (out / "pipeline.yaml").write_text(Path(pipeline).read_text())
     plan.write_run_file(recipe, pipeline, overrides)
     t0 = time.time()
-    teacher, generator, objective = _build(spec, config)
+    teacher, generator, objective = _build(spec, config, training=True, log=log)
     if getattr(objective, "config", {}).get("disback"):  # DisBack records its degradation path into the run folder
         def disback_embeds(n: int, rng: torch.Generator):
             return teacher.encode_prompt(prompts.sample(n, rng), with_uncond=True)
@@ -364,6 +399,7 @@ def distill(
     summary = trainer.train(resume=plan.resume_from)
     summary["total_seconds"] = round(time.time() - t0, 1)
     summary["fingerprint"] = plan.fingerprint
+    summary["teacher_dtypes"] = teacher_dtypes(teacher)
     if warnings:
         summary["warnings"] = warnings
     if pairs_seconds is not None:

@@ -466,8 +466,9 @@ class Trainer:
         tc = self.config.train
         if tc.gradient_checkpointing:
             enabled = 0
-            # an objective that backpropagates through the frozen teacher's input (SiD) checkpoints the teacher too
-            through_teacher = bool(getattr(self.objective, "grad_through_teacher", False))
+            # an objective that backpropagates through the frozen teacher UNet's input (SiD) checkpoints it too
+            declared = getattr(self.objective, "teacher_components_in_gradient", None)
+            through_teacher = callable(declared) and "unet" in declared(self.objective.config)
             for m in self._diffusers_models(include_teacher=through_teacher):
                 if getattr(m, "_supports_gradient_checkpointing", False):
                     m.enable_gradient_checkpointing()
