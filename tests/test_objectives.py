@@ -228,9 +228,13 @@ def test_gan_head_reads_the_mid_block_and_skips_the_decoder(teacher, embeds):
     assert sd15(torch.randn(2, 1280, 8, 8)).shape == (2,)
 
 
-def test_dmd2_few_step_generator_uses_backward_simulation(teacher, batch):
+@pytest.mark.parametrize("aux_sample,simulations", [("reuse", 1), ("fresh", 2)])
+def test_dmd2_few_step_generator_uses_backward_simulation(teacher, batch, aux_sample, simulations):
+    """The backward simulation runs for the generator update; the official schedule (``reuse``) shares its result
+    with the fake-score update after it, ``fresh`` simulates again."""
     gen = Generator.from_teacher(teacher, timesteps=(999, 749, 499, 249))
-    obj = build_objective("dmd2", teacher, gen, {})
+    obj = build_objective("dmd2", teacher, gen, {"aux_sample": aux_sample})
+    obj.set_train_step(0)
     called = []
     original = gen.backward_simulate
 
@@ -243,7 +247,7 @@ def test_dmd2_few_step_generator_uses_backward_simulation(teacher, batch):
     loss, _ = obj.generator_loss(batch)
     loss.backward()
     _, _ = obj.auxiliary_loss(batch)
-    assert len(called) == 2
+    assert len(called) == simulations
     assert any(p.grad is not None for p in gen.trainable_parameters())
 
 
@@ -474,3 +478,77 @@ def test_cfg_without_uncond_is_a_clear_error(teacher, generator):
     batch = Batch(embeds=PromptEmbeds(cond=torch.randn(B, 6, 32)), noise=torch.randn(B, 4, 8, 8))
     with pytest.raises(ValueError, match="with_uncond"):
         obj.generator_loss(batch)
+
+
+@pytest.mark.parametrize("name", ["dmd2", "dmd", "vsd"])
+def test_official_schedule_generator_first_and_its_sample_trains_the_next_fake_score_update(teacher, tmp_path, name,
+                                                                                              fresh_accelerate_state):
+    """DMD2 (``train_sd.py``: generator turn, then the guidance turn on ``guidance_data_dict``), SwiftBrush and DMD's
+    Algorithm 1: per step the generator update comes first and the first fake-score update trains on sg(x₀) of that
+    update — the generator *before* its optimizer step — with the same prompts; later ones on fresh samples.
+    ``aux_sample: fresh`` puts the fake-score updates first, each on a fresh sample."""
+    from stepdistill.training import Trainer
+
+    config = {"aux_updates_per_generator_update": 2}
+    if name == "dmd":
+        config["regression_weight"] = 0.0
+    for aux_sample in ("reuse", "fresh"):
+        gen = Generator.from_teacher(teacher)
+        obj = build_objective(name, teacher, gen, {**config, "aux_sample": aux_sample})
+        events = []
+        generator_loss, auxiliary_loss, generate = obj.generator_loss, obj.auxiliary_loss, obj.generate
+
+        def on_generate(batch, grad=True):
+            x0 = generate(batch, grad=grad)
+            events.append(("generate", x0.detach().clone(), batch.embeds.cond.clone()))
+            return x0
+
+        def on_generator(batch, **kw):
+            events.append(("generator", None, None))
+            return generator_loss(batch, **kw)
+
+        def on_auxiliary(batch, **kw):
+            seen = len(events)
+            x0_used = {}
+            original = obj.denoising_loss
+
+            def spy(unet, x0, embeds, *args, **kwargs):
+                x0_used["x0"], x0_used["cond"] = x0.detach().clone(), embeds.cond.clone()
+                return original(unet, x0, embeds, *args, **kwargs)
+
+            obj.denoising_loss = spy
+            try:
+                out = auxiliary_loss(batch, **kw)
+            finally:
+                obj.denoising_loss = original
+            events.append(("auxiliary", x0_used["x0"], x0_used["cond"], len(events) > seen))
+            return out
+
+        obj.generate, obj.generator_loss, obj.auxiliary_loss = on_generate, on_generator, on_auxiliary
+        cfg = {"objective": name, "train": {"batch_size": 2, "max_steps": 2, "checkpoint_every": 0, "log_every": 1,
+                                            "grad_clip": None}}
+        Trainer(cfg, teacher, gen, obj, ["a red circle", "a blue square"], tmp_path / f"{name}-{aux_sample}").train()
+        kinds = [e[0] for e in events if e[0] != "generate"]
+        if aux_sample == "fresh":
+            assert kinds == ["auxiliary", "auxiliary", "generator"] * 2
+            assert all(e[3] for e in events if e[0] == "auxiliary")  # each drew its own sample
+            continue
+        assert kinds == ["generator", "auxiliary", "auxiliary"] * 2
+        for step in range(2):
+            gen_sample = [e for e in events if e[0] == "generate"][step * 2]  # the generator update's own
+            first, second = [e for e in events if e[0] == "auxiliary"][2 * step: 2 * step + 2]
+            assert not first[3] and second[3]  # the first drew no sample, the second a fresh one
+            assert torch.equal(first[1], gen_sample[1].float()) and torch.equal(first[2], gen_sample[2])
+
+
+def test_teacher_guidance_applies_only_above_one_as_the_official_dmd2(teacher, batch):
+    """tianweiy/DMD2 ``predict_noise``: ``CFG_GUIDANCE = guidance_scale > 1``; a scale ≤ 1 is one conditional pass
+    (the formula out(∅) + w·(out(c) − out(∅)) would extrapolate away from the prompt for w < 1)."""
+    from stepdistill.objectives.common import real_guidance
+
+    assert real_guidance(0.5) == 1.0 and real_guidance(1.0) == 1.0 and real_guidance(1.75) == 1.75
+    obj = build_objective("dmd2", teacher, Generator.from_teacher(teacher), {})
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    x_t = noised(teacher, x0, fixed_eps(), T_FIXED)
+    grads = {w: obj.matching_gradient(x0, x_t, T_FIXED, batch.embeds, obj.fake_unet, w)[0] for w in (0.5, 1.0, 2.0)}
+    assert torch.equal(grads[0.5], grads[1.0]) and not torch.allclose(grads[2.0], grads[1.0])

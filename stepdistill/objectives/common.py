@@ -8,7 +8,10 @@
 - :class:`DistributionMatching` — the DMD/DMD2 generator step built on those two (teacher with CFG against the online
   fake score at ``x_t = a_t·sg(x₀) + σ_t·ε``);
 - :func:`make_fake_score`, :func:`frozen`, :func:`cond_only` — the fake-score network initialised from the teacher,
-  a context that freezes parameters but keeps autograd through the inputs, and classifier-free conditioning dropout.
+  a context that freezes parameters but keeps autograd through the inputs, and classifier-free conditioning dropout;
+- :func:`real_guidance` — the official DMD2 rule for when the teacher's CFG applies (scale > 1);
+- :class:`GeneratorFirstSchedule` — the official DMD2 / SwiftBrush / DMD update order: the generator update first,
+  and its own sample trains the first fake-score update after it.
 
 The ODE-pair regression (DMD's regression loss, the warm-up of DMD2's one-step SDXL recipe) lives in
 :mod:`stepdistill.objectives.regression`.
@@ -18,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator
+from collections import deque
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,63 @@ def surrogate_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``½·MSE(x₀, sg(x₀ − grad))`` (mean over all elements): ∂loss/∂x₀ = grad / x₀.numel()."""
     target = (x0.detach().double() - grad.detach().double()).float()
     return 0.5 * F.mse_loss(x0.float(), target, reduction="mean")
+
+
+def real_guidance(scale: float) -> float:
+    """The CFG scale the teacher is evaluated at: ``scale`` when it is above 1, else 1 (no guidance, one conditional
+    pass) — tianweiy/DMD2 ``predict_noise``: ``CFG_GUIDANCE = guidance_scale > 1``."""
+    return float(scale) if scale > 1 else 1.0
+
+
+AUX_SAMPLES = ("reuse", "fresh")
+
+
+class GeneratorFirstSchedule:
+    """The update schedule of the official DMD2 code (``train_sd.py``: the generator turn, then the guidance turn on
+    ``guidance_data_dict``), of SwiftBrush (``train_swiftbrush.py``: the student step, then the LoRA step on the same
+    ``pred_original_samples.detach()``) and of DMD's Algorithm 1: each iteration runs the generator update first, and
+    the first fake-score update after it trains on that update's own sample — sg(x₀) of the generator *before* its
+    step, with the same prompts (and real images) — while the other ``aux_updates_per_generator_update − 1`` draw
+    fresh samples. No generator forward is spent on the first one.
+
+    ``aux_sample: fresh`` is the schedule this library ran before: the fake-score updates first, each on a fresh
+    sample, then the generator update — one more generator forward (for few-step students, one more backward
+    simulation) per generator update. Mixed into objectives before :class:`Objective`; ``auxiliary_loss`` takes its
+    sample from :meth:`auxiliary_sample`, ``generator_loss`` hands it over with :meth:`keep_for_auxiliary`."""
+
+    SCHEDULE_DEFAULTS = {"aux_sample": "reuse"}
+    _kept: deque | None = None
+
+    @classmethod
+    def validate_schedule_config(cls, cfg) -> None:
+        from stepdistill.objectives.base import ObjectiveConfigError
+
+        if cfg["aux_sample"] not in AUX_SAMPLES:
+            raise ObjectiveConfigError(cls.name, "aux_sample", f"must be one of {', '.join(AUX_SAMPLES)}, got "
+                                       f"{cfg['aux_sample']!r}")
+
+    def generator_update_first(self) -> bool:
+        """Whether the trainer runs this step's generator update before its auxiliary updates."""
+        return self.config["aux_sample"] == "reuse"
+
+    def set_train_step(self, step: int) -> None:
+        super().set_train_step(step)
+        self._kept = deque()  # a sample is reused within its own step only
+
+    def keep_for_auxiliary(self, x0: torch.Tensor, batch: Any) -> None:
+        """Hand the generator update's sample (and its batch) to the next fake-score update (``reuse`` only); one
+        entry per micro-batch, taken back in order."""
+        if self.generator_update_first():
+            if self._kept is None:
+                self._kept = deque()
+            self._kept.append((x0.detach(), batch))
+
+    def auxiliary_sample(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        """(sg(x₀), the batch it belongs to) for a fake-score update: the generator update's own when one is kept,
+        else a fresh sample of ``batch``."""
+        if self._kept:
+            return self._kept.popleft()
+        return self.generate(batch, grad=False).detach(), batch
 
 
 def distribution_matching_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -141,11 +202,11 @@ class DistributionMatching:
         fake_unet: torch.nn.Module,
         real_guidance_scale: float,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Without autograd: x̂₀ of the teacher (CFG ``real_guidance_scale``) and of the fake score (no CFG) at x_t, both
-        converted in float64, and :func:`distribution_matching_gradient` normalised against ``x0`` (the generator's
-        x̂₀). Returns the gradient and logs."""
+        """Without autograd: x̂₀ of the teacher (CFG ``real_guidance_scale`` when above 1, :func:`real_guidance`) and of
+        the fake score (no CFG) at x_t, both converted in float64, and :func:`distribution_matching_gradient`
+        normalised against ``x0`` (the generator's x̂₀). Returns the gradient and logs."""
         with torch.no_grad():
-            out_real = self.teacher_prediction(x_t, t, embeds, real_guidance_scale)
+            out_real = self.teacher_prediction(x_t, t, embeds, real_guidance(real_guidance_scale))
             out_fake = self.score_prediction(fake_unet, x_t, t, embeds, 1.0)
             x_t64 = x_t.double()
             x0_real = self.schedule.to_x0(out_real.double(), x_t64, t)

@@ -11,7 +11,9 @@ Generator update:
   loss = loss_DM + regression_weight·loss_reg, regression_weight = λ_reg = 0.25 (paper).
 Optional ODE-pair warm-up (``ode_warmup_steps``, default 0 = the paper): the first N generator updates use loss_reg
 alone and skip the fake-score updates (``objectives.regression.ODEPairWarmup``).
-Fake-score update: ε-prediction denoising loss (``NoiseSchedule.target``) on sg(x₀) at t ~ U{0 … T−1}.
+Fake-score update: ε-prediction denoising loss (``NoiseSchedule.target``) on sg(x₀) at t ~ U{0 … T−1}, after the
+generator update and on its sample (the paper's Algorithm 1; ``aux_sample: fresh`` runs it first on a fresh sample).
+The teacher's CFG applies when ``real_guidance_scale`` > 1 (DMD2's rule, :func:`~stepdistill.objectives.common.real_guidance`).
 
 Regression distance — honest note: the paper uses LPIPS (VGG features, on decoded images). LPIPS needs pretrained
 VGG/AlexNet weights and torchvision, neither of which this project can ship or download, so the default here is
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_number, trainable_parameters
-from stepdistill.objectives.common import DistributionMatching, make_fake_score
+from stepdistill.objectives.common import DistributionMatching, GeneratorFirstSchedule, make_fake_score
 from stepdistill.objectives.disback import DisBackOption
 from stepdistill.objectives.regression import (  # noqa: F401 (RegressionPairs, make_regression_pairs re-exported)
     ODEPairWarmup,
@@ -84,7 +86,7 @@ def resolve_distance(spec: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.
 
 
 # --- the objective ----------------------------------------------------------------------------------------------------
-class DMD(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
+class DMD(DisBackOption, GeneratorFirstSchedule, ODEPairWarmup, DistributionMatching, Objective):
     """See the module docstring. Config keys: real_guidance_scale (3.0, the paper's SD1.5 FID model), min_t_ratio
     0.02, max_t_ratio 0.98, aux_updates_per_generator_update 1, fake_lora_rank null / fake_lora_alpha null,
     regression_weight 0.25, regression_distance "mse", regression_space "latent" | "image", regression_pairs (number
@@ -108,6 +110,7 @@ class DMD(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
         "regression_guidance": None,
         "ode_warmup_steps": 0,
         **DisBackOption.DISBACK_DEFAULTS,
+        **GeneratorFirstSchedule.SCHEDULE_DEFAULTS,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -121,6 +124,7 @@ class DMD(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
         super().validate_config(cfg, num_train_timesteps)
         cls.validate_regression_config(cfg)
         cls.validate_disback_config(cfg)
+        cls.validate_schedule_config(cfg)
         try:
             resolve_distance(cfg["regression_distance"])
         except ValueError as e:
@@ -155,6 +159,7 @@ class DMD(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
         if self.in_ode_warmup():
             return self.ode_warmup_loss(batch)
         x0, loss, logs = self.generate_and_match(batch, timesteps, noise)
+        self.keep_for_auxiliary(x0, batch)
         if cfg["regression_weight"] > 0:
             loss_reg = self.regression_loss(batch)
             loss = loss + cfg["regression_weight"] * loss_reg
@@ -164,7 +169,7 @@ class DMD(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
         return loss, logs
 
     def auxiliary_loss(self, batch: Batch, *, timesteps=None, noise=None) -> tuple[torch.Tensor, dict[str, float]]:
-        x0 = self.generate(batch, grad=False).detach()
+        x0, batch = self.auxiliary_sample(batch)
         n = x0.shape[0]
         t = self._timesteps_or(timesteps, n, x0.device, lambda: self.sample_timesteps(n, x0.device, 0.0, 1.0))
         eps = torch.randn_like(x0) if noise is None else noise

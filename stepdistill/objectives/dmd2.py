@@ -4,14 +4,17 @@ arXiv:2405.14867). Checked against the official code, tianweiy/DMD2 ``main/sd_gu
 
 Generator update (``generator_loss``):
   x₀ = G_θ(z, c) (few-step students: backward simulation picks the step); t ~ U{⌊0.02T⌋ … ⌊0.98T⌋};
-  x_t = a_t·sg(x₀) + σ_t·ε; x̂₀_real from the frozen teacher with CFG ``real_guidance_scale`` (SD1.5: 1.75),
+  x_t = a_t·sg(x₀) + σ_t·ε; x̂₀_real from the frozen teacher with CFG ``real_guidance_scale`` (SD1.5: 1.75; a
+  scale ≤ 1 means no guidance, as the official ``guidance_scale > 1`` test),
   x̂₀_fake from the fake score without guidance, both converted in float64;
   p_real = x₀ − x̂₀_real, p_fake = x₀ − x̂₀_fake, grad = nan_to_num((p_real − p_fake)/mean_{C,H,W}|p_real|) (no grad);
   loss = dm_weight·½·MSE(x₀, sg(x₀ − grad)) [+ gan_weight·mean softplus(−D(x₀)) when the GAN is on].
   No regression loss (DMD2 removes it).
 Auxiliary update (``auxiliary_loss``, run ``aux_updates_per_generator_update`` = 10 times per generator update in
-the SD1.5 recipes — the paper's text says 5):
-  fake score: ε-prediction MSE (``NoiseSchedule.target``) at t ~ U{0 … T−1} on sg(x₀) of a fresh generator sample;
+the SD1.5 recipes — the paper's text says 5), after the generator update as in the official loop
+(``aux_sample: reuse``, :class:`~stepdistill.objectives.common.GeneratorFirstSchedule`):
+  fake score: ε-prediction MSE (``NoiseSchedule.target``) at t ~ U{0 … T−1} on sg(x₀) — the generator update's own
+  sample for the first auxiliary update, a fresh generator sample for the others;
   GAN (optional): gan_disc_weight·(softplus(D(sg x₀)) + softplus(−D(x_real))), D = classifier head on the fake
   score's mid-block output (``stepdistill.objectives.gan``), inputs noised at t ~ U{0 … diffusion_gan_max_t − 1}.
   The fake score and the head share one optimizer in the official code; here they are two entries of
@@ -27,7 +30,9 @@ Config keys (defaults = the official SD1.5 recipe unless noted):
   ode_warmup_steps 0 (the SD1.5 recipe; DMD2's one-step SDXL generator is first warmed up by regression on teacher
   ODE pairs: the first N generator updates are then the latent MSE to the pairs alone, with no auxiliary updates),
   regression_pairs null (4 x the batch size), regression_steps 25 (DDIM steps of the teacher ODE for the pairs),
-  regression_guidance null (its CFG; null: real_guidance_scale).
+  regression_guidance null (its CFG; null: real_guidance_scale); aux_sample "reuse" (the official schedule above;
+  "fresh": fake-score updates first, each on a fresh sample — one more generator forward per generator update).
+Where this code differs from the official one, with reasons and costs: docs/methods/dmd2.md.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from stepdistill.objectives.base import Batch, Objective, check_bool, check_int, check_number, trainable_parameters
-from stepdistill.objectives.common import DistributionMatching, frozen, make_fake_score
+from stepdistill.objectives.common import DistributionMatching, GeneratorFirstSchedule, frozen, make_fake_score
 from stepdistill.objectives.disback import DisBackOption
 from stepdistill.objectives.regression import ODEPairWarmup
 from stepdistill.objectives.gan import (
@@ -47,7 +52,7 @@ from stepdistill.objectives.gan import (
 )
 
 
-class DMD2(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
+class DMD2(DisBackOption, GeneratorFirstSchedule, ODEPairWarmup, DistributionMatching, Objective):
     name = "dmd2"
     DEFAULTS = {
         "real_guidance_scale": 1.75,
@@ -64,6 +69,7 @@ class DMD2(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
         "diffusion_gan_max_t": 1000,
         **ODEPairWarmup.REGRESSION_DEFAULTS,
         **DisBackOption.DISBACK_DEFAULTS,
+        **GeneratorFirstSchedule.SCHEDULE_DEFAULTS,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -80,6 +86,7 @@ class DMD2(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
         super().validate_config(cfg, num_train_timesteps)
         cls.validate_regression_config(cfg)
         cls.validate_disback_config(cfg)
+        cls.validate_schedule_config(cfg)
         check_number(cls.name, "real_guidance_scale", cfg["real_guidance_scale"])
         check_number(cls.name, "dm_weight", cfg["dm_weight"], low=0.0)
         check_bool(cls.name, "gan_enabled", cfg["gan_enabled"])
@@ -117,6 +124,7 @@ class DMD2(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
         if self.in_ode_warmup():
             return self.ode_warmup_loss(batch)
         x0, loss_dm, logs = self.generate_and_match(batch, timesteps, noise)
+        self.keep_for_auxiliary(x0, batch)
         loss = cfg["dm_weight"] * loss_dm
         if self.cls_head is not None:
             # gradient reaches x0 (hence the generator) but not the fake score or the head
@@ -132,7 +140,7 @@ class DMD2(DisBackOption, ODEPairWarmup, DistributionMatching, Objective):
 
     def auxiliary_loss(self, batch: Batch, *, timesteps=None, noise=None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        x0 = self.generate(batch, grad=False).detach()
+        x0, batch = self.auxiliary_sample(batch)
         n = x0.shape[0]
         t = self._timesteps_or(timesteps, n, x0.device, lambda: self.sample_timesteps(n, x0.device, 0.0, 1.0))
         eps = torch.randn_like(x0) if noise is None else noise

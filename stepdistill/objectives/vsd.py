@@ -10,7 +10,8 @@ Generator update (``generator_loss``), image-free (prompts only):
   grad = ω(t)·(ε̂_real − ε̂_fake), ω(t) = σ_t² = 1 − ᾱ_t (SwiftBrush's ``sigma_t**2``; ProlificDreamer/threestudio's
   ``w = 1 − alphas_cumprod[t]``), NaNs → 0, no grad; loss = ½·MSE(x₀, sg(x₀ − grad)) (shared ``surrogate_loss``).
   ε̂ comes through ``NoiseSchedule.to_eps``, so v-prediction teachers work too.
-Fake-score update (``auxiliary_loss``): denoising loss on sg(x₀) at t' ~ U{0 … T−1}, conditioned on the prompt, with
+Fake-score update (``auxiliary_loss``), after the student update and on its sample as in the official loop (``aux_sample:
+reuse``; ``fresh``: first, on a fresh sample): denoising loss on sg(x₀) at t' ~ U{0 … T−1}, conditioned on the prompt, with
   the whole batch's condition replaced by the empty prompt with probability ``fake_cond_dropout`` (0.1, official code;
   this trains the fake score's unconditional branch, which its CFG needs), weighted per sample by α_t² = ᾱ_t
   (``fake_loss_weighting: alpha_sq``; the official code computes ``MSE(α_t·ε̂, α_t·ε)``) or unweighted (``none``).
@@ -35,11 +36,11 @@ from __future__ import annotations
 import torch
 
 from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_number, trainable_parameters
-from stepdistill.objectives.common import cond_only, make_fake_score, surrogate_loss
+from stepdistill.objectives.common import GeneratorFirstSchedule, cond_only, make_fake_score, surrogate_loss
 from stepdistill.objectives.disback import DisBackOption
 
 
-class VSD(DisBackOption, Objective):
+class VSD(DisBackOption, GeneratorFirstSchedule, Objective):
     name = "vsd"
     DEFAULTS = {
         "real_guidance_scale": 4.5,
@@ -54,6 +55,7 @@ class VSD(DisBackOption, Objective):
         "fake_cond_dropout": 0.1,
         "fake_loss_weighting": "alpha_sq",
         **DisBackOption.DISBACK_DEFAULTS,
+        **GeneratorFirstSchedule.SCHEDULE_DEFAULTS,
     }
 
     def __init__(self, teacher, generator, config=None) -> None:
@@ -65,6 +67,7 @@ class VSD(DisBackOption, Objective):
     def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
         super().validate_config(cfg, num_train_timesteps)
         cls.validate_disback_config(cfg)
+        cls.validate_schedule_config(cfg)
         check_number(cls.name, "real_guidance_scale", cfg["real_guidance_scale"])
         if cfg["fake_guidance_scale"] is not None:
             check_number(cls.name, "fake_guidance_scale", cfg["fake_guidance_scale"])
@@ -114,6 +117,7 @@ class VSD(DisBackOption, Objective):
             omega = self.schedule.sigma(t, x_t64) ** 2
             grad = torch.nan_to_num(omega * (eps_real - eps_fake))
         loss = surrogate_loss(x0, grad)
+        self.keep_for_auxiliary(x0, batch)
         logs = {
             "loss_vsd": float(loss.detach()),
             "vsd_grad_norm": float(grad.norm()),
@@ -128,7 +132,7 @@ class VSD(DisBackOption, Objective):
         self, batch: Batch, *, timesteps=None, noise=None, drop_condition: bool | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        x0 = self.generate(batch, grad=False).detach()
+        x0, batch = self.auxiliary_sample(batch)
         n = x0.shape[0]
         t = self._timesteps_or(timesteps, n, x0.device, lambda: self.sample_timesteps(n, x0.device, 0.0, 1.0))
         eps = torch.randn_like(x0) if noise is None else noise

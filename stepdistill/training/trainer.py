@@ -1,7 +1,8 @@
 """The training loop: any :class:`~stepdistill.objectives.base.Objective` on ``accelerate``.
 
-One generator update per step, preceded by ``objective.aux_updates_per_generator_update`` auxiliary updates (two
-time-scale update rule). Each update is ``train.grad_accum`` micro-batches through ``accelerator.accumulate``,
+One generator update per step and ``objective.aux_updates_per_generator_update`` auxiliary updates (two time-scale
+update rule): the auxiliary updates first, unless the objective's ``generator_update_first()`` says otherwise (the
+official DMD2 / SwiftBrush order, whose first auxiliary update reuses the generator update's sample). Each update is ``train.grad_accum`` micro-batches through ``accelerator.accumulate``,
 gradient clipping by ``accelerator.clip_grad_norm_`` and one AdamW step (one optimizer for the generator, one per
 ``objective.auxiliary_parameters()`` entry). After the generator update the EMA (if any) is updated.
 
@@ -744,7 +745,13 @@ class Trainer:
                         getattr(opt, "optimizer", opt).state.clear()
                 self._set_generator_lr()
                 aux_active = getattr(self.objective, "auxiliary_active", None)
-                t_aux = time.perf_counter()
+                first = getattr(self.objective, "generator_update_first", None)
+                generator_first = callable(first) and first()
+                t_update = time.perf_counter()
+                if generator_first:  # DMD2 / SwiftBrush order: the fake score then learns from this update's sample
+                    gen_loss, gen_logs = self._update("generator", 0)
+                    if self.ema is not None:
+                        self.ema.step()
                 if self.aux_opts and (aux_active is None or aux_active()):
                     vals = []
                     for j in range(self.aux_ratio):
@@ -752,14 +759,13 @@ class Trainer:
                         vals.append(loss)
                         aux_logs = logs
                     aux_loss = sum(vals) / len(vals) if vals else None
-                aux_seconds = time.perf_counter() - t_aux
-                t_update = time.perf_counter()
-                gen_loss, gen_logs = self._update("generator", 0)
+                if not generator_first:
+                    gen_loss, gen_logs = self._update("generator", 0)
+                    if self.ema is not None:
+                        self.ema.step()
                 self.state.step += 1
-                if self.ema is not None:
-                    self.ema.step()
                 step = self.state.step
-                eta.record(step - 1, time.perf_counter() - t_update + aux_seconds)
+                eta.record(step - 1, time.perf_counter() - t_update)
                 post = {"ETA": eta.text(step), "gen": f"{gen_loss:.4g}"}
                 if aux_loss is not None:
                     post["aux"] = f"{aux_loss:.4g}"
