@@ -334,8 +334,15 @@ def test_gan_terms_have_the_official_signs_and_weights(teacher, batch):
     loss2, logs2 = obj.generator_loss(batch, timesteps=T_FIXED, noise=eps)
     R = x0_fn(teacher.unet, teacher, eps, T_FIXED, batch.embeds, 2.0)(x.detach())
     w = (x.detach() - R).abs().mean(dim=(1, 2, 3))
-    want_gan = (bce(d_fake.clamp(-10, 10), 1.0) * elems / w).sum() / B
+    # SiDA (sida_loss.py): bce_loss(y_D, 1) — the mean over the batch and the map, a scalar — / weight_factor (per sample)
+    want_gan = (bce(d_fake.clamp(-10, 10), 1.0).mean() * elems / w).sum() / B
     assert logs2["loss_gen_gan"] == pytest.approx(want_gan.item(), rel=1e-4)
+    per_sample = make(teacher, {**cfg, "gan_weighting": "per_sample"})
+    per_sample.generate = obj.generate
+    per_sample.set_train_step(2)
+    _, logs_ps = per_sample.generator_loss(batch, timesteps=T_FIXED, noise=eps)
+    assert logs_ps["loss_gen_gan"] == pytest.approx(((bce(d_fake.clamp(-10, 10), 1.0) * elems / w).sum() / B).item(),
+                                                    rel=1e-4)
     assert loss2.item() == pytest.approx(0.5 * logs2["loss_sid"] + 0.5 * 0.3 * want_gan.item(), rel=1e-4)
     # the GAN term moves x toward what D calls real: its gradient on x is non-zero and the fake score gets none
     x.grad = None

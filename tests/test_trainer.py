@@ -469,3 +469,35 @@ def test_two_cpu_processes_with_accelerate_launch(tmp_path):
     assert torch.allclose(torch.tensor(ranks[0]["params"]), torch.tensor(ranks[1]["params"]), atol=1e-6, rtol=0)
     ckpt = out / "checkpoints" / "step_000003"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+
+
+def test_halflife_ema_follows_the_edm_and_official_sid_formula():
+    """NVlabs/edm training_loop.py (and SiD-LSG sid_training_loop.py 553-563), written out here step by step:
+    h = min(halflife_kimg·1000, cur_nimg·rampup); β = 0.5^(batch/max(h, 1e-8)); ema = θ.lerp(ema, β); cur_nimg += batch."""
+    from stepdistill.training.ema import HalflifeEMA
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    ema = HalflifeEMA([param], halflife_kimg=0.2, rampup_ratio=0.05, images_per_update=8)
+    expected, cur_nimg = torch.zeros(3), 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        with torch.no_grad():
+            param.add_(torch.randn(3, generator=g))
+        ema.step()
+        h = min(0.2 * 1000, cur_nimg * 0.05)
+        beta = 0.5 ** (8 / max(h, 1e-8))
+        expected = param.detach().lerp(expected, beta)
+        cur_nimg += 8
+        torch.testing.assert_close(ema.shadow_params[0], expected)
+    assert ema.decay == pytest.approx(0.5 ** (8 / min(200, 320 * 0.05)))
+    # the state round-trips through a checkpoint
+    again = HalflifeEMA([param], halflife_kimg=0.2, rampup_ratio=0.05, images_per_update=8)
+    again.load_state_dict(ema.state_dict())
+    assert again.optimization_step == 40 and torch.equal(again.shadow_params[0], ema.shadow_params[0])
+
+
+def test_ema_forms_are_exclusive(tmp_path):
+    with pytest.raises(ConfigError, match="two forms of the EMA"):
+        RunConfig.from_dict({"objective": "dmd2", "train": {"ema_decay": 0.99, "ema_halflife_kimg": 50}})
+    with pytest.raises(ConfigError, match="ema_rampup_ratio"):
+        RunConfig.from_dict({"objective": "dmd2", "train": {"ema_rampup_ratio": 0.05}})

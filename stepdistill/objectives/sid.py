@@ -40,9 +40,11 @@ x are noised at the same t with the same ε; D loss = ½·[BCE(D(real_t), 1) + B
 the map) × C·H·W (the ml-sid-dit scaling, matching the summed SiD losses), weighted ``gan_disc_weight`` and added to
 the fake-score loss; the fake score's gradients are clipped by value at ``fake_grad_clip_value`` (1 with the GAN on,
 SiDA). In the generator update, after ``gan_warmup_steps`` updates: L = ½·L_SiD + ½·λ·L_GAN with
-L_GAN = Σ_b BCE(D(x_t), 1)_b·C·H·W / w_b / B at the SiD loss's own x_t (λ = ``gan_weight``, 0.01 as SiDA's ``lsg_gan``).
-Differences from the official code, stated: SiDA divides the batch-mean BCE by every sample's w (a broadcast); here each
-sample's BCE is divided by its own w. SiDA also freezes G for its first 100k images; not reproduced.
+L_GAN = Σ_b mean_b′ BCE(D(x_t), 1)_b′·C·H·W / w_b / B at the SiD loss's own x_t (λ = ``gan_weight``, 0.01 as SiDA's
+``lsg_gan``): SiDA's ``bce_loss(...)/weight_factor``, the batch-mean BCE divided by every sample's w
+(``gan_weighting: batch_mean``); ``per_sample`` divides each sample's own BCE by its w (apple/ml-sid-dit's form).
+SiDA also freezes G for its first 100k images; not reproduced. Every difference from the official code, with its
+reason and cost: docs/methods/sid.md.
 
 Optional ODE-pair warm-up (``ode_warmup_steps``, default 0 = the paper; ``objectives.regression.ODEPairWarmup``): the
 first N generator updates regress G onto the teacher's ODE outputs and skip the fake-score updates, as the toy DMD
@@ -73,6 +75,7 @@ from stepdistill.objectives.gan import bottleneck_features, capture_bottleneck
 from stepdistill.objectives.regression import ODEPairWarmup
 
 GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
+GAN_WEIGHTINGS = ("batch_mean", "per_sample")
 
 
 def sid_generator_loss(x: torch.Tensor, y_real: torch.Tensor, y_fake2: torch.Tensor, y_fake3: torch.Tensor,
@@ -118,6 +121,7 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
         "gan_weight": 0.01,
         "gan_disc_weight": 1.0,
         "gan_warmup_steps": 0,
+        "gan_weighting": "batch_mean",
         "fake_grad_clip_value": None,
         **ODEPairWarmup.REGRESSION_DEFAULTS,
         **DisBackOption.DISBACK_DEFAULTS,
@@ -163,6 +167,9 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
         check_number(name, "gan_weight", cfg["gan_weight"], low=0.0)
         check_number(name, "gan_disc_weight", cfg["gan_disc_weight"], low=0.0)
         check_int(name, "gan_warmup_steps", cfg["gan_warmup_steps"], low=0)
+        if cfg["gan_weighting"] not in GAN_WEIGHTINGS:
+            raise ObjectiveConfigError(name, "gan_weighting", f"must be one of {', '.join(GAN_WEIGHTINGS)}, got "
+                                       f"{cfg['gan_weighting']!r}")
         if cfg["fake_grad_clip_value"] is not None:
             check_number(name, "fake_grad_clip_value", cfg["fake_grad_clip_value"], low=0.0)
 
@@ -277,9 +284,11 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
         if gan_on:
             # the conditional rows' bottleneck of the y_fake₂ pass (CFG batches stack [uncond, cond])
             feats = bottleneck[-n:] if bottleneck.shape[0] != n else bottleneck
-            bce = per_sample_bce(discriminator_logits(feats).clamp(-10, 10), 1.0)
+            bce = per_sample_bce(discriminator_logits(feats).clamp(-10, 10), 1.0)[keep]
+            if cfg["gan_weighting"] == "batch_mean":  # SiDA: the batch's mean BCE (a scalar) over each sample's w
+                bce = bce.mean().expand_as(bce)
             elems = x[0].numel()
-            loss_gan = (bce[keep] * elems / w.reshape(-1)).sum() / n
+            loss_gan = (bce * elems / w.reshape(-1)).sum() / n
             loss = 0.5 * loss_sid + 0.5 * cfg["gan_weight"] * loss_gan
             logs["loss_gen_gan"] = float(loss_gan.detach())
         logs.update(self.x0_stats(x))

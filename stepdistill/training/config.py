@@ -8,7 +8,8 @@ A recipe is a YAML mapping with the sections below; every key is optional except
     optimizer:        {generator_lr: 1.0e-5, aux_lr: 1.0e-5, betas: [0.9, 0.999], weight_decay: 0.01, eps: 1.0e-8,
                        warmup_generator_lr: null}
     train:            {batch_size: 4, max_steps: 1000, grad_accum: 1, grad_clip: 1.0, mixed_precision: "no",
-                       gradient_checkpointing: false, attention: sdpa, ema_decay: null, checkpoint_every: 500,
+                       gradient_checkpointing: false, attention: sdpa, ema_decay: null, ema_halflife_kimg: null,
+                       ema_rampup_ratio: null, checkpoint_every: 500,
                        keep_checkpoints: 3, sample_every: 0, log_every: 10, seed: 0, num_workers: 0}
     objective:        dmd2
     objective_config: {...}            # free-form here; the objective validates it
@@ -17,7 +18,8 @@ A recipe is a YAML mapping with the sections below; every key is optional except
 :func:`load_recipe` reads such a file and applies ``key.sub=value`` overrides (values parsed as YAML). An unknown key,
 a wrong type or an impossible value raises :class:`ConfigError` naming the dotted key and the file. ``0`` disables
 ``checkpoint_every`` and ``sample_every``; ``grad_clip: null`` disables clipping; ``ema_decay: null`` disables EMA
-(the EMA is diffusers' EMAModel: its decay at update s is min(ema_decay, (1+s)/(10+s))). ``batch_size`` is per
+(the EMA is diffusers' EMAModel: its decay at update s is min(ema_decay, (1+s)/(10+s)); ``ema_halflife_kimg`` with
+``ema_rampup_ratio`` is the EDM / official SiD form instead, :class:`~stepdistill.training.ema.HalflifeEMA`). ``batch_size`` is per
 process. ``num_workers`` is validated and kept for data-loading front ends; the Trainer itself draws prompts and
 noise in-process and does not use it. ``warmup_generator_lr`` is the generator's learning rate while the objective
 is in its ODE-pair warm-up (``objective_config.ode_warmup_steps``; null: ``generator_lr`` throughout).
@@ -94,6 +96,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"
     ema_decay: float | None = None
+    ema_halflife_kimg: float | None = None  # EDM / official SiD EMA (instead of ema_decay): half-life in 1000 images
+    ema_rampup_ratio: float | None = None  # its ramp-up: half-life ≤ ratio × images seen (official SiD: 0.05)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     sample_every: int = 0
@@ -325,6 +329,17 @@ def validate(config: RunConfig, file: str | None = None) -> RunConfig:
         fail("train.grad_clip", f"must be > 0 (or null to disable clipping), got {t.grad_clip}")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         fail("train.ema_decay", f"must lie in (0, 1) (or null to disable EMA), got {t.ema_decay}")
+    if t.ema_halflife_kimg is not None:
+        if t.ema_decay is not None:
+            fail("train.ema_halflife_kimg", "and train.ema_decay are two forms of the EMA: set one of them, the other "
+                 "to null")
+        if not t.ema_halflife_kimg > 0:
+            fail("train.ema_halflife_kimg", f"must be > 0 (or null), got {t.ema_halflife_kimg}")
+    if t.ema_rampup_ratio is not None:
+        if t.ema_halflife_kimg is None:
+            fail("train.ema_rampup_ratio", "ramps up the half-life EMA: set train.ema_halflife_kimg too")
+        if not t.ema_rampup_ratio > 0:
+            fail("train.ema_rampup_ratio", f"must be > 0 (or null), got {t.ema_rampup_ratio}")
 
     src = config.prompts.source
     if src != "toy" and Path(src).suffix.lower() not in (".txt", ".jsonl"):

@@ -87,6 +87,44 @@ class GeneratorEMA:
         self.ema.shadow_params = [s.to(device=p.device, dtype=p.dtype) for s, p in zip(self.ema.shadow_params, self.parameters)]
 
 
+class HalflifeEMA(GeneratorEMA):
+    """The EMA of EDM and the official SiD code (NVlabs/edm ``training_loop.py``; mingyuanzhou/SiD-LSG
+    ``sid_training_loop.py`` 553–563): after each generator update, with ``n`` the images seen *before* it,
+
+        h = min(halflife_kimg·1000, n·rampup_ratio)   (no min without a ramp-up ratio),
+        β = 0.5^(images_per_update / max(h, 1e−8)),   shadow ← β·shadow + (1 − β)·θ,
+
+    so the average starts as the weights themselves and its half-life grows with the images seen until it reaches
+    ``halflife_kimg``. Written here because diffusers' EMAModel has no half-life schedule; the rest of the interface
+    (applied, copy_to, checkpointing) is :class:`GeneratorEMA`'s."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], halflife_kimg: float, rampup_ratio: float | None,
+                 images_per_update: int) -> None:
+        super().__init__(parameters, decay=0.5)  # the EMAModel keeps the shadow copies; its decay is not used
+        if not halflife_kimg > 0 or images_per_update < 1:
+            raise ValueError(f"need halflife_kimg > 0 and images_per_update >= 1, got {halflife_kimg}, {images_per_update}")
+        self.halflife_kimg = float(halflife_kimg)
+        self.rampup_ratio = None if rampup_ratio is None else float(rampup_ratio)
+        self.images_per_update = int(images_per_update)
+
+    def beta(self, images_seen: int) -> float:
+        halflife = self.halflife_kimg * 1000
+        if self.rampup_ratio is not None:
+            halflife = min(halflife, images_seen * self.rampup_ratio)
+        return 0.5 ** (self.images_per_update / max(halflife, 1e-8))
+
+    @property
+    def decay(self) -> float:
+        return self.beta(self.optimization_step * self.images_per_update)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta = self.beta(self.optimization_step * self.images_per_update)
+        for shadow, param in zip(self.ema.shadow_params, self.parameters):
+            shadow.copy_(param.detach().to(shadow.dtype).lerp(shadow, beta))
+        self.ema.optimization_step += 1
+
+
 def attach_ema(generator: torch.nn.Module, ema: GeneratorEMA | None) -> None:
     """Remember ``ema`` on ``generator`` (a plain attribute, not a submodule or state-dict entry)."""
     object.__setattr__(generator, _ATTR, ema)

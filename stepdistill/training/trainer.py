@@ -53,7 +53,7 @@ from stepdistill.training.checkpoint import (
     write_text_atomic,
 )
 from stepdistill.training.config import RunConfig
-from stepdistill.training.ema import GeneratorEMA, attach_ema
+from stepdistill.training.ema import GeneratorEMA, HalflifeEMA, attach_ema
 
 logger = logging.getLogger(__name__)
 
@@ -439,7 +439,11 @@ class Trainer:
 
         # EMA, step counter, checkpoint hooks (registration order is part of the checkpoint format)
         self.state = TrainState()
-        self.ema = GeneratorEMA(gen_params, tc.ema_decay) if tc.ema_decay is not None else None
+        if tc.ema_halflife_kimg is not None:
+            self.ema = HalflifeEMA(gen_params, tc.ema_halflife_kimg, tc.ema_rampup_ratio,
+                                   images_per_update=tc.batch_size * tc.grad_accum * accelerator.num_processes)
+        else:
+            self.ema = GeneratorEMA(gen_params, tc.ema_decay) if tc.ema_decay is not None else None
         attach_ema(generator, self.ema)
         accelerator.register_for_checkpointing(self.state)
         if self.ema is not None:
