@@ -552,3 +552,19 @@ def test_teacher_guidance_applies_only_above_one_as_the_official_dmd2(teacher, b
     x_t = noised(teacher, x0, fixed_eps(), T_FIXED)
     grads = {w: obj.matching_gradient(x0, x_t, T_FIXED, batch.embeds, obj.fake_unet, w)[0] for w in (0.5, 1.0, 2.0)}
     assert torch.equal(grads[0.5], grads[1.0]) and not torch.allclose(grads[2.0], grads[1.0])
+
+
+def test_the_official_schedule_saves_one_generator_forward_per_update_and_the_trainer_counts_it(
+        teacher, tmp_path, fresh_accelerate_state):
+    """One-step DMD2 with 3 fake-score updates per generator update: the generator's own forward plus one per fake
+    update that draws a fresh sample — 1 + 2 with ``reuse``, 1 + 3 with ``fresh`` (what distill-cost reports)."""
+    from stepdistill.training import Trainer
+
+    counts = {}
+    for aux_sample in ("reuse", "fresh"):
+        gen = Generator.from_teacher(teacher)
+        obj = build_objective("dmd2", teacher, gen, {"aux_updates_per_generator_update": 3, "aux_sample": aux_sample})
+        cfg = {"objective": "dmd2", "train": {"batch_size": 2, "max_steps": 2, "checkpoint_every": 0}}
+        summary = Trainer(cfg, teacher, gen, obj, ["a red circle"], tmp_path / aux_sample).train()
+        counts[aux_sample] = summary["generator_forwards_per_update"]
+    assert counts == {"reuse": 3, "fresh": 4}

@@ -111,6 +111,7 @@ def measure_recipe(
         "peak_memory_source": summary["peak_memory_source"],
         "training_state_bytes": (summary.get("training_state_bytes") or {}).get("total"),
         "generator_saved_activation_bytes": summary.get("generator_saved_activation_bytes", {}).get("main"),
+        "generator_forwards_per_update": summary.get("generator_forwards_per_update"),
         "device": summary["device"],
         "recipe_max_steps": full_steps,
         "ode_warmup_steps": ode_warmup,
@@ -126,18 +127,23 @@ def _warmup_cell(entry: dict) -> str:
     return f"{entry['ode_warmup_steps']} ({entry['ode_warmup_steps_per_s']:.2f})"
 
 
+def _fmt_count(n: float | None) -> str:
+    return "—" if n is None else f"{n:g}"
+
+
 def _mib(n: int | None) -> str:
     return "—" if n is None else f"{n / 2**20:.0f}"
 
 
 def markdown_table(entries: list[dict]) -> str:
-    head = ("| recipe | objective | batch | fake updates / step | steps/s | s/step | setup (s) | peak memory (MiB) "
-            "| weights + grads + optimizer (MiB) | saved activations, generator step (MiB) | recipe steps | warm-up steps (steps/s) | projected full run |")
+    head = ("| recipe | objective | batch | fake updates / step | generator forwards / step | steps/s | s/step "
+            "| setup (s) | peak memory (MiB) | weights + grads + optimizer (MiB) | saved activations, generator step (MiB) "
+            "| recipe steps | warm-up steps (steps/s) | projected full run |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for e in entries:
         lines.append(
             f"| {e['recipe']} | {e['objective']} | {e['batch_size']} | {e['aux_updates_per_generator_update']} "
-            f"| {e['steps_per_s']:.3f} | {e['seconds_per_step']:.2f} | {e['setup_s']:.1f} "
+            f"| {_fmt_count(e.get('generator_forwards_per_update'))} | {e['steps_per_s']:.3f} | {e['seconds_per_step']:.2f} | {e['setup_s']:.1f} "
             f"| {e['peak_memory_bytes'] / 2**20:.0f} | {_mib(e.get('training_state_bytes'))} "
             f"| {_mib(e.get('generator_saved_activation_bytes'))} "
             f"| {e['recipe_max_steps']} | {_warmup_cell(e)} "
@@ -200,6 +206,7 @@ def run_distill_cost(
           "run is set-up + the recipe's max_steps / rate (with an ODE-pair warm-up: set-up + W / warm-up rate + "
           "(max_steps − W) / rate). Saved activations: the bytes autograd keeps for the backward pass of one "
           "generator step after any warm-up (distinct storages, parameters excluded; stepdistill/training/"
-          "activations.py).\n\n" + markdown_table(entries) + "\n")
+          "activations.py). Generator forwards / step: the student's x₀ predictions per generator update after any "
+          "warm-up, auxiliary updates and backward-simulation steps included (mean over the measured updates).\n\n" + markdown_table(entries) + "\n")
     atomic_write_text(out / "report.md", md)
     return report

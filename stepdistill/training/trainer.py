@@ -451,6 +451,13 @@ class Trainer:
         self._hooks = TrainableStateHooks(accelerator, self.module)
         self.last_checkpoint: Path | None = None
         self._resumed_from: Path | None = None
+        # generator evaluations (x₀ predictions, backward-simulation steps included) per update, for distill-cost
+        self._generator_calls = 0
+        self._calls_per_update: list[int] = []
+        generator.register_forward_hook(self._count_generator_call)
+
+    def _count_generator_call(self, module, args, output) -> None:
+        self._generator_calls += 1
 
     # --- setup helpers ------------------------------------------------------------------------------------------------
     def _diffusers_models(self, include_teacher: bool) -> list[torch.nn.Module]:
@@ -752,6 +759,7 @@ class Trainer:
                 first = getattr(self.objective, "generator_update_first", None)
                 generator_first = callable(first) and first()
                 t_update = time.perf_counter()
+                calls_before = self._generator_calls
                 if generator_first:  # DMD2 / SwiftBrush order: the fake score then learns from this update's sample
                     gen_loss, gen_logs = self._update("generator", 0)
                     if self.ema is not None:
@@ -767,6 +775,9 @@ class Trainer:
                     gen_loss, gen_logs = self._update("generator", 0)
                     if self.ema is not None:
                         self.ema.step()
+                in_warmup = getattr(self.objective, "in_ode_warmup", None)
+                if not (callable(in_warmup) and in_warmup()):
+                    self._calls_per_update.append(self._generator_calls - calls_before)
                 self.state.step += 1
                 step = self.state.step
                 eta.record(step - 1, time.perf_counter() - t_update)
@@ -826,6 +837,8 @@ class Trainer:
             "peak_memory_source": peak_source,
             "training_state_bytes": state_bytes,
             "generator_saved_activation_bytes": dict(self.saved_activation_bytes),
+            "generator_forwards_per_update": (sum(self._calls_per_update) / len(self._calls_per_update)
+                                              if self._calls_per_update else None),
             "device": str(device),
             "num_processes": acc.num_processes,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
