@@ -204,7 +204,8 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
     from stepdistill.router import KMeansRouter, load_router, save_router, split_prompts
     from stepdistill.training.config import recipe_from_data
     from stepdistill.training.run import check_run_config, distill, load_pipeline_spec, load_run_prompts, load_teacher
-    from stepdistill.training.runfolder import RunFolderError, existing_artifacts
+    from stepdistill.training.runfolder import RunFolderError, existing_artifacts, left_nothing
+
     recipe, out = Path(recipe), Path(out_dir)
     data = load_yaml_file(recipe)
     section = data.pop(SECTION)
@@ -239,7 +240,7 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
     def status_of(k: int) -> tuple[str, str]:
         run = out / f"student_{k}"
         status, why = _student_status(run, student_config(k), spec, resume, allow_config_change)
-        if status == "fresh" and existing_artifacts(run) and not overwrite:
+        if status == "fresh" and existing_artifacts(run) and not overwrite and not left_nothing(run):
             raise RunFolderError(f"{run} already holds a run; continue the MSD run with --resume latest, replace it "
                                  "with --overwrite, or choose another --out")
         return status, why
