@@ -2,8 +2,9 @@
 
 One generator update per step and ``objective.aux_updates_per_generator_update`` auxiliary updates (two time-scale
 update rule): the auxiliary updates first, unless the objective's ``generator_update_first()`` says otherwise (the
-official DMD2 / SwiftBrush order, whose first auxiliary update reuses the generator update's sample). Each update is ``train.grad_accum`` micro-batches through ``accelerator.accumulate``,
-gradient clipping by ``accelerator.clip_grad_norm_`` and one AdamW step (one optimizer for the generator, one per
+official DMD2 / SwiftBrush order, whose first auxiliary update reuses the generator update's sample). Each update is
+``train.grad_accum`` micro-batches through ``accelerator.accumulate``, gradient clipping by
+``accelerator.clip_grad_norm_`` and one AdamW step (one optimizer for the generator, one per
 ``objective.auxiliary_parameters()`` entry). After the generator update the EMA (if any) is updated.
 
 What is prepared by accelerate: a single module holding the objective (its auxiliary networks) and the generator,
