@@ -26,7 +26,7 @@ def teacher():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from tiny_models import make_tiny_sd_pipeline
 
-    from stepdistill.teacher import Teacher
+    from stepdistill.models.teacher import Teacher
 
     return Teacher(make_tiny_sd_pipeline(seed=0))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from stepdistill.objectives import Batch, build_objective
-from stepdistill.student import Generator
-from stepdistill.teacher import PromptEmbeds
+from stepdistill.models.generators import Generator
+from stepdistill.models.teacher import PromptEmbeds
 from stepdistill.training.activations import SavedTensorBytes
 
 

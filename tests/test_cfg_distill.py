@@ -24,8 +24,8 @@ PROMPTS = ["a small red cross on a gray background", "a large blue circle on a w
 
 def _setup(steps: int = 4, **kw):
     from stepdistill.objectives import Batch, build_objective
-    from stepdistill.student import TeacherSamplerGenerator
-    from stepdistill.teacher import Teacher
+    from stepdistill.models.generators import TeacherSamplerGenerator
+    from stepdistill.models.teacher import Teacher
 
     teacher = Teacher(make_tiny_sd_pipeline())
     torch.manual_seed(1)
@@ -116,7 +116,7 @@ def test_shared_base_lora_is_the_teacher_with_adapters_off_and_one_unet_in_memor
 
 def test_recipes_validate_and_refuse_a_missing_sampler(tmp_path):
     from stepdistill.training.config import ConfigError
-    from stepdistill.training.run import validate_run
+    from stepdistill.workflows.distill import validate_run
 
     spec = make_tiny_teacher_spec(tmp_path)
     for name in ("cfg-distill.yaml", "lora-cfg-distill.yaml", "toy-cfg-distill.yaml", "toy-lora-cfg-distill.yaml",
@@ -152,8 +152,8 @@ json.dump({"scheduler": type(student.scheduler).__name__,
 
 
 def test_lora_cfg_distill_run_exports_a_ddim_student_and_a_lora_file_plain_diffusers_loads(tmp_path):
-    from stepdistill.student import TeacherSamplerGenerator  # noqa: F401
-    from stepdistill.training.run import distill, load_pipeline_spec, load_teacher
+    from stepdistill.models.generators import TeacherSamplerGenerator  # noqa: F401
+    from stepdistill.workflows.distill import distill, load_pipeline_spec, load_teacher
 
     spec = make_tiny_teacher_spec(tmp_path)
     overrides = ["train.max_steps=2", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
@@ -225,8 +225,8 @@ def test_diversity_reward_pathwise_gradient_matches_a_hand_written_sampler_and_c
 def test_training_state_counts_a_shared_base_once():
     """weights + gradients + AdamW moments: LoRA on the shared base ≈ one UNet, the full copy = two UNets + grads + 2
     moments (the LoRA-enhanced distillation memory claim, without the process overhead of max RSS)."""
-    from stepdistill.student import TeacherSamplerGenerator
-    from stepdistill.teacher import Teacher
+    from stepdistill.models.generators import TeacherSamplerGenerator
+    from stepdistill.models.teacher import Teacher
     from stepdistill.training.trainer import training_state_bytes
 
     sizes = {}

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from stepdistill.objectives import ObjectiveConfigError, build_objective
 from stepdistill.objectives import disback as disback_mod
 from stepdistill.objectives.disback import node_file, read_manifest, target_index
-from stepdistill.student import Generator
-from stepdistill.teacher import unet_forward
+from stepdistill.models.generators import Generator
+from stepdistill.models.teacher import unet_forward
 
 
 def test_target_schedule_walks_back_to_the_teacher():

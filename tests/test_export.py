@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import make_tiny_sd_pipeline, make_tiny_sdxl_pipeline, run_without_stepdistill  # noqa: E402
 
-from stepdistill.pipelines import ExportError, export_student  # noqa: E402
-from stepdistill.student import Generator  # noqa: E402
-from stepdistill.teacher import Teacher  # noqa: E402
-from stepdistill.training.ema import GeneratorEMA, attach_ema  # noqa: E402
+from stepdistill.export import ExportError, export_student  # noqa: E402
+from stepdistill.models.generators import Generator  # noqa: E402
+from stepdistill.models.teacher import Teacher  # noqa: E402
+from stepdistill.models.ema import GeneratorEMA, attach_ema  # noqa: E402
 
 PROMPT = "a small red circle on a blue background"
 NOISE_SEED = 0
@@ -260,7 +260,7 @@ def test_folder_layout_and_model_card(exported):
 
 
 def test_toy_teacher_students_get_a_toy_prompt_in_their_card(tmp_path):
-    from stepdistill.pipelines.export import default_example_prompt
+    from stepdistill.workflows.single_run import default_example_prompt
     from stepdistill.toy import world
 
     teacher = Teacher.load("toy")
@@ -273,7 +273,7 @@ def test_toy_teacher_students_get_a_toy_prompt_in_their_card(tmp_path):
 def test_export_uses_ema_and_is_atomic(exported, monkeypatch):
     from diffusers import UNet2DConditionModel
 
-    import stepdistill.pipelines.export as export_mod
+    import stepdistill.export.students as export_mod
 
     root = exported["root"]
     teacher = exported["teachers"]["sd"]

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import make_tiny_sd_pipeline  # noqa: E402
 
 from stepdistill.training.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
-from stepdistill.training.run import distill  # noqa: E402
+from stepdistill.workflows.distill import distill  # noqa: E402
 from stepdistill.training.runfolder import RunFolderError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""`stepdistill merge` (stepdistill/pipelines/merge.py): θ(λ) = (1 − λ)·θ_a + λ·θ_b written as a student folder, the
+"""`stepdistill merge` (stepdistill/export/merge.py): θ(λ) = (1 − λ)·θ_a + λ·θ_b written as a student folder, the
 refusals (architecture, base, sampler), and the sweep's folders and bench suite."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def students(tmp_path_factory):
-    from stepdistill.pipelines.export import export_student
-    from stepdistill.student import TeacherSamplerGenerator
-    from stepdistill.teacher import Teacher
+    from stepdistill.export.students import export_student
+    from stepdistill.models.generators import TeacherSamplerGenerator
+    from stepdistill.models.teacher import Teacher
     from stepdistill.training.tsm import narrow_unet
 
     root = tmp_path_factory.mktemp("merge")
@@ -50,7 +50,7 @@ def students(tmp_path_factory):
 
 def test_merge_interpolates_every_unet_tensor_and_keeps_the_rest(students):
     from stepdistill.eval.generate import load_pipeline
-    from stepdistill.pipelines.merge import merge_students
+    from stepdistill.export.merge import merge_students
 
     root = students["root"]
     path = merge_students(students["a"], students["b"], 0.25, root / "m25")
@@ -74,7 +74,7 @@ def test_merge_interpolates_every_unet_tensor_and_keeps_the_rest(students):
 @pytest.mark.parametrize("other, words", [("narrow", "architectures"), ("other_base", "weights"),
                                           ("two_steps", "sample differently")])
 def test_merge_refuses_students_that_do_not_share_architecture_base_or_sampler(students, other, words):
-    from stepdistill.pipelines.merge import MergeError, merge_students
+    from stepdistill.export.merge import MergeError, merge_students
 
     with pytest.raises(MergeError, match=words):
         merge_students(students["a"], students[other], 0.5, students["root"] / f"bad_{other}")
@@ -111,8 +111,8 @@ def test_report_plots_the_quality_diversity_front_only_with_two_points(tmp_path)
 
 
 def test_merge_never_deletes_what_it_did_not_write(students, tmp_path):
-    from stepdistill.outputs import OutputFolderError
-    from stepdistill.pipelines.merge import MergeError, merge_students, merge_sweep
+    from stepdistill.core.outputs import OutputFolderError
+    from stepdistill.export.merge import MergeError, merge_students, merge_sweep
 
     notes = tmp_path / "mine"
     notes.mkdir()

@@ -1,4 +1,4 @@
-"""Multi-student distillation (stepdistill/training/multi_student.py): one run trains a student per router subset, the
+"""Multi-student distillation (stepdistill/workflows/multi_student.py): one run trains a student per router subset, the
 export routes a mixed batch in plain diffusers (a process that never imports stepdistill), resume skips finished
 students."""
 
@@ -43,8 +43,8 @@ json.dump({"class": type(pipe).__name__, "routes": routes, "students": len(pipe.
 
 def test_msd_trains_one_student_per_shape_exports_a_routed_folder_and_resumes(tmp_path):
     from stepdistill.eval.generate import load_pipeline
-    from stepdistill.router import load_router
-    from stepdistill.training.run import distill
+    from stepdistill.models.router import load_router
+    from stepdistill.workflows.distill import distill
 
     spec = make_tiny_teacher_spec(tmp_path)
     overrides = ["train.max_steps=2", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
@@ -90,7 +90,7 @@ def test_msd_trains_one_student_per_shape_exports_a_routed_folder_and_resumes(tm
 def test_tsm_loss_gradient_matches_the_formula_computed_by_hand():
     """L_TSM = mean ‖ε_θ(x_t, t, c) − ε_teacher(x_t, t, c)‖², x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε: the gradient on a tiny
     narrower UNet equals the one computed from the scheduler's ᾱ and raw UNet calls."""
-    from stepdistill.teacher import Teacher
+    from stepdistill.models.teacher import Teacher
     from stepdistill.training.tsm import narrow_unet, tsm_loss
 
     teacher = Teacher(make_tiny_sd_pipeline())
@@ -117,7 +117,7 @@ def test_tsm_loss_gradient_matches_the_formula_computed_by_hand():
 def test_narrow_unet_refuses_a_config_that_cannot_be_built():
     import pytest
 
-    from stepdistill.teacher import Teacher
+    from stepdistill.models.teacher import Teacher
     from stepdistill.training.tsm import narrow_unet
 
     unet = Teacher(make_tiny_sd_pipeline()).unet
@@ -132,7 +132,7 @@ def test_smaller_students_run_tsm_then_dmd2_from_their_own_narrow_unet(tmp_path)
     (generator.init_unet); the routed export holds the narrow UNets and runs; a rerun reuses the TSM stage."""
     import yaml
 
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     spec = make_tiny_teacher_spec(tmp_path)
     recipe = yaml.safe_load((REPO / "training" / "toy-msd-small.yaml").read_text())
@@ -168,7 +168,7 @@ def test_smaller_students_run_tsm_then_dmd2_from_their_own_narrow_unet(tmp_path)
 
 def test_sd15_msd_recipe_trains_a_step_per_kmeans_student(tmp_path):
     """training/msd.yaml (SD1.5 DMD2 values, k-means router) runs end to end on a tiny teacher."""
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     spec = make_tiny_teacher_spec(tmp_path)
     overrides = ["train.max_steps=1", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",

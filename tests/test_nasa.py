@@ -1,4 +1,4 @@
-"""SNOOPI's NASA attention (stepdistill/pipelines/pipeline_nasa.py): the paper's properties against an explicit
+"""SNOOPI's NASA attention (stepdistill/export/shipped/pipeline_nasa.py): the paper's properties against an explicit
 softmax(Q·Kᵀ/√d)·V computed here from the layer's weights, the pipeline, and plain-diffusers loading of an export."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from stepdistill.pipelines.pipeline_nasa import NASAAttnProcessor, NASAStableDiffusionPipeline, apply_nasa
+from stepdistill.export.shipped.pipeline_nasa import NASAAttnProcessor, NASAStableDiffusionPipeline, apply_nasa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import make_tiny_sd_pipeline, run_without_stepdistill  # noqa: E402
@@ -155,9 +155,9 @@ json.dump({"class": type(pipe).__name__, "changed": float(np.abs(steered - plain
 
 
 def test_exported_student_ships_nasa_for_plain_diffusers(tmp_path):
-    from stepdistill.pipelines.export import export_student
-    from stepdistill.student import Generator
-    from stepdistill.teacher import Teacher
+    from stepdistill.export.students import export_student
+    from stepdistill.models.generators import Generator
+    from stepdistill.models.teacher import Teacher
 
     make_tiny_sd_pipeline(tmp_path / "teacher")
     teacher = Teacher.load(str(tmp_path / "teacher"))

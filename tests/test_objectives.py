@@ -1,6 +1,6 @@
 """DMD, DMD2 and VSD objectives on a tiny SD-like teacher.
 
-Every expected gradient / loss is recomputed here INDEPENDENTLY of stepdistill.schedule: ᾱ_t comes from the diffusers
+Every expected gradient / loss is recomputed here INDEPENDENTLY of stepdistill.core.schedule: ᾱ_t comes from the diffusers
 scheduler's ``alphas_cumprod``, x̂₀ = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t, CFG is done with separate uncond/cond UNet calls, and
 the normalisers/weights are written out by hand. Timesteps and noise are fixed through the objectives' keyword
 overrides, and the generator's x₀ is replaced by a leaf tensor (``objective.generate`` monkeypatched) so that
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from stepdistill.objectives import OBJECTIVES, Batch, build_objective, make_regression_pairs
 from stepdistill.objectives.gan import ClassifierHead, bottleneck_features, bottleneck_shape
-from stepdistill.student import Generator
-from stepdistill.teacher import PromptEmbeds
+from stepdistill.models.generators import Generator
+from stepdistill.models.teacher import PromptEmbeds
 
 B = 3
 T_FIXED = torch.tensor([20, 500, 980])

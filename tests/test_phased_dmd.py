@@ -17,8 +17,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from stepdistill.objectives import Batch, ObjectiveConfigError, build_objective
-from stepdistill.schedule import NoiseSchedule
-from stepdistill.student import PhasedGenerator
+from stepdistill.core.schedule import NoiseSchedule
+from stepdistill.models.generators import PhasedGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import run_without_stepdistill  # noqa: E402
@@ -350,7 +350,7 @@ json.dump(out, open(spec["report"], "w"))
 def test_phased_student_exports_and_samples_in_plain_diffusers(teacher, tmp_path):
     import numpy as np
 
-    from stepdistill.pipelines import export_student
+    from stepdistill.export import export_student
 
     prompt = "a red circle"
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
@@ -384,7 +384,7 @@ def test_phased_student_exports_and_samples_in_plain_diffusers(teacher, tmp_path
 
 
 def test_finished_experts_take_their_ema_weights_when_the_next_phase_starts(teacher):
-    from stepdistill.training.ema import GeneratorEMA, attach_ema
+    from stepdistill.models.ema import GeneratorEMA, attach_ema
 
     gen, obj, _ = _setup(teacher)
     ema = GeneratorEMA(gen.trainable_parameters(), 0.9)

@@ -18,7 +18,7 @@ from test_front_door import FAST, RECIPE, cli, one_error_line, spec  # noqa: E40
 
 from stepdistill.objectives import OBJECTIVES, ObjectiveConfigError  # noqa: E402
 from stepdistill.training.config import ConfigError, load_recipe  # noqa: E402
-from stepdistill.yaml_io import parse_yaml_value  # noqa: E402
+from stepdistill.core.yaml_io import parse_yaml_value  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,9 +92,9 @@ def test_recipes_never_cut_a_word():
 
 # --- export never deletes what it did not write -------------------------------------------------------------------
 def test_export_refuses_its_own_run_and_foreign_folders(spec, tmp_path):
-    from stepdistill.outputs import OutputFolderError
+    from stepdistill.core.outputs import OutputFolderError
     from stepdistill.training.checkpoint import list_checkpoints
-    from stepdistill.training.run import distill, export_run
+    from stepdistill.workflows.distill import distill, export_run
 
     run = tmp_path / "run"
     distill(spec, RECIPE, run, overrides=[*FAST, "train.max_steps=2"], export=False)
@@ -156,7 +156,7 @@ def gan_ready_spec(spec, tmp_path, monkeypatch):
     draws 32 px ones): seeded random latents of the teacher's shape, so GAN recipes build and train their head."""
     import torch
 
-    import stepdistill.training.run as run_module
+    import stepdistill.workflows.single_run as run_module
 
     def fake_real_latents(teacher, seed=0, prompts=None):
         def source(n, generator):
@@ -174,7 +174,7 @@ def gan_ready_spec(spec, tmp_path, monkeypatch):
 def test_two_runs_of_every_recipe_family_are_bit_identical(gan_ready_spec, tmp_path, family):
     import torch
 
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     recipe, extra = FAMILIES[family]
     steps = 4 if "phased" in recipe else 2
@@ -197,7 +197,7 @@ def test_two_runs_of_every_recipe_family_are_bit_identical(gan_ready_spec, tmp_p
 def test_disback_path_is_removed_by_overwrite_and_checked_before_reuse(spec, tmp_path):
     import json
 
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     run = tmp_path / "run"
     base = [*QUICK, "objective_config.gan_enabled=false", "objective_config.ode_warmup_steps=2",
@@ -234,7 +234,7 @@ def test_msd_resume_continues_started_students_checks_finished_ones_and_equals_o
     import torch
 
     from stepdistill.training import trainer as trainer_module
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
     from stepdistill.training.runfolder import RunFolderError
 
     recipe = REPO / "training" / "toy-msd.yaml"
@@ -291,7 +291,7 @@ def test_phased_dmd_timesteps_are_checked_by_dry_run(spec, tmp_path):
 
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(spec, tmp_path, monkeypatch):
     from stepdistill.training import trainer as trainer_module
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
     from stepdistill.training.trainer import TrainingDiverged
 
     out = tmp_path / "run"
@@ -330,9 +330,10 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial_file(
 
     from accelerate import Accelerator
 
-    from stepdistill import cli, outputs
-    from stepdistill.outputs import DiskFullError
-    from stepdistill.training.run import distill
+    from stepdistill.cli import entry as cli
+    from stepdistill.core import outputs
+    from stepdistill.core.outputs import DiskFullError
+    from stepdistill.workflows.distill import distill
 
     def save_state_on_a_full_disk(self, output_dir=None, **kwargs):
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -361,7 +362,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial_file(
 
 
 def test_a_short_write_with_space_left_is_not_called_a_full_disk(tmp_path):
-    from stepdistill.outputs import disk_full
+    from stepdistill.core.outputs import disk_full
 
     assert not disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2"), tmp_path)
     assert disk_full(OSError(28, "No space left on device"), tmp_path)
@@ -369,7 +370,7 @@ def test_a_short_write_with_space_left_is_not_called_a_full_disk(tmp_path):
 
 # --- generate follows the student; the toy vocabulary is closed ------------------------------------------------------
 def test_generate_defaults_to_the_students_steps_and_guidance_and_refuses_what_it_cannot_do(spec, tmp_path):
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     run = tmp_path / "run"
     distill(spec, REPO / "training" / "toy-dmd2-4step.yaml", run, export=True, log=lambda *a: None,
@@ -401,7 +402,7 @@ def test_cfg_distilled_student_takes_any_step_count_but_no_guidance_on_top(tmp_p
 
 def test_words_outside_the_toy_vocabulary_are_refused_in_one_line(tmp_path):
     from stepdistill.training.config import ConfigError
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     one_error_line(cli("generate", "--pipeline", "toy", "--prompt", "a red dog", "--out", str(tmp_path / "g.png")),
                    "'dog'", "toy world's vocabulary")
@@ -489,7 +490,7 @@ def test_fid_on_few_samples_and_one_timed_call_are_flagged(tmp_path):
 def test_every_recipe_writes_sample_grids_and_a_cfg_distilled_run_does(spec, tmp_path):
     import yaml
 
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     for recipe in sorted((REPO / "training").glob("*.yaml")):
         train = (yaml.safe_load(recipe.read_text()) or {}).get("train", {})
@@ -502,7 +503,7 @@ def test_every_recipe_writes_sample_grids_and_a_cfg_distilled_run_does(spec, tmp
 
 
 def test_a_run_shorter_than_its_warmup_says_so(spec, tmp_path):
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     lines = []
     summary = distill(spec, REPO / "training" / "toy-dmd.yaml", tmp_path / "run", log=lines.append, export=False,
@@ -513,7 +514,7 @@ def test_a_run_shorter_than_its_warmup_says_so(spec, tmp_path):
 
 
 def test_model_card_names_the_teachers_folder_and_the_torchvision_lines(spec, tmp_path):
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     run = tmp_path / "run"
     distill(spec, REPO / "training" / "toy-lora-cfg-distill.yaml", run, log=lambda *a: None,
@@ -526,7 +527,7 @@ def test_model_card_names_the_teachers_folder_and_the_torchvision_lines(spec, tm
 
 # --- precision where gradients flow through the teacher ------------------------------------------------------------
 def test_distill_runs_the_teacher_networks_an_objective_backpropagates_through_in_float32(spec, tmp_path):
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     bf16 = tmp_path / "bf16.yaml"
     bf16.write_text(spec.read_text().replace("dtype: float32", "dtype: bfloat16"))

@@ -1,4 +1,4 @@
-"""The MSD prompt router (stepdistill/router.py): pure, deterministic, saved and reloaded unchanged."""
+"""The MSD prompt router (stepdistill/models/router.py): pure, deterministic, saved and reloaded unchanged."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stepdistill.router import KeywordRouter, KMeansRouter, load_router, pooled_embedding, save_router, split_prompts
+from stepdistill.models.router import KeywordRouter, KMeansRouter, load_router, pooled_embedding, save_router, split_prompts
 from stepdistill.toy import world
 
 

@@ -1,6 +1,6 @@
 """SiD / SiD-LSG on a tiny SD-like teacher, checked against independent computations of the official formula.
 
-The expected gradients are assembled by hand here, *independently of stepdistill.schedule and of the objective*:
+The expected gradients are assembled by hand here, *independently of stepdistill.core.schedule and of the objective*:
 ᾱ_t comes from the diffusers scheduler, x̂₀ = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t, CFG is done with two separate UNet calls, and
 the input-Jacobians of the teacher and of the fake score are applied with ``torch.func.vjp``. The official generator
 loss (mingyuanzhou/SiD-LSG ``training/sid_training_loop.py``) is
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from stepdistill.objectives import Batch, build_objective
-from stepdistill.student import Generator
-from stepdistill.teacher import PromptEmbeds
+from stepdistill.models.generators import Generator
+from stepdistill.models.teacher import PromptEmbeds
 
 B = 3
 T_FIXED = torch.tensor([20, 500, 979])

@@ -24,7 +24,7 @@ def test_shortened_dmd_recipe_beats_the_one_step_teacher(tmp_path):
     from stepdistill.eval.generate import generate, load_pipeline
     from stepdistill.eval.toy_metrics import ToyJudge
     from stepdistill.toy import world
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     warmup, dmd_updates = 150, 10
     summary = distill(REPO / "pipelines" / "toy.yaml", REPO / "training" / "toy-dmd.yaml", tmp_path / "run",

@@ -1,6 +1,6 @@
-"""Generator (stepdistill.student): init from the teacher (full / LoRA), one- and few-step sampling, backward
+"""Generator (stepdistill.models.generators): init from the teacher (full / LoRA), one- and few-step sampling, backward
 simulation. Expected values are computed here from the diffusers scheduler's alphas_cumprod and raw UNet calls,
-not through stepdistill.schedule."""
+not through stepdistill.core.schedule."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import make_tiny_sd_pipeline  # noqa: E402
 
-from stepdistill.student import Generator, copy_unet  # noqa: E402
-from stepdistill.teacher import PromptEmbeds  # noqa: E402
+from stepdistill.models.generators import Generator, copy_unet  # noqa: E402
+from stepdistill.models.teacher import PromptEmbeds  # noqa: E402
 
 B = 2
 

@@ -12,8 +12,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-import stepdistill.teacher as teacher_mod
-from stepdistill.teacher import PromptEmbeds, Teacher, TeacherLoadError, unet_forward
+import stepdistill.models.teacher as teacher_mod
+from stepdistill.models.teacher import PromptEmbeds, Teacher, TeacherLoadError, unet_forward
 from tiny_models import make_tiny_sd_pipeline, make_tiny_sdxl_pipeline, sd_pipeline_to_single_file
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -74,7 +74,7 @@ def test_load_folder(teachers, folders, name):
 
 
 def test_toy_resolves_to_assets_folder(monkeypatch, folders):
-    repo = teacher_mod.Path(teacher_mod.__file__).resolve().parent.parent
+    repo = teacher_mod.Path(teacher_mod.__file__).resolve().parents[2]
     assert teacher_mod.TOY_TEACHER_DIR == repo / "assets" / "toy-teacher"
     monkeypatch.setattr(teacher_mod, "TOY_TEACHER_DIR", folders / "sd1")
     assert Teacher.load("toy").source == str(folders / "sd1")

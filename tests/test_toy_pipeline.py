@@ -54,7 +54,7 @@ def test_report_format(tmp_path):
 
 def test_distill_export_and_plain_diffusers_load(tmp_path):
     from stepdistill.eval.generate import generate, load_pipeline
-    from stepdistill.training.run import distill, export_run
+    from stepdistill.workflows.distill import distill, export_run
 
     spec = _tiny_spec(tmp_path)
     summary = distill(spec, REPO / "training" / "toy-dmd2.yaml", tmp_path / "run",
@@ -88,7 +88,7 @@ def _tiny_spec(tmp_path):
                                     "phased-dmd.yaml", "toy-phased-dmd.yaml"])
 def test_every_shipped_recipe_runs_a_step(tmp_path, recipe):
     """The SD1.5 and toy recipes run end to end on a tiny teacher (DMD with its regression pairs wired in by run.py)."""
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     spec = _tiny_spec(tmp_path)
     overrides = ["train.max_steps=1", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
@@ -118,7 +118,7 @@ def test_ode_warmup_phase_then_distribution_matching(tmp_path, method):
     updates, then switches to distribution matching (metrics.csv shows both phases)."""
     import csv
 
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     spec = _tiny_spec(tmp_path)
     overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
@@ -140,7 +140,7 @@ def test_ode_warmup_phase_then_distribution_matching(tmp_path, method):
     assert again["steps"] == 4
     assert ("regression_pairs_seconds" in again) == (method == "dmd")
     # a run's checkpoint can be named without its path
-    from stepdistill.training.run import export_run
+    from stepdistill.workflows.distill import export_run
 
     student = export_run(tmp_path / "run", tmp_path / "student_at_3", checkpoint="step_000003")
     info = json.loads((student / "stepdistill_export.json").read_text())
@@ -152,8 +152,8 @@ def test_regression_pairs_follow_the_batch_to_the_training_device():
     pairs must land on that device too, not on the CPU noise's (this broke every warm-up run on a GPU). The ``meta``
     device stands in for a GPU here."""
     from stepdistill.objectives.dmd import RegressionPairs
-    from stepdistill.teacher import PromptEmbeds
-    from stepdistill.training.run import with_regression_pairs
+    from stepdistill.models.teacher import PromptEmbeds
+    from stepdistill.workflows.distill import with_regression_pairs
 
     class FakeTeacher:
         def encode_prompt(self, prompts, with_uncond=True):
@@ -170,7 +170,7 @@ def test_regression_pairs_follow_the_batch_to_the_training_device():
 
 
 def test_demo_distillation_line_reports_pairs_and_total():
-    from stepdistill.cli import _distill_line
+    from stepdistill.cli.distill import _distill_line
 
     line = _distill_line({"steps": 660, "wall_time_s": 301.4, "steps_per_s": 2.19, "regression_pairs_seconds": 80.2,
                           "total_seconds": 395.0})
@@ -184,9 +184,9 @@ def test_demo_evaluates_a_few_step_student_at_its_own_steps(tmp_path):
     """`stepdistill demo --skip-distill` on a 4-step SiD-style student (the teacher's weights, no training): the student
     is scored at 4 steps, and the teacher runs at 4 steps without CFG, so the end-to-end latency ideal exists."""
     from stepdistill.cli import main
-    from stepdistill.pipelines.export import export_student
-    from stepdistill.student import Generator
-    from stepdistill.teacher import Teacher
+    from stepdistill.export.students import export_student
+    from stepdistill.models.generators import Generator
+    from stepdistill.models.teacher import Teacher
     from stepdistill.toy.assets import TOY_TEACHER
 
     teacher = Teacher.load(TOY_TEACHER)
@@ -211,7 +211,7 @@ def test_disback_through_distill_records_its_path_in_the_run_folder_and_resumes(
     ODE warm-up), its path is in the run folder, and a resumed run reads it instead of recording again."""
     import json
 
-    from stepdistill.training.run import distill
+    from stepdistill.workflows.distill import distill
 
     spec = _tiny_spec(tmp_path)
     overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",

@@ -76,7 +76,7 @@ def test_shipped_evaluator_reads_real_samples():
 def test_shipped_teacher_is_a_plain_sd_pipeline():
     from diffusers import StableDiffusionPipeline
 
-    from stepdistill.teacher import Teacher
+    from stepdistill.models.teacher import Teacher
 
     pipe = StableDiffusionPipeline.from_pretrained(TOY_TEACHER, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)

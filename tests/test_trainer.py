@@ -474,7 +474,7 @@ def test_two_cpu_processes_with_accelerate_launch(tmp_path):
 def test_halflife_ema_follows_the_edm_and_official_sid_formula():
     """NVlabs/edm training_loop.py (and SiD-LSG sid_training_loop.py 553-563), written out here step by step:
     h = min(halflife_kimg·1000, cur_nimg·rampup); β = 0.5^(batch/max(h, 1e-8)); ema = θ.lerp(ema, β); cur_nimg += batch."""
-    from stepdistill.training.ema import HalflifeEMA
+    from stepdistill.models.ema import HalflifeEMA
 
     param = torch.nn.Parameter(torch.zeros(3))
     ema = HalflifeEMA([param], halflife_kimg=0.2, rampup_ratio=0.05, images_per_update=8)

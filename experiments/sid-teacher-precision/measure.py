@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from stepdistill.objectives import Batch, build_objective
-from stepdistill.student import Generator
-from stepdistill.teacher import Teacher
+from stepdistill.models.generators import Generator
+from stepdistill.models.teacher import Teacher
 from stepdistill.toy import world
 from stepdistill.training.config import load_recipe
 from stepdistill.training.trainer import Trainer

@@ -7,7 +7,12 @@ from typing import Any
 
 import torch
 
-from stepdistill.eval.generate import generate, sample_seeds
+from stepdistill.eval.generate import (
+    generate,
+    quiet_custom_timesteps,
+    sample_seeds,
+    step_kwargs,
+)
 from stepdistill.eval.latency import measure_latency
 from stepdistill.eval.report import measurement_warnings, nfe
 
@@ -38,8 +43,6 @@ def measure_pipeline_latency(pipe: Any, prompt: str, steps: int, guidance: float
                              warmup: int = 2, repeats: int = 5) -> dict:
     """Median wall time of a full pipeline call (text encoder + UNet + VAE decode) at batch 1 and at ``batch``
     (reported per image), in milliseconds, plus the share of the batch-N time spent in the UNet."""
-    from stepdistill.eval.generate import quiet_custom_timesteps, step_kwargs
-
     steps_kw = step_kwargs(pipe, steps)
 
     def call(n: int):

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from stepdistill.eval.errors import EVAL_EXTRA_HINT, MetricUnavailable
+from stepdistill.eval.fid import quantize_images
 
 __all__ = ["ClipScorer", "OpenClipScorer", "to_pil_images", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
@@ -38,8 +39,6 @@ def to_pil_images(images) -> list[Image.Image]:
         return [images.convert("RGB")]
     if isinstance(images, (list, tuple)) and images and all(isinstance(im, Image.Image) for im in images):
         return [im.convert("RGB") for im in images]
-    from stepdistill.eval.fid import quantize_images
-
     arr = quantize_images(images)
     if arr.ndim == 3:
         arr = arr[None]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from stepdistill.eval.report import atomic_write_text, device_description
+from stepdistill.training.config import load_recipe
 
 
 class DistillCostError(RuntimeError):
@@ -56,8 +57,6 @@ def measure_recipe(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Run ``steps`` generator updates of ``recipe`` in a fresh process and return its cost figures."""
-    from stepdistill.training.config import load_recipe
-
     if steps <= warmup:
         raise ValueError(f"steps ({steps}) must exceed warmup ({warmup})")
     config = load_recipe(recipe, overrides)

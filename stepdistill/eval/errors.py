@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from stepdistill.core.errors import InputError
 
-class MetricUnavailable(RuntimeError):
+
+class MetricUnavailable(InputError, RuntimeError):
     """A metric cannot be computed on this machine: its weights, data or optional package are missing.
 
     The message always says what is missing and how to provide it (a path argument, an environment variable or

@@ -4,121 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-
-class PipelineLoadError(ValueError):
-    """A pipeline folder that does not exist or is not a diffusers pipeline."""
-
-
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """``DiffusionPipeline.from_pretrained`` on a local folder, offline; ``"toy"`` names the shipped toy teacher."""
-    from diffusers import DiffusionPipeline
-
-    if str(path) == "toy":
-        from stepdistill.toy.assets import toy_teacher_path
-
-        path = toy_teacher_path()
-    path = Path(path)
-    if not path.exists():
-        raise PipelineLoadError(f"pipeline path {path} does not exist: pass a diffusers pipeline folder or 'toy'")
-    if not (path / "model_index.json").is_file():
-        raise PipelineLoadError(
-            f"{path} is not a diffusers pipeline folder: expected {path / 'model_index.json'} "
-            "(save one with pipe.save_pretrained(folder))"
-        )
-    from stepdistill.teacher import _dtype_kwarg
-
-    kwargs: dict[str, Any] = {"local_files_only": True, _dtype_kwarg(): dtype}
-    if "safety_checker" in (path / "model_index.json").read_text():
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if export_info(path).get("trust_remote_code"):  # a stepdistill export shipping its own scheduler file
-        kwargs["trust_remote_code"] = True
-    try:
-        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    except Exception as e:  # noqa: BLE001 - one clear error naming the folder
-        msg = " ".join(str(e).split())
-        raise PipelineLoadError(
-            f"cannot load the diffusers pipeline at {path}: {type(e).__name__}: {msg} — check that every component's "
-            "weights are complete (a truncated .safetensors file is the usual cause); re-export or copy the folder "
-            "again") from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def export_info(folder: str | Path) -> dict[str, Any]:
-    """``stepdistill_export.json`` of an exported student folder ({} for any other folder)."""
-    import json
-
-    path = Path(folder) / "stepdistill_export.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise PipelineLoadError(f"{path} is not valid JSON ({e}); re-export the student") from e
-
-
-def pipeline_export_info(pipe: Any) -> dict[str, Any]:
-    """``stepdistill_export.json`` of the folder a loaded pipeline came from ({} for a teacher or any other
-    pipeline)."""
-    folder = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    return export_info(folder) if folder and Path(folder).is_dir() else {}
-
-
-def student_call_defaults(info: dict[str, Any]) -> tuple[int, float]:
-    """(steps, guidance) an exported student is sampled with by default: its own step count and guidance (1: it
-    embeds the teacher's); (25, 3.0) for a teacher or any other pipeline (``info`` empty)."""
-    if not info:
-        return 25, 3.0
-    return int(info.get("steps") or len(info.get("timesteps") or [1])), float(info.get("guidance_scale", 1.0))
-
-
-def check_student_call(info: dict[str, Any], steps: int, guidance: float, folder: str | Path = "the student") -> None:
-    """Refuse, in one line, a call an exported student cannot do: classifier-free guidance on top of the guidance
-    it already embeds (every student is called at guidance 1), or another step count than it was trained for
-    (except a guidance-distilled student, whose DDIM sampler takes any step count)."""
-    if not info:
-        return
-    from stepdistill.pipelines.export import GUIDANCE_DISTILLED_METHODS
-
-    method = info.get("method", "distilled")
-    own = float(info.get("guidance_scale", 1.0))
-    if guidance > 1.0 and guidance != own:
-        raise ValueError(f"{folder} is a {method} student that already embeds the teacher's guidance: call it with "
-                         f"guidance {own:g} (its default), not {guidance:g} (CFG on top would apply guidance twice)")
-    trained = int(info.get("steps") or 0)
-    if trained and steps != trained and method not in GUIDANCE_DISTILLED_METHODS:
-        timesteps = info.get("timesteps")
-        raise ValueError(f"{folder} is a {trained}-step {method} student (timesteps {timesteps}): it samples in "
-                         f"exactly {trained} step{'s' if trained != 1 else ''}, not {steps}; leave the step count out "
-                         f"or give {trained}")
-
-
-def step_kwargs(pipe: Any, steps: int) -> dict[str, Any]:
-    """The step arguments of a pipeline call for ``steps`` steps: ``num_inference_steps=steps``, except for an
-    exported stepdistill student whose timesteps that call does not reproduce (``stepdistill_export.json`` says
-    ``num_inference_steps_reproduces_timesteps: false``, e.g. a one-step student conditioned at t = 399), which is
-    called with its own ``timesteps=[...]`` as its model card recommends. Asking such a student for another step
-    count than it was trained for is an error."""
-    folder = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    info = pipeline_export_info(pipe)
-    if not info:
-        return {"num_inference_steps": steps}
-    timesteps = [int(t) for t in info.get("timesteps") or []]
-    if info.get("num_inference_steps_reproduces_timesteps", True) or not timesteps:
-        return {"num_inference_steps": steps}
-    if steps != len(timesteps):
-        raise ValueError(
-            f"{folder} is a {len(timesteps)}-step student trained at timesteps {timesteps}, which "
-            f"num_inference_steps cannot reproduce; it can only be sampled in {len(timesteps)} step(s), not {steps}"
-        )
-    return {"timesteps": timesteps}
+from stepdistill.export.loading import (  # noqa: F401 (re-exported: generate's callers read folders through it)
+    PipelineLoadError,
+    check_student_call,
+    export_info,
+    load_pipeline,
+    pipeline_export_info,
+    step_kwargs,
+    student_call_defaults,
+)
+from stepdistill.export.shipped.pipeline_nasa import NASAStableDiffusionPipeline
 
 
 @contextlib.contextmanager
@@ -155,7 +56,7 @@ def generate(
     """Images (N, 3, H, W) in [-1, 1] for ``prompts[i]`` drawn from ``seeds[i]`` (one torch.Generator each).
 
     ``negative_prompt``: one string for every prompt, or a list aligned with ``prompts``. With ``nasa_alpha`` (and
-    ``guidance <= 1``) it is applied by SNOOPI's NASA attention (:mod:`stepdistill.pipelines.pipeline_nasa`) instead
+    ``guidance <= 1``) it is applied by SNOOPI's NASA attention (:mod:`stepdistill.export.shipped.pipeline_nasa`) instead
     of CFG: the pipeline's components are wrapped in ``NASAStableDiffusionPipeline``."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds")
@@ -191,11 +92,10 @@ def generate(
 
 
 def nasa_pipeline(pipe: Any) -> Any:
-    """``pipe``'s components in a :class:`~stepdistill.pipelines.pipeline_nasa.NASAStableDiffusionPipeline` (Stable
+    """``pipe``'s components in a :class:`~stepdistill.export.shipped.pipeline_nasa.NASAStableDiffusionPipeline` (Stable
     Diffusion 1.x/2.x pipelines only); the UNet's attention processors become NASA's (exact SDPA without a negative)."""
     from diffusers import StableDiffusionPipeline
 
-    from stepdistill.pipelines.pipeline_nasa import NASAStableDiffusionPipeline
 
     if isinstance(pipe, NASAStableDiffusionPipeline):
         return pipe

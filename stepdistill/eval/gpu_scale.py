@@ -20,6 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stepdistill.eval.distill_cost import DistillCostError, measure_recipe
+from stepdistill.eval.report import atomic_write_text, device_description
+from stepdistill.toy.models import SCHEDULER_CONFIG
+from stepdistill.toy.tokenizer import build_tokenizer_files
+
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280),
@@ -50,11 +55,13 @@ def build_sd15_sized_pipeline(out_dir: str | Path, scale: float = 1.0) -> Path:
     """Save a randomly initialised StableDiffusionPipeline with SD1.5's component sizes (``scale`` < 1 shrinks every
     width, for tests) at ``out_dir``; returns the folder."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from stepdistill.toy.models import SCHEDULER_CONFIG
-    from stepdistill.toy.tokenizer import build_tokenizer_files
 
     def width(c: int) -> int:
         return max(32, int(round(c * scale / 32)) * 32)
@@ -87,9 +94,6 @@ def run_gpu_scale(out_dir: str | Path, recipe: str = "training/dmd2.yaml", steps
                   variants: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Build the SD1.5-sized pipeline, then measure ``recipe`` (bf16) under each variant; write report.json/md."""
     import torch
-
-    from stepdistill.eval.distill_cost import DistillCostError, measure_recipe
-    from stepdistill.eval.report import atomic_write_text, device_description
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

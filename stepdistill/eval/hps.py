@@ -22,6 +22,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from stepdistill.eval.clip_score import to_pil_images
 from stepdistill.eval.errors import EVAL_EXTRA_HINT, MetricUnavailable
 
 __all__ = ["HPS_STYLES", "HPS_CHECKPOINT_NAMES", "HPS_CHECKPOINT_ENV_VAR", "HPSv2Scorer", "benchmark_prompts"]
@@ -141,8 +142,6 @@ class HPSv2Scorer:
     @torch.no_grad()
     def cosines(self, images, prompts: Sequence[str]) -> np.ndarray:
         """Per-image HPS (cosine of the normalised image and prompt embeddings), (N,)."""
-        from stepdistill.eval.clip_score import to_pil_images
-
         pil = to_pil_images(images)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(pil) != len(prompts):
@@ -180,8 +179,6 @@ class HPSv2Scorer:
                         max_prompts_per_style: int | None = None, batch_size: int = 8) -> dict:
         """Generate images for the benchmark prompts (``generate_fn(prompts) -> images``, batch by batch) and score
         them per style. ``prompts`` defaults to :func:`benchmark_prompts`."""
-        from stepdistill.eval.clip_score import to_pil_images
-
         prompts = dict(prompts) if prompts is not None else benchmark_prompts()
         samples = {}
         for style, style_prompts in prompts.items():

@@ -46,6 +46,19 @@ import torch
 
 from stepdistill.eval import generate as _gen
 from stepdistill.eval.bench import measure_pipeline_latency
+from stepdistill.eval.clip_score import ClipScorer, OpenClipScorer
+from stepdistill.eval.diversity import pairwise_diversity
+from stepdistill.eval.fid import (
+    FeatureStats,
+    InceptionV3Features,
+    StreamingStats,
+    clean_resize,
+    frechet_distance,
+    load_or_compute,
+    quantize_images,
+    resolve_inception_path,
+)
+from stepdistill.eval.hps import HPSv2Scorer
 from stepdistill.eval.report import (
     atomic_write_text,
     device_description,
@@ -54,7 +67,9 @@ from stepdistill.eval.report import (
     steps_axis,
     write_report,
 )
-from stepdistill.eval.suite import Configuration, Suite
+from stepdistill.eval.suite import Configuration, Suite, _spread
+from stepdistill.eval.toy_metrics import ToyJudge
+from stepdistill.toy.assets import toy_evaluator_path, toy_teacher_path
 
 __all__ = ["run_suite", "RunStats", "INCEPTION_FID_FEATURES", "REFERENCE_IMAGE_SUFFIXES"]
 
@@ -262,9 +277,6 @@ class _Metrics:
         self.judge = self.inception = self.fid_reference = self.clip = self.hps = None
         self.fid_reference_info: dict = {}
         if "toy" in suite.metrics:
-            from stepdistill.eval.toy_metrics import ToyJudge
-            from stepdistill.toy.assets import toy_evaluator_path
-
             evaluator = suite.toy_evaluator or str(toy_evaluator_path())
             t0 = time.time()
             self.judge = ToyJudge(evaluator, reference_size=suite.toy_reference_size)
@@ -274,8 +286,6 @@ class _Metrics:
                 f"({time.time() - t0:.1f} s)")
             self.fingerprint["toy"] = {"evaluator": _folder_digest(evaluator), "reference": suite.toy_reference_size}
         if "fid" in suite.metrics:
-            from stepdistill.eval.fid import InceptionV3Features, resolve_inception_path
-
             weights = resolve_inception_path(suite.inception)  # MetricUnavailable with instructions
             self.inception = InceptionV3Features.from_pretrained(weights, device=device)
             self.fid_reference = self._fid_reference(out)
@@ -284,8 +294,6 @@ class _Metrics:
                                        else _folder_digest(suite.reference_stats),
                                        "fid_resize": suite.fid_resize}
         if "clip" in suite.metrics:
-            from stepdistill.eval.clip_score import ClipScorer, OpenClipScorer
-
             if suite.clip_backend == "open_clip":
                 self.clip = OpenClipScorer(suite.clip_model, model_name=suite.clip_arch, device=device)
             else:
@@ -293,8 +301,6 @@ class _Metrics:
             self.fingerprint["clip"] = {"backend": suite.clip_backend, "model": _folder_digest(suite.clip_model),
                                         "arch": suite.clip_arch, "name": self.clip.name}
         if "hpsv2" in suite.metrics:
-            from stepdistill.eval.hps import HPSv2Scorer
-
             self.hps = HPSv2Scorer(suite.hps_checkpoint, version=suite.hps_version, device=device)
             self.fingerprint["hpsv2"] = {"checkpoint": _folder_digest(self.hps.checkpoint), "version": self.hps.version}
 
@@ -303,8 +309,6 @@ class _Metrics:
         """uint8 (3, H, W) images -> what Inception sees before its own resize to 299: with ``fid_resize: S`` the
         centre square, resized to S×S the clean way (PIL bicubic on float) and rounded to 8 bits, as a saved S-px
         image would be; otherwise unchanged."""
-        from stepdistill.eval.fid import clean_resize
-
         size = self.suite.fid_resize
         out = []
         for img in images:
@@ -322,8 +326,6 @@ class _Metrics:
         return np.concatenate([self.inception.extract(im[None]) for im in prepared])
 
     def _fid_reference(self, out: Path):
-        from stepdistill.eval.fid import FeatureStats, StreamingStats, load_or_compute
-
         suite = self.suite
         if suite.reference_images is None:
             stats = FeatureStats.load(suite.reference_stats)
@@ -385,8 +387,6 @@ class _Accumulators:
         self.toy_images: list[np.ndarray] = []
         self.fid_stats = None
         if m.inception is not None:
-            from stepdistill.eval.fid import StreamingStats
-
             self.fid_stats = StreamingStats()
         self.clip_cos: list[np.ndarray] = []
         self.clip_emb: dict[int, list[np.ndarray]] = defaultdict(list)
@@ -425,8 +425,6 @@ class _Accumulators:
             out["fid_toy"] = toy["fid"]
             out["adherence_metric"] = "toy attribute accuracy (mean over shape, colour, size, background)"
         if self.fid_stats is not None:
-            from stepdistill.eval.fid import frechet_distance
-
             ref = m.fid_reference
             if m.judge is not None:
                 out["fid_toy_reference_size"] = out.pop("fid_reference_size", None)
@@ -446,8 +444,6 @@ class _Accumulators:
                 out["adherence"] = out["clip_score_cosine"]
                 out["adherence_metric"] = f"CLIP score, mean cosine ({m.clip.name})"
             if self.spp > 1:
-                from stepdistill.eval.diversity import pairwise_diversity
-
                 clip_div = pairwise_diversity([np.stack(v) for v in self.clip_emb.values()])
                 out["clip_diversity"] = clip_div
                 if "diversity" not in out:
@@ -474,8 +470,6 @@ def _resolve_device(suite: Suite) -> str:
 def _sample_fingerprint(suite: Suite, config: Configuration, device: str) -> dict:
     pipeline = config.pipeline
     if pipeline == "toy":
-        from stepdistill.toy.assets import toy_teacher_path
-
         pipeline = str(toy_teacher_path())
     return {
         "version": _FORMAT_VERSION, "pipeline": pipeline, "pipeline_files": _folder_digest(pipeline),
@@ -488,8 +482,6 @@ def _sample_fingerprint(suite: Suite, config: Configuration, device: str) -> dic
 
 
 def _grid_indices(suite: Suite) -> list[int]:
-    from stepdistill.eval.suite import _spread
-
     return [i * suite.samples_per_prompt for i in _spread(len(suite.prompts), suite.grid_prompts)]
 
 
@@ -623,8 +615,6 @@ def _run_configuration(suite: Suite, config: Configuration, out: Path, device: s
             images = _gen.generate(pipe, all_prompts[start:end], seeds[start:end], config.steps, config.guidance,
                                    batch_size=end - start, negative_prompt=config.negative_prompt, progress=False)
             seconds = time.time() - t1
-            from stepdistill.eval.fid import quantize_images
-
             u8 = quantize_images(images)
             _check_images(u8, metrics, config)
             store.save(start, end, u8, seeds[start:end], seconds)

@@ -28,6 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from stepdistill.core.yaml_io import YAMLFileError, load_yaml_file
+from stepdistill.eval.hps import benchmark_prompts
+from stepdistill.toy import world
+from stepdistill.toy.assets import TOY_EVALUATOR, TOY_TEACHER
+
 __all__ = [
     "SuiteError",
     "Suite",
@@ -204,8 +209,6 @@ class Suite:
 # ---------------------------------------------------------------------------------------------------------------
 def load_suite(path: str | os.PathLike) -> Suite:
     """Read and validate a suite YAML file; :class:`SuiteError` naming the file and key on any problem."""
-    from stepdistill.yaml_io import YAMLFileError, load_yaml_file
-
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist" if not path.exists() else f"suite path {path} is not a file")
@@ -263,8 +266,6 @@ def suite_from_dict(data: Any, base_dir: str | os.PathLike | None = None, source
         if samples_per_prompt < 2:
             r.fail("samples_per_prompt", "the toy metrics (diversity, coverage) need at least 2 samples per prompt")
         if toy_evaluator is None:
-            from stepdistill.toy.assets import TOY_EVALUATOR
-
             if not TOY_EVALUATOR.is_dir():
                 r.fail("toy_evaluator", f"the shipped toy evaluator is missing (expected a folder at {TOY_EVALUATOR}); "
                                         "recreate it with `stepdistill toy train-evaluator` or give toy_evaluator: PATH")
@@ -285,8 +286,6 @@ def suite_from_dict(data: Any, base_dir: str | os.PathLike | None = None, source
         prompts = [prompts[i] for i in idx]
         styles = [styles[i] for i in idx] if styles else None
     if "toy" in metrics:
-        from stepdistill.toy import world
-
         for i, p in enumerate(prompts):
             try:
                 world.parse_prompt(p)
@@ -506,12 +505,8 @@ class _Reader:
     def prompts(self, m: Mapping, hps_prompts_dir: str | None) -> tuple[str, list[str], list[str] | None]:
         value = self.string(m, "prompts", required=True)
         if value == "toy":
-            from stepdistill.toy import world
-
             return "toy", world.all_prompts(), None
         if value == "hpsv2":
-            from stepdistill.eval.hps import benchmark_prompts
-
             by_style = benchmark_prompts(hps_prompts_dir)  # MetricUnavailable (with instructions) when absent
             prompts = [p for ps in by_style.values() for p in ps]
             styles = [s for s, ps in by_style.items() for _ in ps]
@@ -578,8 +573,6 @@ class _Reader:
         value = self.string(e, "pipeline", required=True, prefix=where)
         key = f"{where}.pipeline"
         if value == "toy":
-            from stepdistill.toy.assets import TOY_TEACHER
-
             if not (TOY_TEACHER / "model_index.json").is_file():
                 self.fail(key, f"'toy' names the shipped toy teacher, but it is missing: expected a diffusers folder "
                                f"at {TOY_TEACHER}; recreate it with `stepdistill toy train-teacher`")

@@ -24,6 +24,7 @@ from stepdistill.eval.diversity import pairwise_diversity
 from stepdistill.eval.fid import FeatureStats, frechet_distance, load_or_compute
 from stepdistill.eval.generate import quantize
 from stepdistill.toy import world
+from stepdistill.toy.assets import toy_evaluator_path
 from stepdistill.toy.evaluator import ToyEvaluator
 
 REFERENCE_SEED = 2_024_1125
@@ -56,8 +57,6 @@ class ToyJudge:
     def __init__(self, evaluator_path: str | Path | None = None, batch_size: int = 500, reference_size: int = REFERENCE_SIZE,
                  cache_dir: str | Path | None = None):
         if evaluator_path is None:
-            from stepdistill.toy.assets import toy_evaluator_path
-
             evaluator_path = toy_evaluator_path()
         self.evaluator_path = Path(evaluator_path)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_folder()

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, resolve_config  # noqa: F401
+from stepdistill.objectives.base import (  # noqa: F401
+    Batch,
+    Objective,
+    ObjectiveConfigError,
+    resolve_config,
+)
 from stepdistill.objectives.cfg_distill import CFGDistill
 from stepdistill.objectives.dmd import DMD
-from stepdistill.objectives.regression import RegressionPairs, make_regression_pairs
 from stepdistill.objectives.dmd2 import DMD2
 from stepdistill.objectives.phased_dmd import PhasedDMD
+from stepdistill.objectives.regression import RegressionPairs, make_regression_pairs
 from stepdistill.objectives.sid import SiD
 from stepdistill.objectives.vsd import VSD
 

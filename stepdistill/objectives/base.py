@@ -1,6 +1,6 @@
 """The interface every distillation objective implements.
 
-An objective receives the frozen :class:`~stepdistill.teacher.Teacher` and the :class:`~stepdistill.student.Generator`,
+An objective receives the frozen :class:`~stepdistill.models.teacher.Teacher` and the :class:`~stepdistill.models.generators.Generator`,
 builds its own auxiliary networks (fake score, discriminator head), and returns
 
 - ``generator_loss(batch) -> (loss, logs)``: backpropagating ``loss`` puts gradient on the generator only;
@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from stepdistill.student import trainable_parameters  # noqa: F401 (re-exported for the objectives)
+from stepdistill.models.generators import trainable_parameters  # noqa: F401 (re-exported for the objectives)
+from stepdistill.models.teacher import unet_forward
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -184,6 +185,15 @@ class Objective(torch.nn.Module):
         """Whether a run with config ``cfg`` needs encoded real images (``Batch.real_latents``, e.g. a GAN term)."""
         return False
 
+    @classmethod
+    def image_embedder_spec(cls, cfg: Mapping[str, Any]) -> str | None:
+        """The image embedding a run with config ``cfg`` needs (a reward's E: ``"toy"`` or a local CLIP folder), or
+        None. ``distill`` builds it lazily through :attr:`image_embedder_loader`."""
+        return None
+
+    #: a zero-argument callable returning the embedding :meth:`image_embedder_spec` names (set by ``distill``)
+    image_embedder_loader: Callable[[], torch.nn.Module] | None = None
+
     def needs_real_images(self) -> bool:
         return self.real_images_needed(self.config)
 
@@ -282,8 +292,6 @@ class Objective(torch.nn.Module):
                 f"real guidance scale {guidance_scale} needs unconditional embeddings: build the batch with "
                 "teacher.encode_prompt(..., with_uncond=True)"
             )
-        from stepdistill.teacher import unet_forward
-
         with torch.no_grad():
             return unet_forward(self.real_score_unet(), x_t, t, embeds, guidance_scale)
 
@@ -294,8 +302,6 @@ class Objective(torch.nn.Module):
 
     def score_prediction(self, unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds, guidance_scale: float = 1.0) -> torch.Tensor:
         """Raw output of a score network (autograd follows the caller's grad mode)."""
-        from stepdistill.teacher import unet_forward
-
         if guidance_scale != 1.0 and embeds.uncond is None:
             raise ValueError(f"guidance scale {guidance_scale} needs unconditional embeddings (PromptEmbeds.uncond)")
         return unet_forward(unet, x_t, t, embeds, guidance_scale=guidance_scale)

@@ -4,7 +4,7 @@ arXiv:2410.06084, §3.1; no code released. LoRA-Enhanced Distillation, Golnari 2
 with a LoRA student that shares the teacher's frozen base: ``generator.share_teacher_base``).
 
 Generator update (``generator_loss``), on states x_t at the student's sampling timesteps t ∈ {t_0 > … > t_{N−1}} (the
-N-step DDIM schedule of :class:`~stepdistill.student.TeacherSamplerGenerator`)::
+N-step DDIM schedule of :class:`~stepdistill.models.generators.TeacherSamplerGenerator`)::
 
     L(θ) = E ‖ out_θ(x_t, t, c) − sg( out(x_t, t, ∅) + w·(out(x_t, t, c) − out(x_t, t, ∅)) ) ‖²
 
@@ -19,7 +19,7 @@ position (autoregressive tokens); here the N DDIM timesteps. No auxiliary networ
 
 Diversity reward (``diversity_weight`` β > 0, §3.2): m = ``diversity_prompts`` prompts of the batch are generated twice,
 from the noise of rows i and m + i, by the student's full sampler; L_total = L − β·mean_i r(x_i, x'_i) with
-r = 1 − cos(E(x), E(x')) (:mod:`stepdistill.rewards`; E = ``diversity_embedder``: "toy" or a local CLIP folder). The
+r = 1 − cos(E(x), E(x')) (:mod:`stepdistill.objectives.rewards`; E = ``diversity_embedder``: "toy" or a local CLIP folder). The
 paper's estimator is REINFORCE over discrete tokens; here the sample is a deterministic, differentiable push-forward,
 so the estimator is *pathwise*: ∇θ r back-propagated through the decoder, the embedding and the last
 ``diversity_grad_steps`` K sampler steps (DRaFT-K; earlier steps without gradient) — no variance from a score-function
@@ -30,8 +30,15 @@ from __future__ import annotations
 
 import torch
 
-from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_int, check_number
-from stepdistill.rewards import diversity_reward, load_embedder
+from stepdistill.models.teacher import unet_forward
+from stepdistill.objectives.base import (
+    Batch,
+    Objective,
+    ObjectiveConfigError,
+    check_int,
+    check_number,
+)
+from stepdistill.objectives.rewards import diversity_reward
 
 
 class CFGDistill(Objective):
@@ -53,6 +60,11 @@ class CFGDistill(Objective):
                              "generator.teacher_sampler_steps (e.g. 25) in the recipe")
         self.aux_updates_per_generator_update = 0
         object.__setattr__(self, "embedder", None)  # loaded at the first diversity step; frozen, never checkpointed
+
+    @classmethod
+    def image_embedder_spec(cls, cfg) -> str | None:
+        """``diversity_embedder`` when the diversity reward is on (``diversity_weight`` > 0)."""
+        return cfg["diversity_embedder"] if cfg["diversity_weight"] > 0 else None
 
     @classmethod
     def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
@@ -108,8 +120,6 @@ class CFGDistill(Objective):
 
     def generator_loss(self, batch: Batch, stop: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                        **overrides) -> tuple[torch.Tensor, dict[str, float]]:
-        from stepdistill.teacher import unet_forward
-
         x_t, t = self.states(batch, stop, noise)
         w = float(self.config["guidance_scale"])
         with self.generator.teacher_unet_mode(), torch.no_grad():
@@ -136,6 +146,10 @@ class CFGDistill(Objective):
         embeds = batch.embeds.select(torch.cat([rows, rows]))
         x = self.generator.sample_with_grad(batch.noise[: 2 * m], embeds, grad_steps=k)
         if self.embedder is None:
-            object.__setattr__(self, "embedder", load_embedder(self.config["diversity_embedder"], self.teacher))
+            if self.image_embedder_loader is None:
+                raise ValueError(f"cfg_distill: the diversity reward needs the image embedder "
+                                 f"{self.config['diversity_embedder']!r}; set objective.image_embedder_loader (distill "
+                                 "does, from image_embedder_spec)")
+            object.__setattr__(self, "embedder", self.image_embedder_loader())
         feats = self.embedder(x)
         return diversity_reward(feats[:m], feats[m:])

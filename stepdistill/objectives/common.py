@@ -27,7 +27,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from stepdistill.student import add_lora, copy_unet
+from stepdistill.models.generators import add_lora, copy_unet
+from stepdistill.objectives.base import ObjectiveConfigError
 
 
 def surrogate_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -63,8 +64,6 @@ class GeneratorFirstSchedule:
 
     @classmethod
     def validate_schedule_config(cls, cfg) -> None:
-        from stepdistill.objectives.base import ObjectiveConfigError
-
         if cfg["aux_sample"] not in AUX_SAMPLES:
             raise ObjectiveConfigError(cls.name, "aux_sample", f"must be one of {', '.join(AUX_SAMPLES)}, got "
                                        f"{cfg['aux_sample']!r}")

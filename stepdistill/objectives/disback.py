@@ -38,7 +38,13 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from stepdistill.objectives.base import ObjectiveConfigError, check_bool, check_int, check_number
+from stepdistill.models.generators import copy_unet
+from stepdistill.objectives.base import (
+    ObjectiveConfigError,
+    check_bool,
+    check_int,
+    check_number,
+)
 
 PATH_DIR = "disback"
 MANIFEST = "path.json"
@@ -90,8 +96,6 @@ def record_degradation_path(
     denoising loss (:meth:`Objective.denoising_loss`) on samples of the frozen ``objective.generator``, save ``nodes``
     checkpoints at equal update intervals; returns their files (ψ₁ … ψ_N). ``sample_embeds(n, rng)`` draws n prompt
     embeddings. Uses its own RNG (``seed``): the caller's RNG is untouched."""
-    from stepdistill.student import copy_unet
-
     teacher, generator = objective.teacher, objective.generator
 
     directory = Path(directory)
@@ -218,7 +222,6 @@ class DisBackOption:
     def _load_node(self, j: int) -> torch.nn.Module:
         from safetensors.torch import load_file
 
-        from stepdistill.student import copy_unet
 
         if self._disback_unet is None:
             net = copy_unet(self.teacher.unet, dtype=None, trainable=False)

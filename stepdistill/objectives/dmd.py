@@ -35,8 +35,18 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_number, trainable_parameters
-from stepdistill.objectives.common import DistributionMatching, GeneratorFirstSchedule, make_fake_score
+from stepdistill.objectives.base import (
+    Batch,
+    Objective,
+    ObjectiveConfigError,
+    check_number,
+    trainable_parameters,
+)
+from stepdistill.objectives.common import (
+    DistributionMatching,
+    GeneratorFirstSchedule,
+    make_fake_score,
+)
 from stepdistill.objectives.disback import DisBackOption
 from stepdistill.objectives.regression import (  # noqa: F401 (RegressionPairs, make_regression_pairs re-exported)
     ODEPairWarmup,

@@ -39,10 +39,21 @@ from __future__ import annotations
 
 import torch
 
-from stepdistill.objectives.base import Batch, Objective, check_bool, check_int, check_number, trainable_parameters
-from stepdistill.objectives.common import DistributionMatching, GeneratorFirstSchedule, frozen, make_fake_score
+from stepdistill.objectives.base import (
+    Batch,
+    Objective,
+    check_bool,
+    check_int,
+    check_number,
+    trainable_parameters,
+)
+from stepdistill.objectives.common import (
+    DistributionMatching,
+    GeneratorFirstSchedule,
+    frozen,
+    make_fake_score,
+)
 from stepdistill.objectives.disback import DisBackOption
-from stepdistill.objectives.regression import ODEPairWarmup
 from stepdistill.objectives.gan import (
     ClassifierHead,
     bottleneck_features,
@@ -50,6 +61,7 @@ from stepdistill.objectives.gan import (
     discriminator_loss,
     generator_gan_loss,
 )
+from stepdistill.objectives.regression import ODEPairWarmup
 
 
 class DMD2(DisBackOption, GeneratorFirstSchedule, ODEPairWarmup, DistributionMatching, Objective):

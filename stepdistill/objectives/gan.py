@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stepdistill.models.teacher import unet_forward
+
 
 class _BottleneckReached(Exception):
     def __init__(self, features: torch.Tensor) -> None:
@@ -31,8 +33,6 @@ class _BottleneckReached(Exception):
 def bottleneck_features(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds) -> torch.Tensor:
     """The output of ``unet.mid_block`` for input ``x_t`` at timesteps ``t`` under the conditional embeddings
     (no guidance); the decoder half of the UNet is not evaluated. Autograd follows the caller's grad mode."""
-    from stepdistill.teacher import unet_forward
-
     if getattr(unet, "mid_block", None) is None:
         raise ValueError("the fake-score UNet has no mid_block; DMD2's GAN head reads the mid-block output")
 

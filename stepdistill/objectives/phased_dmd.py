@@ -1,7 +1,7 @@
 """Phased DMD — few-step distribution matching with one expert per SNR phase (Fan et al. 2025, arXiv:2510.27684,
 SenseTime; no official training code is public, so this follows the paper and ../shared/OBJECTIVES.md).
 
-The generator is a :class:`~stepdistill.student.PhasedGenerator` whose timesteps t₀ > … > t_{K−1} are the starts of
+The generator is a :class:`~stepdistill.models.generators.PhasedGenerator` whose timesteps t₀ > … > t_{K−1} are the starts of
 ``NoiseSchedule.snr_phases(K, phase_min_ratio, phase_max_ratio)``; phase k ends at s = t_{k+1} (clean data for the
 last). Training is progressive: updates ``[k·N, (k+1)·N)`` (N = ``updates_per_phase``) train phase k only.
 
@@ -28,8 +28,20 @@ from __future__ import annotations
 
 import torch
 
-from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_int, check_number, trainable_parameters
-from stepdistill.objectives.common import DistributionMatching, make_fake_score, surrogate_loss
+from stepdistill.models.ema import get_ema
+from stepdistill.objectives.base import (
+    Batch,
+    Objective,
+    ObjectiveConfigError,
+    check_int,
+    check_number,
+    trainable_parameters,
+)
+from stepdistill.objectives.common import (
+    DistributionMatching,
+    make_fake_score,
+    surrogate_loss,
+)
 
 
 class PhasedDMD(DistributionMatching, Objective):
@@ -118,8 +130,6 @@ class PhasedDMD(DistributionMatching, Objective):
         """When phase k starts, experts < k are final: with a generator EMA their weights become their EMA weights, so
         the back-simulation of later phases runs the same experts the exported student ships (their EMA then stays
         constant, the raw weights equalling it). Without an EMA, nothing to do."""
-        from stepdistill.training.ema import get_ema
-
         ema = get_ema(self.generator)
         if ema is None:
             return

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from stepdistill.models.teacher import PromptEmbeds
 from stepdistill.objectives.base import check_int, check_number
 
 
@@ -85,8 +86,6 @@ def make_regression_pairs(
     from ``generator`` for each prompt; returns :class:`RegressionPairs` (z_ref, c_ref, y_ref) on the teacher's
     device (``progress`` shows a progress bar). The DMD paper generated its pairs with the SD1.5 teacher at guidance 3
     (PNDM, 50 steps)."""
-    from stepdistill.teacher import PromptEmbeds
-
     device = next(teacher.unet.parameters()).device
     dtype = next(teacher.unet.parameters()).dtype
     prompts = list(prompts)

@@ -35,8 +35,19 @@ from __future__ import annotations
 
 import torch
 
-from stepdistill.objectives.base import Batch, Objective, ObjectiveConfigError, check_number, trainable_parameters
-from stepdistill.objectives.common import GeneratorFirstSchedule, cond_only, make_fake_score, surrogate_loss
+from stepdistill.objectives.base import (
+    Batch,
+    Objective,
+    ObjectiveConfigError,
+    check_number,
+    trainable_parameters,
+)
+from stepdistill.objectives.common import (
+    GeneratorFirstSchedule,
+    cond_only,
+    make_fake_score,
+    surrogate_loss,
+)
 from stepdistill.objectives.disback import DisBackOption
 
 

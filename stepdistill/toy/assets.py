@@ -1,30 +1,20 @@
-"""Where the shipped toy assets live, and one clear error when they are missing."""
+"""Toy-specific checks on models and prompts; where the shipped toy folders live is
+:mod:`stepdistill.core.assets` (re-exported here)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
-TOY_TEACHER = ASSETS_DIR / "toy-teacher"
-TOY_EVALUATOR = ASSETS_DIR / "toy-evaluator"
-
-
-def require(path: Path, what: str, command: str) -> Path:
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"the {what} is missing: expected a folder at {path}. It is committed with the repository; "
-            f"recreate it with `{command}`."
-        )
-    return path
-
-
-def toy_teacher_path() -> Path:
-    return require(TOY_TEACHER, "toy teacher", "stepdistill toy train-teacher")
-
-
-def toy_evaluator_path() -> Path:
-    return require(TOY_EVALUATOR, "toy evaluator", "stepdistill toy train-evaluator")
+from stepdistill.core.assets import (  # noqa: F401 (re-exported)
+    ASSETS_DIR,
+    TOY_EVALUATOR,
+    TOY_TEACHER,
+    require,
+    toy_evaluator_path,
+    toy_teacher_path,
+)
+from stepdistill.toy import world
 
 
 def is_toy_model(source: str | Path) -> bool:
@@ -45,8 +35,6 @@ def is_toy_model(source: str | Path) -> bool:
 def check_toy_vocabulary(prompts, where: str) -> None:
     """ValueError naming ``where`` and the first prompt with a word outside the toy vocabulary (which the toy
     tokenizer would split into characters, silently)."""
-    from stepdistill.toy import world
-
     for i, prompt in enumerate(prompts):
         unknown = world.words_outside_vocabulary(prompt)
         if unknown:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stepdistill.schedule import NoiseSchedule
+from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.toy import models, world
 from stepdistill.toy.evaluator import ToyEvaluator, evaluator_loss
 from stepdistill.toy.tokenizer import build_tokenizer_files

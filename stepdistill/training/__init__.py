@@ -1,5 +1,6 @@
 """Training: typed run configs, the accelerate loop, EMA and crash-safe checkpoints."""
 
+from stepdistill.models.ema import GeneratorEMA, attach_ema, get_ema
 from stepdistill.training.checkpoint import (
     CheckpointError,
     TrainState,
@@ -18,8 +19,12 @@ from stepdistill.training.config import (
     apply_overrides,
     load_recipe,
 )
-from stepdistill.training.ema import GeneratorEMA, attach_ema, get_ema
-from stepdistill.training.trainer import PromptSource, Trainer, TrainingDiverged, build_batch, load_prompts
+from stepdistill.training.trainer import (
+    PromptSource,
+    Trainer,
+    TrainingDiverged,
+    build_batch,
+)
 
 __all__ = [
     "CheckpointError",
@@ -41,7 +46,6 @@ __all__ = [
     "find_resume_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
-    "load_prompts",
     "load_recipe",
     "resolve_checkpoint",
 ]

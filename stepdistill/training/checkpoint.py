@@ -30,7 +30,8 @@ from typing import Any, Mapping
 
 import torch
 
-from stepdistill.outputs import DiskFullError, disk_full
+from stepdistill.core.errors import InputError
+from stepdistill.core.outputs import DiskFullError, disk_full
 
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
@@ -40,7 +41,7 @@ TRAINABLE_STATE_FILE = "trainable_state.pt"
 _NAME_RE = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint cannot be found, read or matched to the current run."""
 
 

@@ -19,7 +19,7 @@ A recipe is a YAML mapping with the sections below; every key is optional except
 a wrong type or an impossible value raises :class:`ConfigError` naming the dotted key and the file. ``0`` disables
 ``checkpoint_every`` and ``sample_every``; ``grad_clip: null`` disables clipping; ``ema_decay: null`` disables EMA
 (the EMA is diffusers' EMAModel: its decay at update s is min(ema_decay, (1+s)/(10+s)); ``ema_halflife_kimg`` with
-``ema_rampup_ratio`` is the EDM / official SiD form instead, :class:`~stepdistill.training.ema.HalflifeEMA`). ``batch_size`` is per
+``ema_rampup_ratio`` is the EDM / official SiD form instead, :class:`~stepdistill.models.ema.HalflifeEMA`). ``batch_size`` is per
 process. ``num_workers`` is validated and kept for data-loading front ends; the Trainer itself draws prompts and
 noise in-process and does not use it. ``warmup_generator_lr`` is the generator's learning rate while the objective
 is in its ODE-pair warm-up (``objective_config.ode_warmup_steps``; null: ``generator_lr`` throughout).
@@ -38,7 +38,12 @@ from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
 
-from stepdistill.yaml_io import YAMLFileError, is_finite_number, load_yaml_file, parse_yaml_value
+from stepdistill.core.yaml_io import (
+    YAMLFileError,
+    is_finite_number,
+    load_yaml_file,
+    parse_yaml_value,
+)
 
 MAX_TIMESTEP = 999
 _MISSING = object()

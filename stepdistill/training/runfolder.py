@@ -24,6 +24,7 @@ from stepdistill.training.checkpoint import (
     find_resume_checkpoint,
     list_checkpoints,
     read_marker,
+    write_text_atomic,
 )
 from stepdistill.training.config import ConfigError, RunConfig
 
@@ -145,8 +146,6 @@ class RunPlan:
             data.setdefault("resumes", []).append({"from": self.resume_from.name, "at": now,
                                                    "fingerprint": self.fingerprint})
         data["identity"] = self.identity
-        from stepdistill.training.checkpoint import write_text_atomic
-
         write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 

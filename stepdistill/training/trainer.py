@@ -41,6 +41,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from stepdistill.models.ema import GeneratorEMA, HalflifeEMA, attach_ema
+from stepdistill.objectives.base import Batch
 from stepdistill.training.activations import SavedTensorBytes
 from stepdistill.training.checkpoint import (
     CheckpointError,
@@ -54,7 +56,6 @@ from stepdistill.training.checkpoint import (
     write_text_atomic,
 )
 from stepdistill.training.config import RunConfig
-from stepdistill.training.ema import GeneratorEMA, HalflifeEMA, attach_ema
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +102,9 @@ class PromptSource:
 
     @classmethod
     def from_spec(cls, source: str | Path) -> "PromptSource":
-        """``"toy"`` (every prompt of the toy world), a ``.txt`` file (one prompt per non-empty line) or a ``.jsonl``
-        file (one ``{"prompt": ...}`` object per line)."""
-        if str(source) == "toy":
-            from stepdistill.toy.world import all_prompts
-
-            return cls(all_prompts(), name="toy")
+        """A ``.txt`` file (one prompt per non-empty line) or a ``.jsonl`` file (one ``{"prompt": ...}`` object per
+        line). Named sources (``"toy"``: every prompt of the toy world) are resolved by ``distill``
+        (:func:`stepdistill.workflows.single_run.load_prompts`)."""
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file {path} not found (expected 'toy', a .txt or a .jsonl file)")
@@ -129,10 +127,6 @@ class PromptSource:
         else:
             raise ValueError(f"prompt file {path}: expected a .txt or .jsonl file, got {suffix!r}")
         return cls(prompts, name=str(path))
-
-
-def load_prompts(source: str | Path) -> PromptSource:
-    return PromptSource.from_spec(source)
 
 
 def _as_prompt_sampler(source: Any) -> Callable[[int, torch.Generator], list[str]]:
@@ -167,8 +161,6 @@ def build_batch(
     (encoded into ``Batch.real_embeds``; without them the real latents are judged under the batch's prompts).
     ``rng`` is the batch's own generator (seeded by its position in the run): a wrapper that draws more for the
     batch draws from it, never from the global RNG, so a batch does not depend on what earlier batches drew."""
-    from stepdistill.objectives.base import Batch
-
     extra = {}
     with torch.no_grad():
         embeds = teacher.encode_prompt(list(prompts), with_uncond=with_uncond)
@@ -351,7 +343,11 @@ class Trainer:
         sample_prompts: Sequence[str] | None = None,
     ) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+        from accelerate.utils import (
+            DistributedDataParallelKwargs,
+            ProjectConfiguration,
+            set_seed,
+        )
 
         if not isinstance(config, RunConfig):
             config = RunConfig.from_dict(config)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from stepdistill.models.teacher import unet_forward
+
 
 def narrow_unet(teacher_unet: torch.nn.Module, overrides: Mapping[str, Any]) -> torch.nn.Module:
     """A freshly initialised UNet of the teacher's class with ``overrides`` applied to its config (e.g.
@@ -42,8 +44,6 @@ def narrow_unet(teacher_unet: torch.nn.Module, overrides: Mapping[str, Any]) -> 
 def tsm_loss(student_unet: torch.nn.Module, teacher, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
              embeds) -> torch.Tensor:
     """L_TSM = mean ‖ε_θ(x_t, t, c) − sg(ε_teacher(x_t, t, c))‖², x_t = a_t·x₀ + σ_t·ε (see the module docstring)."""
-    from stepdistill.teacher import unet_forward
-
     schedule = teacher.schedule
     x_t = schedule.add_noise(x0, noise, t)
     with torch.no_grad():

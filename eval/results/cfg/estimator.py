@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from stepdistill.rewards import ToyEmbedder, diversity_reward
-from stepdistill.student import TeacherSamplerGenerator
-from stepdistill.teacher import Teacher, unet_forward
+from stepdistill.objectives.rewards import ToyEmbedder, diversity_reward
+from stepdistill.models.generators import TeacherSamplerGenerator
+from stepdistill.models.teacher import Teacher, unet_forward
 from stepdistill.toy import world
 
 PROMPTS = world.all_prompts()[::18][:8]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stepdistill.pipelines.export_multi import export_multi_student
-from stepdistill.router import KeywordRouter
+from stepdistill.export.multi_student import export_multi_student
+from stepdistill.models.router import KeywordRouter
 
 
 def main(student: str, out: str) -> None:

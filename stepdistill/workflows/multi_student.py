@@ -38,7 +38,37 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from stepdistill.yaml_io import is_finite_number, load_yaml_file
+from stepdistill.core.yaml_io import is_finite_number, load_yaml_file
+from stepdistill.export.multi_student import export_multi_student
+from stepdistill.models.router import (
+    KeywordRouter,
+    KMeansRouter,
+    load_router,
+    save_router,
+    split_prompts,
+)
+from stepdistill.objectives.regression import make_regression_pairs
+from stepdistill.training.config import ConfigError, recipe_from_data
+from stepdistill.training.runfolder import (
+    RUN_FILE,
+    RunFolderError,
+    existing_artifacts,
+    fingerprint,
+    identity_changes,
+    left_nothing,
+    run_identity,
+)
+from stepdistill.training.trainer import PromptSource
+from stepdistill.training.tsm import narrow_unet, train_tsm
+from stepdistill.workflows.single_run import (
+    _all_toy,
+    check_run_config,
+    distill_single,
+    load_pipeline_spec,
+    load_run_prompts,
+    load_teacher,
+    toy_real_latents,
+)
 
 SECTION = "multi_student"
 KEYS = {"router", "patterns", "num_students", "seed", "student_unet", "tsm"}
@@ -52,9 +82,6 @@ def is_multi_student(recipe: str | Path) -> bool:
 
 
 def _router_spec(section: Any, recipe: str):
-    from stepdistill.router import KeywordRouter
-    from stepdistill.training.config import ConfigError
-
     if not isinstance(section, dict):
         raise ConfigError(SECTION, "must be a mapping (router, patterns, num_students, seed)", recipe)
     unknown = sorted(set(section) - KEYS)
@@ -76,8 +103,6 @@ def _router_spec(section: Any, recipe: str):
 
 def _small_spec(section: dict, recipe: str) -> tuple[dict | None, dict]:
     """(UNet config overrides or None, TSM settings) of an MSD section, validated."""
-    from stepdistill.training.config import ConfigError
-
     overrides = section.get("student_unet")
     if overrides is not None and (not isinstance(overrides, dict) or not overrides):
         raise ConfigError(f"{SECTION}.student_unet", "must map teacher UNet config keys to new values, e.g. "
@@ -107,10 +132,6 @@ def _small_spec(section: dict, recipe: str) -> tuple[dict | None, dict]:
 def _run_tsm(pipeline, student_run: Path, subset: Sequence[str], unet_overrides: dict, tsm: dict, seed: int,
              log) -> dict:
     """The TSM stage of one smaller student: ``student_run/tsm_unet`` (skipped when it is already there)."""
-    from stepdistill.training.run import _all_toy, load_pipeline_spec, load_teacher, toy_real_latents
-    from stepdistill.training.trainer import PromptSource
-    from stepdistill.training.tsm import narrow_unet, train_tsm
-
     folder = student_run / "tsm_unet"
     if (folder / "config.json").is_file():
         log(f"[msd] {student_run.name}: TSM done earlier ({folder}), reused")
@@ -128,8 +149,6 @@ def _run_tsm(pipeline, student_run: Path, subset: Sequence[str], unet_overrides:
     if data == "real":
         source = toy_real_latents(teacher, seed, prompts)
     else:
-        from stepdistill.objectives.regression import make_regression_pairs
-
         chosen = prompts.sample(tsm["teacher_samples"], torch.Generator().manual_seed(seed + 31))
         pairs = make_regression_pairs(teacher, chosen, num_steps=tsm["teacher_steps"],
                                       guidance=tsm["teacher_guidance"],
@@ -168,8 +187,6 @@ def _last_losses(run: Path) -> dict[str, float]:
 def _student_status(run: Path, config, spec, resume: str | None, allow_config_change: bool) -> tuple[str, str]:
     """What a (resumed) MSD run does with student folder ``run``: ("fresh" | "resume" | "finished", why). A
     folder written by another configuration of this student is refused unless ``allow_config_change``."""
-    from stepdistill.training.runfolder import RUN_FILE, RunFolderError, fingerprint, identity_changes, run_identity
-
     info = run / RUN_FILE
     if resume is None or not info.is_file():
         return "fresh", ""
@@ -201,11 +218,6 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
     skipped, a started one continues from its latest checkpoint (or from update 0 when it has none yet), and a
     folder trained under another configuration is refused unless ``allow_config_change``. ``dry_run`` returns the
     plan without writing anything."""
-    from stepdistill.router import KMeansRouter, load_router, save_router, split_prompts
-    from stepdistill.training.config import recipe_from_data
-    from stepdistill.training.run import check_run_config, distill, load_pipeline_spec, load_run_prompts, load_teacher
-    from stepdistill.training.runfolder import RunFolderError, existing_artifacts, left_nothing
-
     recipe, out = Path(recipe), Path(out_dir)
     data = load_yaml_file(recipe)
     section = data.pop(SECTION)
@@ -293,7 +305,7 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
             (run / "prompts.txt").write_text("\n".join(subset) + "\n", encoding="utf-8")
             if unet_overrides is not None:
                 tsm_summary = _run_tsm(pipeline, run, subset, unet_overrides, tsm, config.train.seed + k, log)
-            summary = distill(pipeline, base_recipe, run, overrides=student_overrides(k),
+            summary = distill_single(pipeline, base_recipe, run, overrides=student_overrides(k),
                               resume="latest" if status == "resume" else None, export=export, overwrite=overwrite,
                               allow_config_change=allow_config_change, log=log)
         students.append({"student": k, "prompts": len(subset), "example_prompt": subset[0],
@@ -303,8 +315,6 @@ def distill_multi(pipeline: str | Path, recipe: str | Path, out_dir: str | Path,
                               else {"kind": "kmeans", "num_students": router.num_students},
                               "total_seconds": round(time.time() - t0, 1)}
     if export:
-        from stepdistill.pipelines.export_multi import export_multi_student
-
         result["student"] = str(export_multi_student(out, router, [out / f"student_{k}" / "student"
                                                                    for k in range(len(subsets))], students))
     (out / "msd_summary.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")

@@ -2,7 +2,7 @@
 
 The folder holds the shared VAE, text encoder, tokenizer and scheduler, one UNet per student (``unet`` for student 0,
 ``unet_1`` … after), the router in ``model_index.json`` and ``pipeline_multi_student.py``
-(:mod:`stepdistill.pipelines.pipeline_multi_student`, which imports only diffusers and torch), named in ``_class_name``
+(:mod:`stepdistill.export.shipped.pipeline_multi_student`, which imports only diffusers and torch), named in ``_class_name``
 so that diffusers' own custom-pipeline mechanism loads it::
 
     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
@@ -18,8 +18,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from stepdistill.outputs import check_output_folder, staged_folder
-from stepdistill.pipelines.export import EXPORT_INFO_FILE, ExportError
+from stepdistill.core.outputs import check_output_folder, staged_folder
+from stepdistill.export.common import EXPORT_INFO_FILE, ExportError
+from stepdistill.export.loading import export_info, load_pipeline
+from stepdistill.export.shipped import shipped_file
+from stepdistill.export.shipped.pipeline_multi_student import (
+    MAX_STUDENTS,
+    MultiStudentPipeline,
+)
 
 PIPELINE_MODULE = "pipeline_multi_student"
 PIPELINE_CLASS = "MultiStudentPipeline"
@@ -34,9 +40,6 @@ def export_multi_student(run_dir: Path, router, student_folders: Sequence[Path],
     """Write ``<run_dir>/student`` (atomically) from the exported student folders; returns its path. An ``out_dir``
     that is not absent, empty or an earlier student folder is refused unless ``overwrite``."""
     from diffusers import UNet2DConditionModel
-
-    from stepdistill.eval.generate import export_info, load_pipeline
-    from stepdistill.pipelines.pipeline_multi_student import MAX_STUDENTS, MultiStudentPipeline
 
     out_dir = check_output_folder(out_dir or Path(run_dir) / "student", overwrite=overwrite,
                                   protect=[run_dir] if out_dir is not None else [])
@@ -62,7 +65,7 @@ def export_multi_student(run_dir: Path, router, student_folders: Sequence[Path],
                                     unet=unets[0], scheduler=shared.scheduler, router=router.to_dict(),
                                     student_timestep=timestep, **{f"unet_{k}": u for k, u in enumerate(unets) if k})
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        shutil.copyfile(Path(__file__).with_name(f"{PIPELINE_MODULE}.py"), tmp / f"{PIPELINE_MODULE}.py")
+        shutil.copyfile(shipped_file(PIPELINE_MODULE), tmp / f"{PIPELINE_MODULE}.py")
         if (student_folders[0] / "scheduler").is_dir():  # a custom scheduler file shipped by the student export
             for py in (student_folders[0] / "scheduler").glob("*.py"):
                 shutil.copyfile(py, tmp / "scheduler" / py.name)

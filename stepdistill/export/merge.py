@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from stepdistill.outputs import check_output_folder, staged_folder
+from stepdistill.core.outputs import check_output_folder, staged_folder
+from stepdistill.core.yaml_io import load_yaml_file
 
 INFO = "stepdistill_export.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -135,8 +136,6 @@ def merge_sweep(a: str | Path, b: str | Path, alphas: Sequence[float], out_dir: 
     info = json.loads((Path(a) / INFO).read_text(encoding="utf-8"))
     template: dict[str, Any] = {}
     if suite_template is not None:
-        from stepdistill.yaml_io import load_yaml_file
-
         template = load_yaml_file(suite_template) or {}
     suite = {k: v for k, v in template.items() if k not in ("entries", "suite", "description")}
     suite.update(suite="merge-front", description=f"θ(λ) = (1 − λ)·θ_a + λ·θ_b, a = {a}, b = {b}", front=True,

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_output import (
+    StableDiffusionPipelineOutput,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 MAX_STUDENTS = 8

@@ -1,8 +1,8 @@
-"""Export of a Phased DMD student (:class:`~stepdistill.student.PhasedGenerator`) as one diffusers folder.
+"""Export of a Phased DMD student (:class:`~stepdistill.models.generators.PhasedGenerator`) as one diffusers folder.
 
 The folder holds the teacher's VAE, text encoder, tokenizer and scheduler, one UNet per phase expert (``unet`` for
 expert 0, ``unet_1`` … after; LoRA experts are merged into full UNets) and ``pipeline_phased_experts.py``, the
-pipeline class (:mod:`stepdistill.pipelines.pipeline_phased_experts`, which imports only diffusers and torch). Its
+pipeline class (:mod:`stepdistill.export.shipped.pipeline_phased_experts`, which imports only diffusers and torch). Its
 ``model_index.json`` names that file in ``_class_name``, so diffusers' own custom-pipeline mechanism loads it::
 
     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
@@ -21,13 +21,18 @@ from typing import Any, Mapping
 
 import torch
 
-from stepdistill.outputs import staged_folder
-from stepdistill.pipelines.export import (
+from stepdistill.core.outputs import staged_folder
+from stepdistill.export.common import (
     EXPORT_INFO_FILE,
     ExportError,
-    _cast,
     base_model_name,
+    cast_module,
     merged_unet,
+)
+from stepdistill.export.shipped import shipped_file
+from stepdistill.export.shipped.pipeline_phased_experts import (
+    MAX_EXPERTS,
+    PhasedExpertsPipeline,
 )
 
 PIPELINE_MODULE = "pipeline_phased_experts"
@@ -67,10 +72,8 @@ def _card(folder: str, base_model: str, method: str, timesteps: list[int], ema: 
 
 def export_phased_student(teacher, generator, out_dir: Path, method: str, steps_info: dict[str, Any], ema_obj: Any,
                           dtype: torch.dtype, example_prompt: str) -> Path:
-    """Write the phased student at ``out_dir`` (atomically). Called by :func:`~stepdistill.pipelines.export_student`,
+    """Write the phased student at ``out_dir`` (atomically). Called by :func:`~stepdistill.export.export_student`,
     which resolves the arguments: ``ema_obj`` is the GeneratorEMA whose weights to save (None: the raw weights)."""
-    from stepdistill.pipelines.pipeline_phased_experts import MAX_EXPERTS, PhasedExpertsPipeline
-
     family = getattr(teacher, "family", "sd")
     if family != "sd":
         raise ExportError(f"phase-expert students export for Stable Diffusion 1.x/2.x teachers only, not {family!r}")
@@ -84,14 +87,14 @@ def export_phased_student(teacher, generator, out_dir: Path, method: str, steps_
             experts = []
             for k in range(len(timesteps)):
                 net = generator.expert(k)
-                experts.append(merged_unet(net, dtype=dtype) if generator.is_lora else _cast(net, dtype))
+                experts.append(merged_unet(net, dtype=dtype) if generator.is_lora else cast_module(net, dtype))
             extra = {f"unet_{k}": e for k, e in enumerate(experts) if k > 0}
             pipe = PhasedExpertsPipeline(
-                vae=_cast(pipeline.vae, dtype), text_encoder=_cast(pipeline.text_encoder, dtype),
+                vae=cast_module(pipeline.vae, dtype), text_encoder=cast_module(pipeline.text_encoder, dtype),
                 tokenizer=pipeline.tokenizer, unet=experts[0], scheduler=pipeline.scheduler,
                 expert_timesteps=timesteps, **extra)
             pipe.save_pretrained(str(tmp), safe_serialization=True)
-        shutil.copyfile(Path(__file__).with_name(f"{PIPELINE_MODULE}.py"), tmp / f"{PIPELINE_MODULE}.py")
+        shutil.copyfile(shipped_file(PIPELINE_MODULE), tmp / f"{PIPELINE_MODULE}.py")
         index_path = tmp / "model_index.json"
         index = json.loads(index_path.read_text(encoding="utf-8"))
         index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]

@@ -28,7 +28,6 @@ diffusers' SD/SDXL pipelines ``guidance_scale <= 1`` disables classifier-free gu
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -38,17 +37,30 @@ from typing import Any, Mapping
 
 import torch
 
-from stepdistill.outputs import STUDENT_MARKER, check_output_folder, staged_folder
+from stepdistill.core.outputs import check_output_folder, staged_folder
+from stepdistill.export.common import (
+    EXPORT_INFO_FILE,
+    GUIDANCE_DISTILLED_METHODS,
+    LORA_WEIGHT_NAME,
+    ExportError,
+    base_model_name,
+    cast_module,
+    has_lora,
+    merged_unet,
+    module_dtype,
+    teacher_folder,
+)
+from stepdistill.export.common import (
+    lora_layers as adapter_layers,
+)
+from stepdistill.export.phased import export_phased_student
+from stepdistill.export.shipped import shipped_file
+from stepdistill.export.shipped.scheduling_scaled_lcm import ScaledNoiseLCMScheduler
+from stepdistill.models.ema import GeneratorEMA, get_ema
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-EXPORT_INFO_FILE = STUDENT_MARKER
 TIMESTEP_SCALING = 10_000.0
-
-
-class ExportError(RuntimeError):
-    """The student cannot be exported faithfully."""
 
 
 # --- scheduler ----------------------------------------------------------------------------------------------------
@@ -56,8 +68,6 @@ SCALED_LCM_MODULE = "scheduling_scaled_lcm"
 SCALED_LCM_CLASS = "ScaledNoiseLCMScheduler"
 
 
-#: methods whose student is a guidance-distilled denoiser sampled by DDIM (its card describes it so)
-GUIDANCE_DISTILLED_METHODS = ("cfg_distill",)
 
 
 @dataclasses.dataclass
@@ -118,9 +128,7 @@ def student_scheduler(teacher_scheduler: Any, timesteps: list[int], scaled_input
             raise ExportError(f"EulerDiscreteScheduler does not reproduce {timesteps}: {scheduler.timesteps.tolist()}")
         return SchedulerPlan(scheduler, default_call_ok=True)
 
-    cls = LCMScheduler
-    if scaled_input_noise:
-        from stepdistill.pipelines.scheduling_scaled_lcm import ScaledNoiseLCMScheduler as cls  # noqa: N813
+    cls = ScaledNoiseLCMScheduler if scaled_input_noise else LCMScheduler
     # timestep_scaling: LCM's boundary condition c_skip·x_t + c_out·x̂₀ returns x̂₀ (c_skip < 1e-8 for t ≥ 1)
     fixed = dict(**base, timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False)
     probe = cls(**fixed)
@@ -138,89 +146,7 @@ def student_scheduler(teacher_scheduler: Any, timesteps: list[int], scaled_input
                          custom_module=SCALED_LCM_MODULE if scaled_input_noise else None)
 
 
-# --- UNet ---------------------------------------------------------------------------------------------------------
-def _has_lora(unet: torch.nn.Module) -> bool:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
-
-
-def merged_unet(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A plain copy of ``unet`` (same class and config) with every LoRA adapter merged into the base weights;
-    ``unet`` itself is not modified. Works for diffusers' ``add_adapter`` LoRA and for a peft ``PeftModel``."""
-    from accelerate import init_empty_weights
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    base = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
-    work = copy.deepcopy(base)
-    for m in work.modules():
-        if isinstance(m, BaseTunerLayer) and not m.merged:
-            m.merge(safe_merge=True)
-    state = {}
-    for k, v in work.state_dict().items():
-        if ".lora_" in k or k.startswith("lora_"):
-            continue
-        state[k.replace(".base_layer.", ".")] = v
-    del work
-    with init_empty_weights():
-        plain = type(base).from_config(base.config)
-    try:
-        plain.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ExportError(f"cannot merge the LoRA student into a plain {type(base).__name__}: {e}") from e
-    plain.requires_grad_(False)
-    plain.eval()
-    return plain.to(dtype=dtype) if dtype is not None and dtype != _module_dtype(plain) else plain
-
-
-def _lora_layers(generator, unet: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The adapter weights in diffusers' LoRA format plus the LoraConfig (so a non-default alpha survives)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    if hasattr(generator, "lora_state_dict"):
-        layers = generator.lora_state_dict()
-    else:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    metadata = None
-    peft_config = getattr(unet, "peft_config", None)
-    if isinstance(peft_config, Mapping) and peft_config:
-        name = "default" if "default" in peft_config else next(iter(peft_config))
-        metadata = peft_config[name].to_dict()
-        for k, v in list(metadata.items()):
-            if isinstance(v, set):
-                metadata[k] = sorted(v)
-    return layers, metadata
-
-
-def _module_dtype(module: torch.nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        return p.dtype
-    return torch.float32
-
-
-def _cast(module: Any, dtype: torch.dtype) -> Any:
-    """``module`` itself when it already has ``dtype``, else a cast copy (the teacher's modules are never cast)."""
-    if not isinstance(module, torch.nn.Module) or _module_dtype(module) == dtype:
-        return module
-    return copy.deepcopy(module).to(dtype=dtype)
-
-
 # --- model card ---------------------------------------------------------------------------------------------------
-def base_model_name(source: str) -> str:
-    """The card's ``base_model``: a Hub-style id is kept; a local path becomes its folder name (never an absolute
-    path of the machine that exported it)."""
-    source = str(source)
-    if not source or source == "toy":
-        return "toy-teacher" if source == "toy" else "unknown"
-    path = Path(source)
-    if path.is_absolute() or path.exists() or source.startswith((".", "~")):
-        return path.name or source
-    return source
-
-
 NASA_MODULE = "pipeline_nasa"
 
 
@@ -402,31 +328,14 @@ def _card(
     return "\n".join(lines) + "\n"
 
 
+GENERIC_EXAMPLE_PROMPT = "a photograph of an astronaut riding a horse"
+
+
 # --- export -------------------------------------------------------------------------------------------------------
-def _teacher_folder(teacher) -> str | None:
-    """The folder the teacher was loaded from, when it is a diffusers folder on this machine (the card's LoRA
-    snippet loads it); None otherwise."""
-    source = Path(str(getattr(teacher, "source", "")))
-    return str(source.resolve()) if source.is_dir() and (source / "model_index.json").is_file() else None
-
-
-def default_example_prompt(teacher) -> str:
-    """A prompt the teacher's text encoder can read: a toy-world prompt for the shipped toy teacher (its tokenizer
-    knows only the toy vocabulary), else a generic one."""
-    from stepdistill.toy.assets import TOY_TEACHER
-
-    source = str(getattr(teacher, "source", ""))
-    if source == "toy" or (source and Path(source).resolve() == Path(TOY_TEACHER).resolve()):
-        from stepdistill.toy import world
-
-        return world.make_prompt("cross", "blue", "large", "white")
-    return "a photograph of an astronaut riding a horse"
-
-
 def _ship_custom_scheduler(folder: Path, module: str, class_name: str) -> None:
     """Copy the custom scheduler's source into ``folder/scheduler/<module>.py`` and point model_index.json at it,
     so that diffusers' custom-component loading (``trust_remote_code=True``) finds it without stepdistill."""
-    source = Path(__file__).with_name(f"{module}.py")
+    source = shipped_file(module)
     shutil.copyfile(source, folder / "scheduler" / f"{module}.py")
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -448,26 +357,22 @@ def export_student(
 ) -> Path:
     """Write the student as a diffusers pipeline folder at ``out_dir`` (atomically) and return its path.
     ``out_dir`` may be absent, empty or an earlier student folder; anything else is refused unless ``overwrite``
-    (:func:`stepdistill.outputs.check_output_folder`).
+    (:func:`stepdistill.core.outputs.check_output_folder`).
 
     ``method``: the distillation method (model card, tags). ``steps_info``: optional training facts for the model
     card (e.g. the trainer's summary: steps, wall time); when it holds ``"timesteps"`` they must equal the
     generator's. ``ema``: True uses the EMA the trainer attached to the generator when there is one (else the raw
-    weights), False the raw weights, or pass a :class:`~stepdistill.training.ema.GeneratorEMA`. ``dtype``: dtype of
+    weights), False the raw weights, or pass a :class:`~stepdistill.models.ema.GeneratorEMA`. ``dtype``: dtype of
     the saved weights (default: the teacher's). The teacher and the generator are not modified.
     """
-    from stepdistill.training.ema import GeneratorEMA, get_ema
-
     out_dir = check_output_folder(out_dir, overwrite=overwrite)
     steps_info = dict(steps_info or {})
     if example_prompt is None:
-        example_prompt = default_example_prompt(teacher)
+        example_prompt = GENERIC_EXAMPLE_PROMPT
     if hasattr(generator, "phase_output"):  # one expert per step: a folder with its own pipeline class
-        from stepdistill.pipelines.export_phased import export_phased_student
-
         ema_obj = ema if isinstance(ema, GeneratorEMA) else (get_ema(generator) if ema else None)
         return export_phased_student(teacher, generator, out_dir, method, steps_info, ema_obj,
-                                     dtype or _module_dtype(teacher.pipeline.unet), example_prompt)
+                                     dtype or module_dtype(teacher.pipeline.unet), example_prompt)
     timesteps = [int(t) for t in generator.timesteps]
     if "timesteps" in steps_info and [int(t) for t in steps_info["timesteps"]] != timesteps:
         raise ExportError(f"steps_info timesteps {steps_info['timesteps']} differ from the generator's {timesteps}")
@@ -478,12 +383,12 @@ def export_student(
                        "exported pipeline's last step differs from the student's x0 prediction", timesteps)
     family = getattr(teacher, "family", "sd")
     pipeline = teacher.pipeline
-    dtype = dtype or _module_dtype(pipeline.unet)
+    dtype = dtype or module_dtype(pipeline.unet)
 
     ema_obj = ema if isinstance(ema, GeneratorEMA) else (get_ema(generator) if ema else None)
     use_ema = ema_obj is not None
     unet = generator.unet
-    is_lora = bool(getattr(generator, "is_lora", False)) or _has_lora(unet)
+    is_lora = bool(getattr(generator, "is_lora", False)) or has_lora(unet)
 
     scaled = bool(getattr(generator, "scaled_input_noise", False))
     guidance_distilled = hasattr(generator, "rollout")  # TeacherSamplerGenerator: DDIM at guidance 1, N steps
@@ -504,18 +409,18 @@ def export_student(
         with ema_obj.applied() if use_ema else contextlib.nullcontext(), torch.no_grad():
             if is_lora:
                 student_unet = merged_unet(unet, dtype=dtype)
-                lora_layers, lora_meta = _lora_layers(generator, unet)
+                lora_layers, lora_meta = adapter_layers(generator, unet)
                 lora_layers = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in lora_layers.items()}
             else:
                 base = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
-                student_unet = _cast(base, dtype)  # saved below, while the EMA weights are still swapped in
+                student_unet = cast_module(base, dtype)  # saved below, while the EMA weights are still swapped in
                 lora_layers, lora_meta = None, None
 
             components: dict[str, Any] = {"unet": student_unet, "scheduler": scheduler}
             for name in ("vae", "text_encoder", "text_encoder_2"):
                 module = getattr(pipeline, name, None)
                 if module is not None:
-                    components[name] = _cast(module, dtype)
+                    components[name] = cast_module(module, dtype)
             extra: dict[str, Any] = {}
             if "safety_checker" in pipeline.components:
                 extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -526,7 +431,7 @@ def export_student(
             if plan.custom_module is not None:
                 _ship_custom_scheduler(tmp, plan.custom_module, type(scheduler).__name__)
             if family == "sd":  # negative prompts without CFG (SNOOPI's NASA), loadable as a custom pipeline
-                shutil.copyfile(Path(__file__).with_name(f"{NASA_MODULE}.py"), tmp / f"{NASA_MODULE}.py")
+                shutil.copyfile(shipped_file(NASA_MODULE), tmp / f"{NASA_MODULE}.py")
             if lora_layers is not None:
                 kwargs = {"unet_lora_adapter_metadata": lora_meta} if lora_meta else {}
                 type(pipeline).save_lora_weights(
@@ -557,7 +462,7 @@ def export_student(
             _card(
                 folder=str(out_dir),
                 base_model=base_model_name(str(getattr(teacher, "source", ""))),
-                base_path=_teacher_folder(teacher),
+                base_path=teacher_folder(teacher),
                 method=method,
                 timesteps=timesteps,
                 plan=plan,

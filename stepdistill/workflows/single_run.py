@@ -4,6 +4,7 @@ into a training run, then export the student as a diffusers pipeline folder (``<
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -12,7 +13,30 @@ from typing import Any, Sequence
 
 import torch
 
-from stepdistill.yaml_io import load_yaml_file
+from stepdistill.core.outputs import check_output_folder
+from stepdistill.core.schedule import NoiseSchedule
+from stepdistill.core.yaml_io import load_yaml_file
+from stepdistill.eval.generate import image_grid
+from stepdistill.export.students import GENERIC_EXAMPLE_PROMPT, export_student
+from stepdistill.models.generators import (
+    Generator,
+    PhasedGenerator,
+    TeacherSamplerGenerator,
+)
+from stepdistill.models.image_embedders import CLIPImageEmbedder
+from stepdistill.models.teacher import Teacher, _resolve_source
+from stepdistill.objectives import (
+    ObjectiveConfigError,
+    build_objective,
+    objective_class,
+)
+from stepdistill.objectives.regression import make_regression_pairs
+from stepdistill.toy import world
+from stepdistill.toy.assets import TOY_TEACHER, check_toy_vocabulary, is_toy_model
+from stepdistill.toy.embedder import ToyEmbedder
+from stepdistill.training.config import ConfigError, load_recipe
+from stepdistill.training.runfolder import config_error_from_objective, plan_run
+from stepdistill.training.trainer import PromptSource, Trainer, build_batch
 
 PIPELINE_KEYS = {"teacher", "dtype", "single_file_config", "real_images", "resolution"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,8 +75,6 @@ def toy_real_latents(teacher, seed: int = 0, prompts=None):
     """A real-data source for DMD2's GAN on the toy world: ``(n, torch.Generator) -> (latents, prompts)``, rendering
     fresh world images and encoding them with the teacher's VAE. With ``prompts`` (a PromptSource: e.g. one MSD
     student's subset) the images are of those prompts only; without, uniform over the world."""
-    from stepdistill.toy import world
-
     def source(n: int, generator: torch.Generator):
         draw = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         chosen = prompts.sample(n, generator) if prompts is not None else None
@@ -65,8 +87,6 @@ def toy_real_latents(teacher, seed: int = 0, prompts=None):
 
 
 def _all_toy(prompts: Sequence[str]) -> bool:
-    from stepdistill.toy import world
-
     try:
         for p in prompts:
             world.parse_prompt(p)
@@ -92,8 +112,6 @@ def with_regression_pairs(pairs, base_batch_fn):
 
 def make_sample_fn(teacher, prompts: Sequence[str], seed: int = 1234):
     """``(generator, step) -> PIL grid`` of the generator's samples for fixed prompts and noise."""
-    from stepdistill.eval.generate import image_grid
-
     prompts = list(prompts)
     noise = torch.randn((len(prompts), *teacher.latent_shape), generator=torch.Generator().manual_seed(seed))
 
@@ -109,12 +127,9 @@ def make_sample_fn(teacher, prompts: Sequence[str], seed: int = 1234):
 
 
 def teacher_schedule(spec: PipelineSpec):
-    """The teacher's :class:`~stepdistill.schedule.NoiseSchedule`, read from its scheduler config without loading
+    """The teacher's :class:`~stepdistill.core.schedule.NoiseSchedule`, read from its scheduler config without loading
     any model (None when the config cannot be found or read; the teacher load later checks the rest). A missing
     teacher path is an error here, before anything is written."""
-    from stepdistill.schedule import NoiseSchedule
-    from stepdistill.teacher import _resolve_source
-
     source = _resolve_source(spec.teacher)
     folder = source if source.is_dir() else (Path(spec.single_file_config) if spec.single_file_config else None)
     cfg = folder / "scheduler" / "scheduler_config.json" if folder is not None else None
@@ -129,8 +144,6 @@ def teacher_schedule(spec: PipelineSpec):
 def validate_run(pipeline: str | Path, recipe: str | Path, overrides: Sequence[str] = ()):
     """The pipeline preset, the recipe with its overrides and the objective's config, all checked before any model
     loads or any file is written; returns ``(spec, config)``. Errors name the file, the key and the override."""
-    from stepdistill.training.config import load_recipe
-
     spec = load_pipeline_spec(pipeline)
     config = load_recipe(recipe, overrides)
     return spec, check_run_config(spec, config, recipe, overrides, pipeline)
@@ -140,10 +153,6 @@ def check_run_config(spec: PipelineSpec, config, recipe: str | Path, overrides: 
                      pipeline: str | Path | None = None):
     """The checks of :func:`validate_run` on a recipe already loaded (``recipe`` and ``pipeline`` name the files in
     errors); returns ``config``."""
-    from stepdistill.objectives import ObjectiveConfigError, objective_class
-    from stepdistill.training.config import ConfigError
-    from stepdistill.training.runfolder import config_error_from_objective
-
     schedule = teacher_schedule(spec)
     T = schedule.num_train_timesteps if schedule is not None else 1000
     try:
@@ -181,8 +190,6 @@ def check_run_config(spec: PipelineSpec, config, recipe: str | Path, overrides: 
 def run_warnings(config) -> list[str]:
     """What a valid run does that its user probably did not mean: a run that ends within its ODE-pair warm-up
     exports a student that never had an update of its method."""
-    from stepdistill.objectives import objective_class
-
     cfg = objective_class(config.objective).check_config(config.objective_config)
     warm = int(cfg.get("ode_warmup_steps") or 0)
     out = []
@@ -193,14 +200,18 @@ def run_warnings(config) -> list[str]:
     return out
 
 
+def load_prompts(source: str | Path) -> PromptSource:
+    """The prompts a recipe's ``prompts.source`` names: ``"toy"`` (every prompt of the toy world) or a .txt / .jsonl
+    file (:meth:`~stepdistill.training.trainer.PromptSource.from_spec`)."""
+    if str(source) == "toy":
+        return PromptSource(world.all_prompts(), name="toy")
+    return PromptSource.from_spec(source)
+
+
 def load_run_prompts(spec: PipelineSpec, config, recipe: str | Path):
     """The training prompts of a run, read before any model loads or file is written; a missing or malformed file,
     or a word the toy teacher's closed vocabulary lacks, is a ConfigError naming ``prompts.source`` and the
     recipe."""
-    from stepdistill.toy.assets import check_toy_vocabulary, is_toy_model
-    from stepdistill.training.config import ConfigError
-    from stepdistill.training.trainer import load_prompts
-
     try:
         prompts = load_prompts(config.prompts.source)
         if is_toy_model(spec.teacher):
@@ -212,8 +223,6 @@ def load_run_prompts(spec: PipelineSpec, config, recipe: str | Path):
 
 def load_teacher(spec: PipelineSpec):
     """The teacher a pipeline spec names, in its dtype (and single-file config)."""
-    from stepdistill.teacher import Teacher
-
     return Teacher.load(spec.teacher, dtype=DTYPES[spec.dtype], config=spec.single_file_config)
 
 
@@ -221,8 +230,6 @@ def upcast_for_gradient(teacher, config, log=None) -> list[str]:
     """Cast to float32 the teacher components the run's objective backpropagates through
     (``Objective.teacher_components_in_gradient``) when the preset loaded them in a lower precision; returns what
     was cast (each said in one line to ``log``)."""
-    from stepdistill.objectives import objective_class
-
     cls = objective_class(config.objective)
     cast = []
     for name in cls.teacher_components_in_gradient(cls.check_config(config.objective_config)):
@@ -248,6 +255,14 @@ def teacher_dtypes(teacher) -> dict[str, str]:
     return out
 
 
+def load_image_embedder(spec: str, teacher) -> torch.nn.Module:
+    """The image embedding ``spec`` names, on the teacher's device: ``"toy"`` → the toy evaluator's features
+    (:class:`~stepdistill.toy.embedder.ToyEmbedder`), otherwise a local CLIP folder
+    (:class:`~stepdistill.models.image_embedders.CLIPImageEmbedder`)."""
+    embedder = ToyEmbedder(teacher) if spec == "toy" else CLIPImageEmbedder(teacher, spec)
+    return embedder.to(teacher.device)
+
+
 def _build(spec: PipelineSpec, config, training: bool = False, log=None):
     """The teacher, the generator and the objective of a run. Everything random they hold at the start (LoRA
     adapters, GAN heads, freshly initialised networks) is drawn after seeding with ``train.seed``, so two runs of
@@ -255,9 +270,6 @@ def _build(spec: PipelineSpec, config, training: bool = False, log=None):
     ``training``, the teacher components the objective backpropagates through run in float32
     (:func:`upcast_for_gradient`); an export keeps the preset's dtype."""
     from accelerate.utils import set_seed
-
-    from stepdistill.objectives import build_objective
-    from stepdistill.student import Generator, PhasedGenerator, TeacherSamplerGenerator
 
     teacher = load_teacher(spec)
     if training:
@@ -279,7 +291,19 @@ def _build(spec: PipelineSpec, config, training: bool = False, log=None):
                                            scaled_input_noise=config.generator.scaled_input_noise,
                                            init_unet=config.generator.init_unet)
     objective = build_objective(config.objective, teacher, generator, config.objective_config)
+    embedder = objective.image_embedder_spec(objective.config)
+    if embedder is not None:  # built at its first use, as the objective asks
+        objective.image_embedder_loader = functools.partial(load_image_embedder, embedder, teacher)
     return teacher, generator, objective
+
+
+def default_example_prompt(teacher) -> str:
+    """A prompt the teacher's text encoder can read: a toy-world prompt for the shipped toy teacher (its tokenizer
+    knows only the toy vocabulary), else a generic one."""
+    source = str(getattr(teacher, "source", ""))
+    if source == "toy" or (source and Path(source).resolve() == Path(TOY_TEACHER).resolve()):
+        return world.make_prompt("cross", "blue", "large", "white")
+    return GENERIC_EXAMPLE_PROMPT
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: str = "latest",
@@ -288,11 +312,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoin
     diffusers pipeline folder (default ``<run_dir>/student``). ``out_dir`` is checked before anything loads: it may
     be absent, empty or an earlier student folder (anything else only with ``overwrite``), and never the run folder
     itself or a folder that holds it."""
-    from stepdistill.outputs import check_output_folder
-    from stepdistill.pipelines.export import export_student
-    from stepdistill.training.config import load_recipe
-    from stepdistill.training.trainer import Trainer
-
     run = Path(run_dir)
     for name in ("run_config.yaml", "pipeline.yaml"):
         if not (run / name).is_file():
@@ -306,14 +325,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoin
     loaded = trainer.load_checkpoint(checkpoint)
     if loaded is None:
         raise FileNotFoundError(f"no checkpoint {checkpoint!r} under {run / 'checkpoints'}")
-    from stepdistill.training.trainer import load_prompts
-
     example = load_prompts(config.prompts.source).prompts[0]
     return export_student(teacher, generator, out_dir, method=config.objective, overwrite=overwrite,
                           steps_info={"steps": trainer.state.step, "checkpoint": loaded.name}, example_prompt=example)
 
 
-def distill(
+def distill_single(
     pipeline: str | Path,
     recipe: str | Path,
     out_dir: str | Path,
@@ -331,15 +348,6 @@ def distill(
     (:func:`stepdistill.training.runfolder.plan_run`): a fresh run refuses a folder that holds another run unless
     ``overwrite``; ``resume`` refuses a checkpoint of another configuration unless ``allow_config_change``.
     ``dry_run`` stops there and returns ``{"dry_run": True, "config": ..., "plan": ...}`` with nothing written."""
-    from stepdistill.training.multi_student import distill_multi, is_multi_student
-
-    if is_multi_student(recipe):  # MSD: one ordinary run per student, then the routed export
-        return distill_multi(pipeline, recipe, out_dir, overrides=overrides, resume=resume, export=export,
-                             overwrite=overwrite, allow_config_change=allow_config_change, dry_run=dry_run, log=log)
-    from stepdistill.pipelines.export import export_student
-    from stepdistill.training.runfolder import plan_run
-    from stepdistill.training.trainer import Trainer, build_batch
-
     spec, config = validate_run(pipeline, recipe, overrides)
     prompts = load_run_prompts(spec, config, recipe)
     warnings = run_warnings(config)
@@ -372,7 +380,6 @@ def distill(
     if objective.needs_regression_pairs(from_step=plan.start_step):
         from accelerate import PartialState
 
-        from stepdistill.objectives.regression import make_regression_pairs
 
         teacher.to(PartialState().device)  # make the pairs on the training device (the Trainer would move it there)
         oc = objective.config

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from stepdistill.schedule import NoiseSchedule
-from stepdistill.toy.assets import TOY_TEACHER
+from stepdistill.core.assets import TOY_TEACHER
+from stepdistill.core.schedule import NoiseSchedule
 
 __all__ = [
     "PromptEmbeds",

@@ -18,7 +18,7 @@ Sampling (DMD / DMD2, Yin et al. 2023, 2024; official code tianweiy/DMD2 ``main/
   batch, as in the official code), steps ``0 … k−1`` run without gradient from pure noise, and the re-noised result
   is the training input of step ``k``, so training inputs match what inference sees.
 
-All schedule arithmetic is delegated to :mod:`stepdistill.schedule`.
+All schedule arithmetic is delegated to :mod:`stepdistill.core.schedule`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from stepdistill.schedule import NoiseSchedule
+from stepdistill.core.schedule import NoiseSchedule
+from stepdistill.models.teacher import unet_forward
 
 #: LoRA targets of the generator: the attention projections (diffusers' SD LoRA convention).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -179,8 +180,6 @@ class Generator(torch.nn.Module):
     def forward(self, noise: torch.Tensor, embeds, step_index: int = 0, x_t: torch.Tensor | None = None) -> torch.Tensor:
         """x₀ predicted by step ``step_index`` (conditioning timestep ``timesteps[step_index]``) from the input
         ``x_t``; ``x_t=None`` means the first step's input built from ``noise`` (:meth:`initial_input`)."""
-        from stepdistill.teacher import unet_forward
-
         if not -self.num_steps <= step_index < self.num_steps:
             raise IndexError(f"step_index {step_index} out of range for {self.num_steps} step(s)")
         t = self.timesteps[step_index]
@@ -412,8 +411,6 @@ class TeacherSamplerGenerator(Generator):
         """The student's own sampler without gradient (the on-policy states): from ``noise`` run the teacher's scheduler
         with the student's conditional prediction and return, for each row i, the state *before* step ``stop[i]`` and
         its timestep ``(x_t, t)`` (``stop[i] = 0``: the initial noisy latent)."""
-        from stepdistill.teacher import unet_forward
-
         scheduler = self._fresh_scheduler()
         stop = stop.to(noise.device).long()
         x = noise
@@ -431,8 +428,6 @@ class TeacherSamplerGenerator(Generator):
     def sample_with_grad(self, noise: torch.Tensor, embeds, grad_steps: int) -> torch.Tensor:
         """The sampler's output with autograd through its last ``grad_steps`` steps only (the earlier ones run without
         gradient; DRaFT-K, Clark et al. 2024): the pathwise reward gradient of :mod:`stepdistill.objectives.cfg_distill`."""
-        from stepdistill.teacher import unet_forward
-
         scheduler = self._fresh_scheduler()
         first_grad = len(scheduler.timesteps) - int(grad_steps)
         x = noise
@@ -445,8 +440,6 @@ class TeacherSamplerGenerator(Generator):
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, embeds, generator: torch.Generator | None = None) -> torch.Tensor:
         """Inference as the exported pipeline does it: the teacher's scheduler, guidance 1, one pass per step."""
-        from stepdistill.teacher import unet_forward
-
         scheduler = self._fresh_scheduler()
         x = noise
         for t in scheduler.timesteps:

@@ -1,0 +1,7 @@
+"""``python -m stepdistill.cli``."""
+
+import sys
+
+from stepdistill.cli.entry import main
+
+sys.exit(main())

@@ -1,0 +1,20 @@
+"""`stepdistill toy train-teacher | train-evaluator`: rebuild the embedded toy teacher and evaluator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from stepdistill.toy.train import train_evaluator, train_teacher
+
+
+def cmd_toy_train_teacher(args: argparse.Namespace) -> int:
+    info = train_teacher(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                         batch_size=args.batch_size, lr=args.lr, vae_cache=args.vae_cache)
+    print(json.dumps(info, indent=2))
+    return 0
+
+def cmd_toy_train_evaluator(args: argparse.Namespace) -> int:
+    info = train_evaluator(args.out, seed=args.seed, steps=args.steps)
+    print(json.dumps(info, indent=2))
+    return 0

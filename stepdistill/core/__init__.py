@@ -1,0 +1,1 @@
+"""Core: schedule arithmetic, atomic files and folders, YAML, validation. Imports nothing else of stepdistill."""

@@ -1,0 +1,1 @@
+"""Models: the frozen teacher, the generators (one class per student kind), EMA and the router."""

@@ -1,0 +1,1 @@
+"""Workflows: distill, multi-student distillation and the demo, composing the layers below."""
