@@ -227,7 +227,7 @@ def test_training_state_counts_a_shared_base_once():
     moments (the LoRA-enhanced distillation memory claim, without the process overhead of max RSS)."""
     from stepdistill.models.generators import TeacherSamplerGenerator
     from stepdistill.models.teacher import Teacher
-    from stepdistill.training.trainer import training_state_bytes
+    from stepdistill.training.progress import training_state_bytes
 
     sizes = {}
     for name, kw in (("shared", {"lora_rank": 4, "share_base": True}), ("full", {})):

@@ -299,7 +299,7 @@ def test_export_uses_ema_and_is_atomic(exported, monkeypatch):
     def boom(**kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(export_mod, "_card", boom)
+    monkeypatch.setattr(export_mod, "model_card", boom)
     with pytest.raises(RuntimeError, match="boom"):
         export_student(teacher, gen, out, method="other", ema=False)
     assert sorted(p.name for p in out.iterdir()) == before

@@ -197,7 +197,7 @@ def test_resumed_run_says_so_and_grids_record_prompts_and_the_last_step(spec, tm
 
 
 def test_eta_covers_both_phases_of_a_warmup_recipe():
-    from stepdistill.training.trainer import PhaseETA
+    from stepdistill.training.progress import PhaseETA
 
     eta = PhaseETA(start=0, total=740, warmup=600, cost_ratio=8.0)
     for step in range(11):

@@ -115,3 +115,22 @@ def test_internal_imports_are_at_module_level():
     offenders = [f"{path.relative_to(REPO)}:{line}" for path in sorted(PACKAGE.rglob("*.py"))
                  for line in _function_level_imports(path.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+def _probes(source: str) -> list[str]:
+    """``getattr``/``hasattr`` calls whose object is an objective or a generator (by name)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr"):
+            target = ast.unparse(node.args[0]) if node.args else ""
+            if "objective" in target or "generator" in target:
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_trainer_and_export_do_not_probe_objectives_or_generators():
+    """Capabilities are declared (``Requirements``, ``UpdatePlan``, ``Generator.kind``), not probed."""
+    assert _probes("if hasattr(self.objective, 'x'): pass\ny = getattr(generator, 'kind', None)\n") != []
+    files = [PACKAGE / "training" / "trainer.py", *sorted((PACKAGE / "export").rglob("*.py"))]
+    offenders = [f"{path.relative_to(REPO)}:{probe}" for path in files for probe in _probes(path.read_text())]
+    assert offenders == []

@@ -294,7 +294,7 @@ def test_dmd_regression_loss_and_pairs(teacher, embeds):
 def test_ode_warmup_is_regression_alone_then_distribution_matching(teacher, embeds, method):
     gen = Generator.from_teacher(teacher)
     obj = build_objective(method, teacher, gen, {"ode_warmup_steps": 2})
-    assert obj.needs_regression_pairs()
+    assert obj.requirements(obj.config).regression_pairs_needed()
     g = torch.Generator().manual_seed(9)
     z_ref, y_ref = torch.randn(B, 4, 8, 8, generator=g), torch.randn(B, 4, 8, 8, generator=g)
     batch = Batch(embeds=embeds, noise=torch.randn(B, 4, 8, 8, generator=g), ref_noise=z_ref, ref_embeds=embeds,
@@ -317,7 +317,9 @@ def test_ode_warmup_is_regression_alone_then_distribution_matching(teacher, embe
     obj.set_train_step(0)
     with pytest.raises(ValueError, match="ODE pairs"):
         obj.generator_loss(Batch(embeds=embeds, noise=torch.zeros(B, 4, 8, 8)))
-    assert not build_objective(method, teacher, gen, {"ode_warmup_steps": 0, **({"regression_weight": 0.0} if method == "dmd" else {})}).needs_regression_pairs()
+    no_pairs = build_objective(method, teacher, gen, {"ode_warmup_steps": 0,
+                                                      **({"regression_weight": 0.0} if method == "dmd" else {})})
+    assert not no_pairs.requirements(no_pairs.config).regression_pairs_needed()
     with pytest.raises(ValueError, match="ode_warmup_steps"):
         build_objective(method, teacher, gen, {"ode_warmup_steps": -1})
 

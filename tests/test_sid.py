@@ -305,7 +305,7 @@ def test_gan_terms_have_the_official_signs_and_weights(teacher, batch):
     cfg = {"kappa1": 1.0, "kappa2": 1.0, "kappa3": 1.0, "kappa4": 2.0, "gan_enabled": True, "gan_weight": 0.3,
            "gan_disc_weight": 0.7, "gan_warmup_steps": 2}
     obj = make(teacher, cfg)
-    assert obj.needs_real_images() and obj.grad_clip_values() == {"fake_score": 1.0}
+    assert obj.requirements(obj.config).real_images and obj.grad_clip_values() == {"fake_score": 1.0}
     x = leaf_x(obj)
     eps = fixed_eps()
     elems = 4 * 8 * 8
@@ -351,13 +351,13 @@ def test_gan_terms_have_the_official_signs_and_weights(teacher, batch):
 
 
 def test_a_bf16_teacher_changes_the_generator_gradient_that_float32_gives(teacher, batch):
-    """Why SiD declares the teacher UNet in its gradient (``teacher_components_in_gradient``): its generator loss
+    """Why SiD declares the teacher UNet in its gradient (``Requirements.teacher_in_gradient``): its generator loss
     differentiates the teacher's x̂₀ through x_t, so the teacher's precision is in the gradient. At the start of a
     run (fake score = teacher) the bf16 rounding of y_real is the size of y_real − y_fake itself."""
     import copy
 
     obj = build_objective("sid", teacher, Generator.from_teacher(teacher), {})  # fake score = teacher, as at update 0
-    assert obj.teacher_components_in_gradient(obj.config) == ("unet",)
+    assert obj.requirements(obj.config).teacher_in_gradient == ("unet",)
     t, eps = T_FIXED, fixed_eps()
 
     def grad_x(unet) -> torch.Tensor:

@@ -160,7 +160,7 @@ def test_regression_pairs_follow_the_batch_to_the_training_device():
             return PromptEmbeds(cond=torch.zeros(len(prompts), 3, 8))
 
     pairs = RegressionPairs(torch.randn(5, 4, 8, 8), PromptEmbeds(cond=torch.randn(5, 3, 8)), torch.randn(5, 4, 8, 8))
-    from stepdistill.training.trainer import build_batch
+    from stepdistill.training.batches import build_batch
 
     batch = with_regression_pairs(pairs, build_batch)(FakeTeacher(), ["a", "b"], torch.randn(2, 4, 8, 8),
                                                       device="meta")

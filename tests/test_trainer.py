@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stepdistill.objectives.base import Objective
 from stepdistill.training import (
     ConfigError,
     RunConfig,
@@ -66,12 +67,15 @@ class _TinyGenerator(torch.nn.Module):
         super().__init__()
         self.net = torch.nn.Linear(D + 2, D)
 
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
     def forward(self, noise, embeds, step_index: int = 0, x_t=None):
         x = torch.cat([noise.flatten(1), embeds.cond[:, 0]], dim=1)
         return self.net(x).view_as(noise)
 
 
-class _QuadraticObjective(torch.nn.Module):
+class _QuadraticObjective(Objective):
     """Generator: pull x0 towards a fixed target (random per-sample weights from the global RNG, so resume exactness
     also tests the RNG state restore) plus a small pull towards the auxiliary ``center`` (used, detached).
     Auxiliary: move ``center`` to the mean generated sample (generator run without grad)."""
@@ -80,7 +84,8 @@ class _QuadraticObjective(torch.nn.Module):
 
     def __init__(self, teacher, generator, ratio: int = 1, nan_at_gen_call: int | None = None,
                  crash_at_gen_call: int | None = None) -> None:
-        super().__init__()
+        torch.nn.Module.__init__(self)  # the tiny teacher has no noise schedule to validate a config against
+        self.config = {}
         object.__setattr__(self, "teacher", teacher)  # plain attributes, as objectives/base.py does
         object.__setattr__(self, "generator", generator)
         self.aux_updates_per_generator_update = ratio

@@ -32,7 +32,6 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     """List the recipes under --dir with their method and the start of their header comment."""
     import shutil
 
-
     folder = Path(args.dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"recipe folder {folder} not found (run from the repository root or pass --dir)")

@@ -134,3 +134,46 @@ def staged_folder(out: str | os.PathLike, what: str = "the student") -> Iterator
             raise DiskFullError(f"no space left on {out.parent} while writing {what} to {out}; the partial folder "
                                 "was removed") from None
         raise
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder by path (best effort: some file systems refuse folders)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """The one way a file is written in this package: a temporary path beside ``path`` to write to; when the block
+    succeeds it is fsynced, made readable (0644) and renamed onto ``path`` (then the folder is fsynced); on failure
+    it is removed, and a full disk is reported as :class:`DiskFullError` naming the file. Folders are written the
+    same way by :func:`staged_folder`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp_{path.name}_{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, Exception) and disk_full(err, path.parent):
+            raise DiskFullError(f"no space left on {path.parent} while writing {path}; the partial file was "
+                                "removed") from None
+        raise
+    fsync_path(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """``text`` (UTF-8) written to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -9,19 +9,18 @@ Two differences from ``yaml.safe_load``:
   string>"`` for text read from disk.
 
 Non-finite values (``.nan``, ``.inf``) still parse as floats; the validators that read them refuse them where infinity
-or NaN means nothing (:func:`is_finite_number`).
+or NaN means nothing (:func:`stepdistill.core.validation.is_finite_number`).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["YAMLFileError", "Loader", "load_yaml_file", "parse_yaml_value", "is_finite_number"]
+__all__ = ["YAMLFileError", "Loader", "load_yaml_file", "parse_yaml_value"]
 
 #: YAML 1.2 core-schema floats (plus the ``.inf`` / ``.nan`` forms PyYAML already knows)
 _FLOAT_12 = re.compile(
@@ -75,10 +74,3 @@ def parse_yaml_value(text: str, where: str = "value") -> Any:
         return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader
     except yaml.YAMLError as err:
         raise YAMLFileError(_describe(err, where)) from None
-
-
-def is_finite_number(value: Any) -> bool:
-    """True for an int or a finite float (never for a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return math.isfinite(value)

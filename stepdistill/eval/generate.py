@@ -96,7 +96,6 @@ def nasa_pipeline(pipe: Any) -> Any:
     Diffusion 1.x/2.x pipelines only); the UNet's attention processors become NASA's (exact SDPA without a negative)."""
     from diffusers import StableDiffusionPipeline
 
-
     if isinstance(pipe, NASAStableDiffusionPipeline):
         return pipe
     if not isinstance(pipe, StableDiffusionPipeline):

@@ -1,9 +1,9 @@
-"""Export of students as diffusers pipelines / LoRA files."""
+"""Export of students as diffusers pipelines / LoRA files: one exporter per student kind
+(:data:`stepdistill.export.students.EXPORTERS`), the routed multi-student folder, weight merging, and reading
+exported folders back."""
 
 from stepdistill.export.common import ExportError, merged_unet
-from stepdistill.export.students import (
-    export_student,
-    student_scheduler,
-)
+from stepdistill.export.schedulers import student_scheduler
+from stepdistill.export.students import EXPORTERS, export_student
 
-__all__ = ["ExportError", "export_student", "merged_unet", "student_scheduler"]
+__all__ = ["EXPORTERS", "ExportError", "export_student", "merged_unet", "student_scheduler"]

@@ -65,7 +65,7 @@ def lora_layers(generator, unet: torch.nn.Module) -> tuple[dict[str, torch.Tenso
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    if hasattr(generator, "lora_state_dict"):
+    if generator.is_lora:
         layers = generator.lora_state_dict()
     else:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 
@@ -92,7 +92,11 @@ class Generator(torch.nn.Module):
 
     Attributes: ``unet`` (trainable copy, or frozen copy + LoRA), ``schedule`` (:class:`NoiseSchedule`),
     ``timesteps`` (conditioning timesteps, strictly decreasing; ``[999]`` for one step), ``lora_rank``.
+    ``kind`` names the student kind (:data:`GENERATOR_KINDS`; an objective asks for one in
+    ``Requirements.student``, and export picks the exporter registered for it).
     """
+
+    kind: ClassVar[str] = "few_step"
 
     def __init__(
         self,
@@ -148,6 +152,14 @@ class Generator(torch.nn.Module):
             add_lora(unet, lora_rank, lora_alpha, lora_targets)
             unet.train()
         return cls(unet, teacher.schedule, timesteps, lora_rank, scaled_input_noise=scaled_input_noise)
+
+    @classmethod
+    def from_config(cls, teacher, config: Any) -> "Generator":
+        """The generator a recipe's ``generator`` section (:class:`~stepdistill.training.config.GeneratorConfig`)
+        describes, from ``teacher``."""
+        return cls.from_teacher(teacher, timesteps=tuple(config.timesteps), lora_rank=config.lora_rank,
+                                lora_alpha=config.lora_alpha, scaled_input_noise=config.scaled_input_noise,
+                                init_unet=config.init_unet)
 
     @property
     def is_lora(self) -> bool:
@@ -256,6 +268,13 @@ class PhasedGenerator(Generator):
     experts run under ``no_grad`` (:meth:`phase_output`) and later ones do not run.
     """
 
+    kind: ClassVar[str] = "phase_experts"
+
+    @classmethod
+    def from_config(cls, teacher, config: Any) -> "PhasedGenerator":
+        return cls.from_teacher(teacher, timesteps=tuple(config.timesteps), lora_rank=config.lora_rank,
+                                lora_alpha=config.lora_alpha)
+
     def __init__(
         self,
         experts: Sequence[torch.nn.Module],
@@ -351,6 +370,13 @@ class TeacherSamplerGenerator(Generator):
     are that scheduler's timesteps; the export ships that scheduler. With ``share_base`` (LoRA only) the LoRA adapters sit on the teacher's own UNet — one UNet in
     memory; the teacher is then evaluated with the adapters disabled (:meth:`teacher_unet_mode`)."""
 
+    kind: ClassVar[str] = "teacher_sampler"
+
+    @classmethod
+    def from_config(cls, teacher, config: Any) -> "TeacherSamplerGenerator":
+        return cls.from_teacher(teacher, config.teacher_sampler_steps, lora_rank=config.lora_rank,
+                                lora_alpha=config.lora_alpha, share_base=config.share_teacher_base)
+
     def __init__(self, unet: torch.nn.Module, schedule: NoiseSchedule, scheduler, num_inference_steps: int,
                  lora_rank: int | None = None, share_base: bool = False) -> None:
         from diffusers import DDIMScheduler
@@ -407,42 +433,60 @@ class TeacherSamplerGenerator(Generator):
 
         return disabled()
 
+    def _scheduler_chain(self, noise: torch.Tensor, embeds, last: int | None = None,
+                         grad_from: int | None = None) -> Iterator[tuple[int, int | None, torch.Tensor]]:
+        """The teacher's DDIM scheduler (diffusers' ``step``: the exported pipeline's own arithmetic) run from
+        ``noise`` with the student's conditional prediction. Yields ``(i, t_i, x)`` before step i and, after the
+        last step, ``(n, None, x)``; stops after yielding step ``last`` when given. Autograd runs through steps
+        ``i ≥ grad_from`` only (None: none), within the caller's grad mode."""
+        scheduler = self._fresh_scheduler()
+        x = noise
+        for i, t in enumerate(scheduler.timesteps):
+            yield i, int(t), x
+            if last is not None and i >= last:
+                return
+            with torch.set_grad_enabled(grad_from is not None and i >= grad_from and torch.is_grad_enabled()):
+                out = unet_forward(self.unet, x, int(t), embeds, guidance_scale=1.0)
+                x = scheduler.step(out, t, x, return_dict=False)[0]
+        yield len(scheduler.timesteps), None, x
+
     def rollout(self, noise: torch.Tensor, embeds, stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's own sampler without gradient (the on-policy states): from ``noise`` run the teacher's scheduler
         with the student's conditional prediction and return, for each row i, the state *before* step ``stop[i]`` and
         its timestep ``(x_t, t)`` (``stop[i] = 0``: the initial noisy latent)."""
-        scheduler = self._fresh_scheduler()
         stop = stop.to(noise.device).long()
-        x = noise
-        states, ts = x.clone(), torch.full_like(stop, int(scheduler.timesteps[0]))
+        states, ts = noise.clone(), torch.full_like(stop, int(self._fresh_scheduler().timesteps[0]))
         with torch.no_grad():
-            for i, t in enumerate(scheduler.timesteps):
-                here = stop == i
-                states[here], ts[here] = x[here], int(t)
-                if i >= int(stop.max()):
+            for i, t, x in self._scheduler_chain(noise, embeds, last=int(stop.max())):
+                if t is None:
                     break
-                out = unet_forward(self.unet, x, int(t), embeds, guidance_scale=1.0)
-                x = scheduler.step(out, t, x, return_dict=False)[0]
+                here = stop == i
+                states[here], ts[here] = x[here], t
         return states, ts
 
     def sample_with_grad(self, noise: torch.Tensor, embeds, grad_steps: int) -> torch.Tensor:
         """The sampler's output with autograd through its last ``grad_steps`` steps only (the earlier ones run without
         gradient; DRaFT-K, Clark et al. 2024): the pathwise reward gradient of :mod:`stepdistill.objectives.cfg_distill`."""
-        scheduler = self._fresh_scheduler()
-        first_grad = len(scheduler.timesteps) - int(grad_steps)
-        x = noise
-        for i, t in enumerate(scheduler.timesteps):
-            with torch.set_grad_enabled(i >= first_grad and torch.is_grad_enabled()):
-                out = unet_forward(self.unet, x, int(t), embeds, guidance_scale=1.0)
-                x = scheduler.step(out, t, x, return_dict=False)[0]
+        first_grad = self.num_inference_steps - int(grad_steps)
+        for _, _, x in self._scheduler_chain(noise, embeds, grad_from=first_grad):
+            pass
         return x
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, embeds, generator: torch.Generator | None = None) -> torch.Tensor:
         """Inference as the exported pipeline does it: the teacher's scheduler, guidance 1, one pass per step."""
-        scheduler = self._fresh_scheduler()
-        x = noise
-        for t in scheduler.timesteps:
-            out = unet_forward(self.unet, x, int(t), embeds, guidance_scale=1.0)
-            x = scheduler.step(out, t, x, return_dict=False)[0]
+        for _, _, x in self._scheduler_chain(noise, embeds):
+            pass
         return x
+
+
+#: every student kind a run can train, by ``Generator.kind`` (``Requirements.student`` names one)
+GENERATOR_KINDS: dict[str, type[Generator]] = {cls.kind: cls for cls in (Generator, PhasedGenerator,
+                                                                        TeacherSamplerGenerator)}
+
+
+def generator_class(kind: str) -> type[Generator]:
+    """The Generator class of student kind ``kind``."""
+    if kind not in GENERATOR_KINDS:
+        raise ValueError(f"unknown student kind {kind!r}; known: {', '.join(GENERATOR_KINDS)}")
+    return GENERATOR_KINDS[kind]

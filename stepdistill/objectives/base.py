@@ -23,12 +23,12 @@ random draws, and :meth:`Objective.generate` (the generator's x₀ for a batch) 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
+from stepdistill.core.validation import bool_problem, int_problem, number_problem
 from stepdistill.models.generators import trainable_parameters  # noqa: F401 (re-exported for the objectives)
 from stepdistill.models.teacher import unet_forward
 
@@ -54,6 +54,55 @@ class Batch:
     real_embeds: Any | None = None
 
 
+@dataclass(frozen=True)
+class Requirements:
+    """What a run with one objective config needs, declared before anything is built
+    (:meth:`Objective.requirements`); ``distill`` provides it, the trainer reads it.
+
+    ``student``: the Generator kind (``"few_step"``, ``"phase_experts"``, ``"teacher_sampler"``).
+    ``real_images``: encoded real images in ``Batch.real_latents`` (a GAN term, noised real states).
+    ``regression_pairs``: the teacher's ODE pairs in ``Batch.ref_*`` at every update (DMD's regression);
+    ``ode_warmup_steps``: the first N generator updates regress on them alone (they need the pairs too).
+    ``image_embedder``: the image embedding a reward needs (``"toy"`` or a local CLIP folder), built lazily through
+    :attr:`Objective.image_embedder_loader`.
+    ``teacher_in_gradient``: the frozen teacher components (``"unet"``, ``"vae"``) whose *input* the generator loss
+    backpropagates through; ``distill`` runs them in float32 whatever the preset's dtype, and gradient checkpointing
+    covers them.
+    ``min_train_steps``: the fewest generator updates a run needs (phases that must all run).
+    ``uses_run_folder``: the objective writes into the run folder (DisBack's degradation path): ``distill`` calls its
+    ``attach_run`` before training.
+    ``warmup_cost_ratio``: the estimated cost of an update after the ODE-pair warm-up over one in it (the progress
+    bar's ETA until the second phase is measured)."""
+
+    student: str = "few_step"
+    real_images: bool = False
+    regression_pairs: bool = False
+    ode_warmup_steps: int = 0
+    image_embedder: str | None = None
+    teacher_in_gradient: tuple[str, ...] = ()
+    min_train_steps: int = 1
+    uses_run_folder: bool = False
+    warmup_cost_ratio: float | None = None
+
+    def regression_pairs_needed(self, from_step: int = 0) -> bool:
+        """Whether training from generator update ``from_step`` on (a resumed run starts past 0) needs the pairs."""
+        return self.regression_pairs or self.ode_warmup_steps > from_step
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """What the trainer does at one generator update (:meth:`Objective.plan_update`): the generator update before the
+    auxiliary updates (DMD2 / SwiftBrush order) or after; the auxiliary updates at all; whether this is an ODE-pair
+    warm-up update (``optimizer.warmup_generator_lr``, not counted in distill-cost); whether the auxiliary optimizers'
+    state is cleared first (the objective re-initialised its auxiliary networks: a new Phased DMD phase, DisBack's
+    fake score from ψ_N)."""
+
+    generator_first: bool = False
+    auxiliary: bool = True
+    ode_warmup: bool = False
+    reset_auxiliary_optimizers: bool = False
+
+
 # --- config validation ------------------------------------------------------------------------------------------
 class ObjectiveConfigError(ValueError):
     """A bad ``objective_config`` value; ``key`` names it (``distill`` adds the recipe file and the override)."""
@@ -75,46 +124,24 @@ def resolve_config(name: str, defaults: Mapping[str, Any], config: Mapping[str, 
     return {**dict(defaults), **config}
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
-def _range_text(low: float | None, high: float | None) -> str:
-    """"must be ≥ 1", "must be ≤ 5" or "must lie in [0, 1]"."""
-    if low is not None and high is not None:
-        return f"must lie in [{low}, {high}]"
-    if low is not None:
-        return f"must be ≥ {low}"
-    return f"must be ≤ {high}"
-
-
 def check_number(name: str, key: str, value: Any, low: float | None = None, high: float | None = None) -> None:
     """A finite int or float (NaN and ±inf are refused: no objective key means anything at infinity) in
     [``low``, ``high``] where given."""
-    if not _is_number(value):
-        raise ObjectiveConfigError(name, key, f"must be a number, got {value!r}")
-    if not _is_finite(value):
-        raise ObjectiveConfigError(name, key, f"must be a finite number, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ObjectiveConfigError(name, key, f"{_range_text(low, high)}, got {value!r}")
+    problem = number_problem(value, low, high)
+    if problem is not None:
+        raise ObjectiveConfigError(name, key, problem)
 
 
 def check_int(name: str, key: str, value: Any, low: int | None = None, high: int | None = None, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ObjectiveConfigError(name, key, f"must be an integer{' or null' if optional else ''}, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ObjectiveConfigError(name, key, f"{_range_text(low, high)}, got {value!r}")
+    problem = int_problem(value, low, high, optional)
+    if problem is not None:
+        raise ObjectiveConfigError(name, key, problem)
 
 
 def check_bool(name: str, key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ObjectiveConfigError(name, key, f"must be true or false, got {value!r}")
+    problem = bool_problem(value)
+    if problem is not None:
+        raise ObjectiveConfigError(name, key, problem)
 
 
 # --- the interface ------------------------------------------------------------------------------------------------
@@ -176,26 +203,26 @@ class Objective(torch.nn.Module):
         """Whether the trainer should run the auxiliary updates before this generator update."""
         return True
 
-    def needs_regression_pairs(self, from_step: int = 0) -> bool:
-        """Whether training from generator update ``from_step`` on needs the teacher's ODE pairs in ``Batch.ref_*``."""
+    def generator_update_first(self) -> bool:
+        """Whether this update runs the generator before the auxiliary updates (default: after them)."""
         return False
 
     @classmethod
-    def real_images_needed(cls, cfg: Mapping[str, Any]) -> bool:
-        """Whether a run with config ``cfg`` needs encoded real images (``Batch.real_latents``, e.g. a GAN term)."""
-        return False
+    def requirements(cls, cfg: Mapping[str, Any]) -> Requirements:
+        """What a run with config ``cfg`` needs (:class:`Requirements`); subclasses and mixins extend it with
+        ``dataclasses.replace(super().requirements(cfg), ...)``. Nothing here."""
+        return Requirements()
 
-    @classmethod
-    def image_embedder_spec(cls, cfg: Mapping[str, Any]) -> str | None:
-        """The image embedding a run with config ``cfg`` needs (a reward's E: ``"toy"`` or a local CLIP folder), or
-        None. ``distill`` builds it lazily through :attr:`image_embedder_loader`."""
-        return None
-
-    #: a zero-argument callable returning the embedding :meth:`image_embedder_spec` names (set by ``distill``)
+    #: a zero-argument callable returning the embedding ``requirements(cfg).image_embedder`` names (set by ``distill``)
     image_embedder_loader: Callable[[], torch.nn.Module] | None = None
 
-    def needs_real_images(self) -> bool:
-        return self.real_images_needed(self.config)
+    def plan_update(self, step: int) -> UpdatePlan:
+        """Called by the trainer before each generator update with the number of updates done so far: moves the
+        objective to that update (:meth:`set_train_step`: phases, DisBack's target, SiD's mixture step) and says what
+        the trainer does (:class:`UpdatePlan`)."""
+        self.set_train_step(step)
+        return UpdatePlan(generator_first=self.generator_update_first(), auxiliary=self.auxiliary_active(),
+                          ode_warmup=self.in_ode_warmup(), reset_auxiliary_optimizers=self.take_auxiliary_reset())
 
     _auxiliary_reset_pending: bool = False
 
@@ -208,31 +235,6 @@ class Objective(torch.nn.Module):
         """True once after :meth:`request_auxiliary_reset` (the trainer asks after :meth:`set_train_step`)."""
         pending, self._auxiliary_reset_pending = self._auxiliary_reset_pending, False
         return pending
-
-    @classmethod
-    def min_train_steps(cls, cfg: Mapping[str, Any]) -> int:
-        """The fewest generator updates a run with config ``cfg`` needs (``distill`` refuses a shorter
-        ``train.max_steps``); 1 unless the objective has phases that must all run."""
-        return 1
-
-    @classmethod
-    def needs_teacher_sampler(cls) -> bool:
-        """Whether the student is a guidance-distilled denoiser sampled by the teacher's scheduler
-        (``generator.teacher_sampler_steps``), not a few-step generator."""
-        return False
-
-    @classmethod
-    def needs_phase_experts(cls) -> bool:
-        """Whether the generator must hold one expert per step (``generator.experts: true``)."""
-        return False
-
-    @classmethod
-    def teacher_components_in_gradient(cls, cfg: Mapping[str, Any]) -> tuple[str, ...]:
-        """The frozen teacher components (``"unet"``, ``"vae"``) whose *input* the generator loss backpropagates
-        through with config ``cfg``. ``distill`` runs them in float32 whatever the pipeline preset's dtype (a bf16
-        network's input-gradient is what the generator learns from; the bf16 error of SiD's gradient is measured in
-        docs/methods/sid.md), and gradient checkpointing covers them too. None here."""
-        return ()
 
     @classmethod
     def generator_timesteps_problem(cls, cfg: Mapping[str, Any], timesteps: list[int], schedule) -> str | None:

@@ -28,6 +28,8 @@ term, at the cost of K student passes of activations.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from stepdistill.models.teacher import unet_forward
@@ -35,6 +37,7 @@ from stepdistill.objectives.base import (
     Batch,
     Objective,
     ObjectiveConfigError,
+    Requirements,
     check_int,
     check_number,
 )
@@ -55,16 +58,11 @@ class CFGDistill(Objective):
 
     def __init__(self, teacher, generator, config=None) -> None:
         super().__init__(teacher, generator, config)
-        if not hasattr(generator, "rollout"):
+        if generator.kind != "teacher_sampler":
             raise ValueError("cfg_distill needs a guidance-distilled student sampled by the teacher's scheduler: set "
                              "generator.teacher_sampler_steps (e.g. 25) in the recipe")
         self.aux_updates_per_generator_update = 0
         object.__setattr__(self, "embedder", None)  # loaded at the first diversity step; frozen, never checkpointed
-
-    @classmethod
-    def image_embedder_spec(cls, cfg) -> str | None:
-        """``diversity_embedder`` when the diversity reward is on (``diversity_weight`` > 0)."""
-        return cfg["diversity_embedder"] if cfg["diversity_weight"] > 0 else None
 
     @classmethod
     def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:
@@ -79,19 +77,16 @@ class CFGDistill(Objective):
             raise ObjectiveConfigError(cls.name, "diversity_embedder", "must be 'toy' or a local CLIP folder path")
 
     @classmethod
-    def real_images_needed(cls, cfg) -> bool:
-        return cfg["states"] == "noised_real"
-
-    @classmethod
-    def teacher_components_in_gradient(cls, cfg) -> tuple[str, ...]:
-        """The diversity reward decodes the student's samples with the teacher's VAE inside the loss. (A LoRA
-        student on the teacher's shared UNet trains through that UNet's frozen weights, not its input; the base stays
-        in the preset's dtype, as diffusers' LoRA scripts keep it.)"""
-        return ("vae",) if cfg["diversity_weight"] > 0 else ()
-
-    @classmethod
-    def needs_teacher_sampler(cls) -> bool:
-        return True
+    def requirements(cls, cfg) -> Requirements:
+        """A guidance-distilled student sampled by the teacher's scheduler; real images for ``states: noised_real``;
+        the diversity reward's image embedding, whose loss decodes the student's samples with the teacher's VAE. (A
+        LoRA student on the teacher's shared UNet trains through that UNet's frozen weights, not its input; the base
+        stays in the preset's dtype, as diffusers' LoRA scripts keep it.)"""
+        diverse = cfg["diversity_weight"] > 0
+        return dataclasses.replace(super().requirements(cfg), student="teacher_sampler",
+                                   real_images=cfg["states"] == "noised_real",
+                                   image_embedder=cfg["diversity_embedder"] if diverse else None,
+                                   teacher_in_gradient=("vae",) if diverse else ())
 
     def auxiliary_active(self) -> bool:
         return False
@@ -149,7 +144,7 @@ class CFGDistill(Objective):
             if self.image_embedder_loader is None:
                 raise ValueError(f"cfg_distill: the diversity reward needs the image embedder "
                                  f"{self.config['diversity_embedder']!r}; set objective.image_embedder_loader (distill "
-                                 "does, from image_embedder_spec)")
+                                 "does, from requirements(cfg).image_embedder)")
             object.__setattr__(self, "embedder", self.image_embedder_loader())
         feats = self.embedder(x)
         return diversity_reward(feats[:m], feats[m:])

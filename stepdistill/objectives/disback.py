@@ -29,18 +29,20 @@ trained without the released code's extra GAN-classifier term; recording uses Ad
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from stepdistill.core.outputs import atomic_file, write_text_atomic
 from stepdistill.models.generators import copy_unet
 from stepdistill.objectives.base import (
     ObjectiveConfigError,
+    Requirements,
     check_bool,
     check_int,
     check_number,
@@ -57,9 +59,8 @@ def node_file(directory: Path, j: int) -> Path:
 def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".tmp_{path.name}")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp))
 
 
 def path_settings(cfg: dict[str, Any], batch_size: int, seed: int, run_fingerprint: str | None) -> dict[str, Any]:
@@ -127,9 +128,7 @@ def record_degradation_path(
     manifest = {"complete": True, "nodes": nodes, "record_updates": updates, "lr": lr, "batch_size": batch_size,
                 "seed": seed, "run": run_fingerprint, "node_updates": sorted(save_at), "files": [f.name for f in files],
                 "node_0": "the teacher (not stored)"}
-    tmp = directory / f".tmp_{MANIFEST}"
-    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    os.replace(tmp, directory / MANIFEST)
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
     del score, opt
     return files
 
@@ -165,6 +164,12 @@ class DisBackOption:
     _disback_run: dict[str, Any] | None = None
     _disback_loaded: int | None = None
     _disback_unet: torch.nn.Module | None = None
+
+    @classmethod
+    def requirements(cls, cfg) -> Requirements:
+        """With ``disback: true`` the objective records its degradation path into the run folder: ``distill``
+        attaches the run (:meth:`attach_run`) before training."""
+        return dataclasses.replace(super().requirements(cfg), uses_run_folder=bool(cfg["disback"]))
 
     def attach_run(self, run_dir: str | Path, sample_embeds: Callable[[int, torch.Generator], Any], batch_size: int,
                    seed: int = 0, run_fingerprint: str | None = None, log: Callable[[str], None] | None = None) -> None:
@@ -221,7 +226,6 @@ class DisBackOption:
 
     def _load_node(self, j: int) -> torch.nn.Module:
         from safetensors.torch import load_file
-
 
         if self._disback_unet is None:
             net = copy_unet(self.teacher.unet, dtype=None, trainable=False)

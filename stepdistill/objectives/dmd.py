@@ -29,6 +29,7 @@ pure noise z_ref at t = T−1 ("trailing" spacing), returning the x̂₀ of its 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ from stepdistill.objectives.base import (
     Batch,
     Objective,
     ObjectiveConfigError,
+    Requirements,
     check_number,
     trainable_parameters,
 )
@@ -145,16 +147,14 @@ class DMD(DisBackOption, GeneratorFirstSchedule, ODEPairWarmup, DistributionMatc
             raise ObjectiveConfigError("dmd", "regression_space", f"must be 'latent' or 'image', got {cfg['regression_space']!r}")
 
     @classmethod
-    def teacher_components_in_gradient(cls, cfg) -> tuple[str, ...]:
-        """``regression_space: image`` decodes the generator's output with the teacher's VAE inside the loss."""
-        return ("vae",) if cfg["regression_space"] == "image" else ()
+    def requirements(cls, cfg) -> Requirements:
+        """The regression uses the ODE pairs at every update (unless its weight is 0); ``regression_space: image``
+        decodes the generator's output with the teacher's VAE inside the loss."""
+        return dataclasses.replace(super().requirements(cfg), regression_pairs=cfg["regression_weight"] > 0,
+                                   teacher_in_gradient=("vae",) if cfg["regression_space"] == "image" else ())
 
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"fake_score": trainable_parameters(self.fake_unet)}
-
-    def needs_regression_pairs(self, from_step: int = 0) -> bool:
-        """DMD's regression loss uses the pairs at every update (unless its weight is 0); the warm-up needs them too."""
-        return self.config["regression_weight"] > 0 or self.ode_warmup_steps > from_step
 
     def regression_distance_and_space(self) -> tuple[Any, str]:
         return self.distance, self.config["regression_space"]

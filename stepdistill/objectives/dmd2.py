@@ -37,11 +37,14 @@ Where this code differs from the official one, with reasons and costs: docs/meth
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from stepdistill.objectives.base import (
     Batch,
     Objective,
+    Requirements,
     check_bool,
     check_int,
     check_number,
@@ -108,8 +111,9 @@ class DMD2(DisBackOption, GeneratorFirstSchedule, ODEPairWarmup, DistributionMat
         check_int(cls.name, "diffusion_gan_max_t", cfg["diffusion_gan_max_t"], low=1, high=num_train_timesteps)
 
     @classmethod
-    def real_images_needed(cls, cfg) -> bool:
-        return bool(cfg["gan_enabled"])
+    def requirements(cls, cfg) -> Requirements:
+        """The GAN term needs real images."""
+        return dataclasses.replace(super().requirements(cfg), real_images=bool(cfg["gan_enabled"]))
 
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         params = {"fake_score": trainable_parameters(self.fake_unet)}

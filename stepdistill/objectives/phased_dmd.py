@@ -26,6 +26,8 @@ aux_updates_per_generator_update 5; target "unbiased"; weight_clamp 10.0; fake_l
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from stepdistill.models.ema import get_ema
@@ -33,6 +35,7 @@ from stepdistill.objectives.base import (
     Batch,
     Objective,
     ObjectiveConfigError,
+    Requirements,
     check_int,
     check_number,
     trainable_parameters,
@@ -68,7 +71,7 @@ class PhasedDMD(DistributionMatching, Objective):
         problem = self.generator_timesteps_problem(cfg, [int(t) for t in generator.timesteps], teacher.schedule)
         if problem is not None:
             raise ObjectiveConfigError(self.name, "num_phases", problem)
-        if not hasattr(generator, "phase_output"):
+        if generator.kind != "phase_experts":
             raise ObjectiveConfigError(self.name, "num_phases", "needs a PhasedGenerator (generator.experts: true)")
         self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"])
         # the phase the fake score was (re-)initialised for; saved with the objective so a resume keeps it
@@ -104,12 +107,10 @@ class PhasedDMD(DistributionMatching, Objective):
             raise ObjectiveConfigError(cls.name, "target", f"must be one of {cls.TARGETS}, got {cfg['target']!r}")
 
     @classmethod
-    def min_train_steps(cls, cfg) -> int:
-        return int(cfg["num_phases"]) * int(cfg["updates_per_phase"])
-
-    @classmethod
-    def needs_phase_experts(cls) -> bool:
-        return True
+    def requirements(cls, cfg) -> Requirements:
+        """One expert per phase, and every phase must run."""
+        return dataclasses.replace(super().requirements(cfg), student="phase_experts",
+                                   min_train_steps=int(cfg["num_phases"]) * int(cfg["updates_per_phase"]))
 
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"fake_score": trainable_parameters(self.fake_unet)}

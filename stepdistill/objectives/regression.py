@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from stepdistill.models.teacher import PromptEmbeds
-from stepdistill.objectives.base import check_int, check_number
+from stepdistill.objectives.base import Requirements, check_int, check_number
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ def teacher_ode(teacher, noise: torch.Tensor, embeds, num_steps: int, guidance: 
         x0 = schedule.to_x0(out.double(), x.double(), t_b)
         if i + 1 < len(ts):
             eps = schedule.to_eps(out.double(), x.double(), t_b)
-            x = schedule.add_noise(x0, eps, ts[i + 1]).to(noise.dtype)
+            x = schedule.ddim_step(x0, eps, ts[i + 1]).to(noise.dtype)
     return x0.to(noise.dtype)
 
 
@@ -155,23 +155,24 @@ class ODEPairWarmup:
         """Whether the trainer should run the auxiliary updates before this generator update (not in the warm-up)."""
         return not self.in_ode_warmup()
 
-    def needs_regression_pairs(self, from_step: int = 0) -> bool:
-        """Whether training from generator update ``from_step`` on (a resumed run starts past 0) needs the teacher's
-        (noise, ODE output) pairs in ``Batch.ref_*``: here only while the ODE-pair warm-up lasts."""
-        return self.ode_warmup_steps > from_step
+    @classmethod
+    def requirements(cls, cfg) -> Requirements:
+        """The warm-up's pairs (``Batch.ref_*``) while it lasts, and its cost estimate for the ETA."""
+        return dataclasses.replace(super().requirements(cfg), ode_warmup_steps=int(cfg.get("ode_warmup_steps") or 0),
+                                   warmup_cost_ratio=cls.phase_cost_ratio(cfg))
 
     def pair_guidance(self) -> float:
         """CFG of the teacher ODE that makes the pairs: ``regression_guidance``, else ``real_guidance_scale``."""
         g = self.config.get("regression_guidance")
         return float(self.config.get("real_guidance_scale", 1.0) if g is None else g)
 
-    def phase_cost_ratio(self) -> float:
+    @classmethod
+    def phase_cost_ratio(cls, cfg) -> float:
         """Estimated cost of one update after the warm-up over one warm-up update, in UNet passes (a backward counts
         as two forwards): warm-up = the generator's forward + backward (3); after it, the generator step adds the
         teacher (×2 with CFG) and the fake score (1), DMD's regression another 3, and each auxiliary update a
         generator forward plus a fake-score forward + backward (4). For the toy DMD recipe this gives 9.7; measured
         there: 8.2 (3.56 and 0.432 updates/s). The progress bar's ETA uses it until the second phase is measured."""
-        cfg = self.config
         teacher = 2 if cfg.get("real_guidance_scale", 1.0) != 1.0 else 1
         regression = 3 if cfg.get("regression_weight", 0) else 0
         aux = int(cfg.get("aux_updates_per_generator_update", 1)) * 4

@@ -64,6 +64,7 @@ from stepdistill.objectives.base import (
     Batch,
     Objective,
     ObjectiveConfigError,
+    Requirements,
     check_bool,
     check_int,
     check_number,
@@ -175,16 +176,14 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
 
     # --- declarations read by the trainer / distill -------------------------------------------------------------------
     @classmethod
-    def teacher_components_in_gradient(cls, cfg) -> tuple[str, ...]:
-        """The generator loss differentiates y_real = x̂₀ of the teacher UNet through its input x_t."""
-        return ("unet",)
+    def requirements(cls, cfg) -> Requirements:
+        """The generator loss differentiates y_real = x̂₀ of the teacher UNet through its input x_t; SiDA's GAN term
+        needs real images."""
+        return dataclasses.replace(super().requirements(cfg), teacher_in_gradient=("unet",),
+                                   real_images=bool(cfg["gan_enabled"]))
 
     def auxiliary_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"fake_score": trainable_parameters(self.fake_unet)}
-
-    @classmethod
-    def real_images_needed(cls, cfg) -> bool:
-        return bool(cfg["gan_enabled"])
 
     def grad_clip_values(self) -> dict[str, float]:
         """Clip-by-value per auxiliary group: the fake score at 1 with the GAN on (SiDA), unless configured."""
@@ -204,7 +203,11 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
     # --- guidance -------------------------------------------------------------------------------------------------
     def scales(self) -> dict[str, float]:
         """Effective (κ₁, κ₂, κ₃, κ₄) of the guidance mode."""
-        cfg = self.config
+        return self.scales_of(self.config)
+
+    @staticmethod
+    def scales_of(cfg) -> dict[str, float]:
+        """Effective (κ₁, κ₂, κ₃, κ₄) of the guidance mode of config ``cfg``."""
         k = {f"kappa{i}": float(cfg[f"kappa{i}"]) for i in range(1, 5)}
         if cfg["guidance_mode"] == "anti_cfg":
             k["kappa2"] = k["kappa3"] = float(cfg["anti_cfg_scale"])
@@ -246,14 +249,15 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
         g = self.config["regression_guidance"]
         return float(self.config["kappa4"] if g is None else g)
 
-    def phase_cost_ratio(self) -> float:
+    @classmethod
+    def phase_cost_ratio(cls, cfg) -> float:
         """UNet passes per update after the warm-up over one warm-up update (3): the generator step backpropagates
         through the teacher and the fake score (3 each, ×2 with CFG) besides the generator (3); each fake-score
         update is a generator forward (1) and a fake-score forward + backward (3, ×2 with κ₁ ≠ 1)."""
-        k = self.scales()
+        k = cls.scales_of(cfg)
         teacher = 3 * (2 if k["kappa4"] != 1.0 else 1)
         fake = 3 * (2 if k["kappa2"] != 1.0 else 1) + (3 if k["kappa3"] != k["kappa2"] else 0)
-        aux = self.aux_updates_per_generator_update * (1 + 3 * (2 if k["kappa1"] != 1.0 else 1))
+        aux = int(cfg["aux_updates_per_generator_update"]) * (1 + 3 * (2 if k["kappa1"] != 1.0 else 1))
         return (3 + teacher + fake + aux) / 3
 
     def generator_loss(self, batch: Batch, *, timesteps=None, noise=None) -> tuple[torch.Tensor, dict[str, float]]:

@@ -1,6 +1,7 @@
 """Training: typed run configs, the accelerate loop, EMA and crash-safe checkpoints."""
 
 from stepdistill.models.ema import GeneratorEMA, attach_ema, get_ema
+from stepdistill.training.batches import build_batch
 from stepdistill.training.checkpoint import (
     CheckpointError,
     TrainState,
@@ -19,12 +20,8 @@ from stepdistill.training.config import (
     apply_overrides,
     load_recipe,
 )
-from stepdistill.training.trainer import (
-    PromptSource,
-    Trainer,
-    TrainingDiverged,
-    build_batch,
-)
+from stepdistill.training.prompts import PromptSource
+from stepdistill.training.trainer import Trainer, TrainingDiverged
 
 __all__ = [
     "CheckpointError",

@@ -31,7 +31,12 @@ from typing import Any, Mapping
 import torch
 
 from stepdistill.core.errors import InputError
-from stepdistill.core.outputs import DiskFullError, disk_full
+from stepdistill.core.outputs import (
+    DiskFullError,
+    disk_full,
+    fsync_path,
+    write_text_atomic,
+)
 
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
@@ -75,36 +80,11 @@ def read_marker(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a complete stepdistill checkpoint (cannot read {MARKER_FILE}: {e})") from e
 
 
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(path: Path) -> None:
     for dirpath, _, files in os.walk(path):
         for f in files:
-            _fsync_path(Path(dirpath) / f)
-        _fsync_path(Path(dirpath))
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file in the same folder, fsync, then ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -258,7 +238,7 @@ def save_checkpoint(accelerator, root: str | Path, step: int, keep: int, metadat
             trash = root / f"{TMP_PREFIX}old_{name}_{uuid.uuid4().hex[:8]}"
             os.replace(final, trash)
         os.replace(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
         write_text_atomic(root / LATEST_FILE, name + "\n")
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)

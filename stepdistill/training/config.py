@@ -38,9 +38,9 @@ from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
 
+from stepdistill.core.validation import is_finite_number
 from stepdistill.core.yaml_io import (
     YAMLFileError,
-    is_finite_number,
     load_yaml_file,
     parse_yaml_value,
 )

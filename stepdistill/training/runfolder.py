@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from stepdistill.core.outputs import write_text_atomic
 from stepdistill.training.checkpoint import (
     CheckpointError,
     find_loadable_checkpoint,
     find_resume_checkpoint,
     list_checkpoints,
     read_marker,
-    write_text_atomic,
 )
 from stepdistill.training.config import ConfigError, RunConfig
 

@@ -26,14 +26,10 @@ Outputs under ``out_dir``: ``checkpoints/step_XXXXXX`` + ``checkpoints/latest`` 
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import io
 import json
 import logging
 import math
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -41,9 +37,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from stepdistill.core.outputs import write_text_atomic
 from stepdistill.models.ema import GeneratorEMA, HalflifeEMA, attach_ema
-from stepdistill.objectives.base import Batch
+from stepdistill.objectives.base import UpdatePlan
 from stepdistill.training.activations import SavedTensorBytes
+from stepdistill.training.batches import TURNS, batch_seed, build_batch
 from stepdistill.training.checkpoint import (
     CheckpointError,
     TrainableStateHooks,
@@ -53,13 +51,19 @@ from stepdistill.training.checkpoint import (
     latest_checkpoint,
     read_marker,
     save_checkpoint,
-    write_text_atomic,
 )
 from stepdistill.training.config import RunConfig
+from stepdistill.training.progress import (
+    CSVLogger,
+    PhaseETA,
+    peak_memory,
+    tensorboard_hparams,
+    training_state_bytes,
+)
+from stepdistill.training.prompts import as_prompt_sampler
 
 logger = logging.getLogger(__name__)
 
-TURNS = {"aux": 0, "generator": 1}
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,99 +83,11 @@ class TrainingDiverged(RuntimeError):
         )
 
 
-# --- prompts ------------------------------------------------------------------------------------------------------
-class PromptSource:
-    """A fixed list of prompts sampled uniformly with replacement."""
-
-    def __init__(self, prompts: Sequence[str], name: str = "prompts") -> None:
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError(f"{name}: no prompts")
-        bad = [p for p in prompts if not isinstance(p, str)]
-        if bad:
-            raise ValueError(f"{name}: prompts must be strings, got {bad[0]!r}")
-        self.prompts = prompts
-        self.name = name
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> list[str]:
-        idx = torch.randint(len(self.prompts), (n,), generator=generator)
-        return [self.prompts[i] for i in idx.tolist()]
-
-    @classmethod
-    def from_spec(cls, source: str | Path) -> "PromptSource":
-        """A ``.txt`` file (one prompt per non-empty line) or a ``.jsonl`` file (one ``{"prompt": ...}`` object per
-        line). Named sources (``"toy"``: every prompt of the toy world) are resolved by ``distill``
-        (:func:`stepdistill.workflows.single_run.load_prompts`)."""
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {path} not found (expected 'toy', a .txt or a .jsonl file)")
-        suffix = path.suffix.lower()
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".txt":
-            prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        elif suffix == ".jsonl":
-            prompts = []
-            for no, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{no}: not valid JSON ({e})") from e
-                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                    raise ValueError(f'{path}:{no}: expected an object with a string "prompt" field, got {line.strip()[:80]!r}')
-                prompts.append(obj["prompt"])
-        else:
-            raise ValueError(f"prompt file {path}: expected a .txt or .jsonl file, got {suffix!r}")
-        return cls(prompts, name=str(path))
 
 
-def _as_prompt_sampler(source: Any) -> Callable[[int, torch.Generator], list[str]]:
-    if isinstance(source, PromptSource):
-        return source.sample
-    if isinstance(source, (str, Path)):
-        return PromptSource.from_spec(source).sample
-    if hasattr(source, "sample") and callable(source.sample):
-        return source.sample
-    if callable(source):
-        return source
-    if isinstance(source, Sequence):
-        return PromptSource(source).sample
-    raise TypeError(f"prompt_source must be a PromptSource, a spec string, a list of prompts or a callable, got {type(source).__name__}")
 
 
 # --- batches ------------------------------------------------------------------------------------------------------
-def build_batch(
-    teacher,
-    prompts: Sequence[str],
-    noise: torch.Tensor,
-    real_latents: torch.Tensor | None = None,
-    device: torch.device | str | None = None,
-    with_uncond: bool = True,
-    real_prompts: Sequence[str] | None = None,
-    rng: torch.Generator | None = None,
-):
-    """THE place where training batches are made (extend it here when an objective needs more fields).
-
-    Prompts are encoded by the teacher (with the unconditional embeddings, for CFG); ``noise`` is the generator input
-    (B, C, H, W); ``real_latents`` are optional encoded real images (DMD2's GAN) and ``real_prompts`` their captions
-    (encoded into ``Batch.real_embeds``; without them the real latents are judged under the batch's prompts).
-    ``rng`` is the batch's own generator (seeded by its position in the run): a wrapper that draws more for the
-    batch draws from it, never from the global RNG, so a batch does not depend on what earlier batches drew."""
-    extra = {}
-    with torch.no_grad():
-        embeds = teacher.encode_prompt(list(prompts), with_uncond=with_uncond)
-        if real_prompts is not None:
-            extra["real_embeds"] = teacher.encode_prompt(list(real_prompts), with_uncond=False)
-    if device is not None:
-        embeds = embeds.to(device)
-        noise = noise.to(device)
-        real_latents = None if real_latents is None else real_latents.to(device)
-        extra = {k: v.to(device) for k, v in extra.items()}
-    return Batch(embeds=embeds, noise=noise, real_latents=real_latents, **extra)
 
 
 class _TrainModule(torch.nn.Module):
@@ -190,125 +106,16 @@ class _TrainModule(torch.nn.Module):
         return self.objective.auxiliary_loss(batch)
 
 
-# --- logging ------------------------------------------------------------------------------------------------------
-class CSVLogger:
-    """``metrics.csv`` with a header that grows when new keys appear (the file is then rewritten atomically)."""
-
-    def __init__(self, path: str | Path, keep_until_step: int | None = None) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fields: list[str] = ["step"]
-        self.rows: list[dict[str, Any]] = []
-        if keep_until_step is not None and self.path.is_file():  # resuming: keep the rows up to the checkpoint
-            with open(self.path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                self.fields = list(reader.fieldnames or ["step"])
-                for row in reader:
-                    try:
-                        if int(float(row.get("step") or 0)) <= keep_until_step:
-                            self.rows.append(row)
-                    except ValueError:
-                        continue
-        self._rewrite()
-
-    def _rewrite(self) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.fields, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_text_atomic(self.path, buf.getvalue())
-
-    def log(self, row: Mapping[str, Any]) -> None:
-        row = dict(row)
-        self.rows.append(row)
-        new = [k for k in row if k not in self.fields]
-        if new:
-            self.fields.extend(new)
-            self._rewrite()
-            return
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=self.fields, restval="", extrasaction="ignore").writerow(row)
 
 
-def _hparams(config: RunConfig) -> dict[str, Any]:
-    """TensorBoard hparams accept only scalars and strings."""
-    out = {}
-    for k, v in config.flat().items():
-        out[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return out
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024), "process max RSS (getrusage)"
 
 
-def training_state_bytes(modules: Sequence[torch.nn.Module], optimizers: Sequence[Any]) -> dict[str, int]:
-    """Bytes of what training keeps resident besides activations: every *distinct* parameter tensor of ``modules``
-    (a UNet shared by the teacher and a LoRA student counts once), their gradients, and the optimizers' state
-    tensors (AdamW's two moments)."""
-    seen: dict[int, torch.Tensor] = {}
-    for module in modules:
-        for p in module.parameters():
-            seen.setdefault(id(p), p)
-    weights = sum(p.numel() * p.element_size() for p in seen.values())
-    grads = sum(p.numel() * p.element_size() for p in seen.values() if p.requires_grad)
-    states = 0
-    for opt in optimizers:
-        for state in getattr(opt, "state", {}).values():
-            states += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.ndim > 0)
-    return {"weights": weights, "gradients": grads, "optimizer_state": states, "total": weights + grads + states}
 
 
-def _seed_for(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
 
 
-class PhaseETA:
-    """Time left for a run whose first ``warmup`` updates (an ODE-pair warm-up) cost less than the rest: the measured
-    mean time per update of each phase; before the second phase has run, its time per update is the warm-up's times
-    ``cost_ratio`` (the objective's estimate, ``phase_cost_ratio``), and the text says so with a "≈"."""
-
-    def __init__(self, start: int, total: int, warmup: int, cost_ratio: float | None) -> None:
-        self.total, self.warmup = int(total), int(warmup)
-        self.cost_ratio = cost_ratio
-        self.sums = [0.0, 0.0]
-        self.counts = [0, 0]
-        self._skip = [start < warmup, True]  # the first update of a phase includes one-off costs; not measured
-
-    def record(self, step: int, seconds: float) -> None:
-        phase = 0 if step < self.warmup else 1
-        if self._skip[phase]:
-            self._skip[phase] = False
-            return
-        self.sums[phase] += seconds
-        self.counts[phase] += 1
-
-    def seconds_left(self, done: int) -> tuple[float | None, bool]:
-        """(seconds, estimated) for the updates after ``done``; None before anything was measured."""
-        mean = [self.sums[i] / self.counts[i] if self.counts[i] else None for i in (0, 1)]
-        left_w = max(self.warmup - done, 0)
-        left_d = self.total - max(done, self.warmup)
-        estimated = False
-        if left_d > 0 and mean[1] is None:
-            if mean[0] is None or (self.warmup > 0 and self.cost_ratio is None):
-                return None, True
-            mean[1] = mean[0] * (self.cost_ratio if self.warmup > 0 else 1.0)
-            estimated = True
-        if left_w > 0 and mean[0] is None:
-            return None, True
-        return left_w * (mean[0] or 0.0) + left_d * (mean[1] or 0.0), estimated
-
-    def text(self, done: int) -> str:
-        secs, estimated = self.seconds_left(done)
-        if secs is None:
-            return "?"
-        h, rem = divmod(int(round(secs)), 3600)
-        m, sec = divmod(rem, 60)
-        clock = f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
-        return ("≈" if estimated else "") + clock
 
 
 # --- the trainer --------------------------------------------------------------------------------------------------
@@ -360,7 +167,7 @@ class Trainer:
         self.generator = generator
         self.objective = objective
         self.saved_activation_bytes: dict[str, int] = {}  # per phase, first generator update (see activations.py)
-        self.sample_prompts = _as_prompt_sampler(prompt_source)
+        self.sample_prompts = as_prompt_sampler(prompt_source)
         self.real_latent_source = real_latent_source
         self.sample_fn = sample_fn
         self.sample_prompt_list = list(sample_prompts) if sample_prompts is not None else None
@@ -388,11 +195,7 @@ class Trainer:
 
         # optimizers: one for the generator, one per auxiliary parameter group
         oc = config.optimizer
-        gen_params = (
-            list(generator.trainable_parameters())
-            if hasattr(generator, "trainable_parameters")
-            else [p for p in generator.parameters() if p.requires_grad]
-        )
+        gen_params = list(generator.trainable_parameters())
         if not gen_params:
             raise ValueError("the generator has no trainable parameters (requires_grad=True)")
         gen_ids = {id(p) for p in gen_params}
@@ -405,10 +208,12 @@ class Trainer:
             if any(id(p) in gen_ids for p in params):
                 raise ValueError(f"auxiliary parameter group {name!r} shares parameters with the generator")
             aux_groups[name] = params
-        self.aux_ratio = int(getattr(objective, "aux_updates_per_generator_update", 0) or 0)
+        self.requirements = objective.requirements(objective.config)
+        self.plan = UpdatePlan()  # the current update's (Objective.plan_update)
+        self.aux_ratio = int(objective.aux_updates_per_generator_update)
         if self.aux_ratio > 0 and not aux_groups:
             logger.warning("objective %s declares auxiliary updates but has no auxiliary parameters; skipping them",
-                           getattr(objective, "name", type(objective).__name__))
+                           objective.name)
             self.aux_ratio = 0
 
         from accelerate.utils import DistributedType
@@ -476,8 +281,7 @@ class Trainer:
         if tc.gradient_checkpointing:
             enabled = 0
             # an objective that backpropagates through the frozen teacher UNet's input (SiD) checkpoints it too
-            declared = getattr(self.objective, "teacher_components_in_gradient", None)
-            through_teacher = callable(declared) and "unet" in declared(self.objective.config)
+            through_teacher = "unet" in self.objective.requirements(self.objective.config).teacher_in_gradient
             for m in self._diffusers_models(include_teacher=through_teacher):
                 if getattr(m, "_supports_gradient_checkpointing", False):
                     m.enable_gradient_checkpointing()
@@ -501,7 +305,7 @@ class Trainer:
         noise and real latents come from a ``torch.Generator`` seeded by that position (and the process index)."""
         tc = self.config.train
         g = torch.Generator().manual_seed(
-            _seed_for(tc.seed, step, TURNS[turn], update, micro, self.accelerator.process_index)
+            batch_seed(tc.seed, step, TURNS[turn], update, micro, self.accelerator.process_index)
         )
         n = tc.batch_size
         prompts = self.sample_prompts(n, g)
@@ -545,7 +349,7 @@ class Trainer:
         if scaler is not None:
             for opt in opts.values():
                 scaler.unscale_(opt.optimizer)
-        clip_values = self.objective.grad_clip_values() if hasattr(self.objective, "grad_clip_values") else {}
+        clip_values = self.objective.grad_clip_values()
         for name, params in groups.items():
             if name in clip_values:  # the objective's clip-by-value (e.g. SiDA's fake score), before the norm clip
                 torch.nn.utils.clip_grad_value_(params, clip_values[name])
@@ -608,8 +412,7 @@ class Trainer:
         micro-batch of the first generator update of each phase is measured (see :mod:`.activations`)."""
         if turn != "generator" or micro != 0:
             return None
-        in_warmup = getattr(self.objective, "in_ode_warmup", None)
-        phase = "ode_warmup" if callable(in_warmup) and in_warmup() else "main"
+        phase = "ode_warmup" if self.plan.ode_warmup else "main"
         return None if phase in self.saved_activation_bytes else phase
 
     def _frozen_and_trained_modules(self) -> list[torch.nn.Module]:
@@ -620,16 +423,14 @@ class Trainer:
         """``optimizer.warmup_generator_lr`` while the objective is in its ODE-pair warm-up, else ``generator_lr``
         (set before every update, so a resumed run gets the right one)."""
         oc = self.config.optimizer
-        in_warmup = getattr(self.objective, "in_ode_warmup", None)
-        lr = oc.warmup_generator_lr if oc.warmup_generator_lr is not None and in_warmup is not None and in_warmup() \
-            else oc.generator_lr
+        lr = oc.warmup_generator_lr if oc.warmup_generator_lr is not None and self.plan.ode_warmup else oc.generator_lr
         for group in self.gen_opt.param_groups:
             group["lr"] = lr
 
     # --- checkpoints --------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         meta = {
-            "objective": getattr(self.objective, "name", type(self.objective).__name__),
+            "objective": self.objective.name,
             "config": self.config.to_dict(),
             **self.run_identity,
         }
@@ -731,13 +532,12 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.out_dir / "run_config.yaml")
             csv_log = CSVLogger(self.log_dir / "metrics.csv", keep_until_step=start_step if self._resumed_from else None)
-        acc.init_trackers("tensorboard", config=_hparams(self.config))
+        acc.init_trackers("tensorboard", config=tensorboard_hparams(self.config))
 
-        warmup_steps = int(getattr(self.objective, "ode_warmup_steps", 0) or 0)
-        ratio = getattr(self.objective, "phase_cost_ratio", None)
-        eta = PhaseETA(start_step, tc.max_steps, warmup_steps, ratio() if callable(ratio) else None)
+        eta = PhaseETA(start_step, tc.max_steps, self.requirements.ode_warmup_steps,
+                       self.requirements.warmup_cost_ratio)
         pbar = tqdm(total=tc.max_steps, initial=start_step, disable=not acc.is_local_main_process,
-                    desc=f"distill[{getattr(self.objective, 'name', 'objective')}]", dynamic_ncols=True,
+                    desc=f"distill[{self.objective.name}]", dynamic_ncols=True,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         t0 = time.perf_counter()
         last_log_t, last_log_step = t0, start_step
@@ -745,23 +545,19 @@ class Trainer:
         try:
             while self.state.step < tc.max_steps:
                 aux_loss, aux_logs = None, {}
-                if hasattr(self.objective, "set_train_step"):
-                    self.objective.set_train_step(self.state.step)
-                take_reset = getattr(self.objective, "take_auxiliary_reset", None)
-                if take_reset is not None and take_reset():
+                self.plan = plan = self.objective.plan_update(self.state.step)
+                if plan.reset_auxiliary_optimizers:
                     for opt in self.aux_opts.values():  # fresh auxiliary networks start with fresh moments
-                        getattr(opt, "optimizer", opt).state.clear()
+                        opt.optimizer.state.clear()
                 self._set_generator_lr()
-                aux_active = getattr(self.objective, "auxiliary_active", None)
-                first = getattr(self.objective, "generator_update_first", None)
-                generator_first = callable(first) and first()
+                generator_first = plan.generator_first
                 t_update = time.perf_counter()
                 calls_before = self._generator_calls
                 if generator_first:  # DMD2 / SwiftBrush order: the fake score then learns from this update's sample
                     gen_loss, gen_logs = self._update("generator", 0)
                     if self.ema is not None:
                         self.ema.step()
-                if self.aux_opts and (aux_active is None or aux_active()):
+                if self.aux_opts and plan.auxiliary:
                     vals = []
                     for j in range(self.aux_ratio):
                         loss, logs = self._update("aux", j)
@@ -772,8 +568,7 @@ class Trainer:
                     gen_loss, gen_logs = self._update("generator", 0)
                     if self.ema is not None:
                         self.ema.step()
-                in_warmup = getattr(self.objective, "in_ode_warmup", None)
-                if not (callable(in_warmup) and in_warmup()):
+                if not plan.ode_warmup:
                     self._calls_per_update.append(self._generator_calls - calls_before)
                 self.state.step += 1
                 step = self.state.step
@@ -819,7 +614,7 @@ class Trainer:
 
         wall = time.perf_counter() - t0
         done = self.state.step - start_step
-        peak, peak_source = _peak_memory(device)
+        peak, peak_source = peak_memory(device)
         pipe = getattr(self.teacher, "pipeline", None)
         teacher_modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)] if pipe else []
         state_bytes = training_state_bytes([*teacher_modules, self.generator, self.objective],

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from stepdistill.core.outputs import staged_folder
 from stepdistill.models.teacher import unet_forward
 
 
@@ -81,15 +82,13 @@ def train_tsm(teacher, student_unet: torch.nn.Module, prompts, x0_source: Callab
         opt.step()
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    student_unet.save_pretrained(tmp, safe_serialization=True)
     tail = losses[-max(1, steps // 10):]
     summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seconds": round(time.time() - t0, 1),
                "first_loss": losses[0] if losses else None, "final_loss_mean_last_10pct": sum(tail) / len(tail),
                "parameters": sum(p.numel() for p in student_unet.parameters())}
-    (tmp / "tsm_summary.json").write_text(json.dumps(summary, indent=2))
-    tmp.rename(out)
+    with staged_folder(out_dir, "the TSM student UNet") as tmp:
+        student_unet.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "tsm_summary.json").write_text(json.dumps(summary, indent=2))
     log(f"[msd] TSM: {steps} updates in {summary['seconds']} s, loss {summary['first_loss']:.4f} -> "
         f"{summary['final_loss_mean_last_10pct']:.4f} ({summary['parameters']:,} parameters)")
     return summary

@@ -38,7 +38,8 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from stepdistill.core.yaml_io import is_finite_number, load_yaml_file
+from stepdistill.core.validation import is_finite_number
+from stepdistill.core.yaml_io import load_yaml_file
 from stepdistill.export.multi_student import export_multi_student
 from stepdistill.models.router import (
     KeywordRouter,
@@ -49,6 +50,7 @@ from stepdistill.models.router import (
 )
 from stepdistill.objectives.regression import make_regression_pairs
 from stepdistill.training.config import ConfigError, recipe_from_data
+from stepdistill.training.prompts import PromptSource
 from stepdistill.training.runfolder import (
     RUN_FILE,
     RunFolderError,
@@ -58,7 +60,6 @@ from stepdistill.training.runfolder import (
     left_nothing,
     run_identity,
 )
-from stepdistill.training.trainer import PromptSource
 from stepdistill.training.tsm import narrow_unet, train_tsm
 from stepdistill.workflows.single_run import (
     _all_toy,

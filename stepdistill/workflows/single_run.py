@@ -17,12 +17,9 @@ from stepdistill.core.outputs import check_output_folder
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.core.yaml_io import load_yaml_file
 from stepdistill.eval.generate import image_grid
-from stepdistill.export.students import GENERIC_EXAMPLE_PROMPT, export_student
-from stepdistill.models.generators import (
-    Generator,
-    PhasedGenerator,
-    TeacherSamplerGenerator,
-)
+from stepdistill.export.model_card import GENERIC_EXAMPLE_PROMPT
+from stepdistill.export.students import export_student
+from stepdistill.models.generators import generator_class
 from stepdistill.models.image_embedders import CLIPImageEmbedder
 from stepdistill.models.teacher import Teacher, _resolve_source
 from stepdistill.objectives import (
@@ -34,9 +31,11 @@ from stepdistill.objectives.regression import make_regression_pairs
 from stepdistill.toy import world
 from stepdistill.toy.assets import TOY_TEACHER, check_toy_vocabulary, is_toy_model
 from stepdistill.toy.embedder import ToyEmbedder
+from stepdistill.training.batches import build_batch
 from stepdistill.training.config import ConfigError, load_recipe
+from stepdistill.training.prompts import PromptSource
 from stepdistill.training.runfolder import config_error_from_objective, plan_run
-from stepdistill.training.trainer import PromptSource, Trainer, build_batch
+from stepdistill.training.trainer import Trainer
 
 PIPELINE_KEYS = {"teacher", "dtype", "single_file_config", "real_images", "resolution"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -163,16 +162,19 @@ def check_run_config(spec: PipelineSpec, config, recipe: str | Path, overrides: 
         cfg = cls.check_config(config.objective_config, T)
     except ObjectiveConfigError as e:
         raise config_error_from_objective(e, recipe, overrides) from None
-    need = cls.min_train_steps(cfg)
+    needs = cls.requirements(cfg)
+    need = needs.min_train_steps
     if config.train.max_steps < need:
         raise ConfigError("train.max_steps", f"must be at least {need} for {config.objective} with this objective_config "
                           f"(every phase must run), got {config.train.max_steps}", str(recipe))
-    if cls.needs_teacher_sampler() != (config.generator.teacher_sampler_steps is not None):
-        problem = ("must be set (e.g. 25) for objective " if cls.needs_teacher_sampler()
+    teacher_sampler = needs.student == "teacher_sampler"
+    if teacher_sampler != (config.generator.teacher_sampler_steps is not None):
+        problem = ("must be set (e.g. 25) for objective " if teacher_sampler
                    else "must be null (it is for guidance distillation, objective cfg_distill) for objective ")
         raise ConfigError("generator.teacher_sampler_steps", problem + config.objective, str(recipe))
-    if cls.needs_phase_experts() != bool(config.generator.experts):
-        want = "true" if cls.needs_phase_experts() else "false"
+    experts = needs.student == "phase_experts"
+    if experts != bool(config.generator.experts):
+        want = "true" if experts else "false"
         raise ConfigError("generator.experts", f"must be {want} for objective {config.objective}", str(recipe))
     for i, t in enumerate(config.generator.timesteps):
         if t >= T:
@@ -181,7 +183,7 @@ def check_run_config(spec: PipelineSpec, config, recipe: str | Path, overrides: 
     problem = cls.generator_timesteps_problem(cfg, list(config.generator.timesteps), schedule) if schedule else None
     if problem is not None:
         raise ConfigError("generator.timesteps", problem, str(recipe))
-    if cls.real_images_needed(cfg) and spec.real_images != "toy":
+    if needs.real_images and spec.real_images != "toy":
         raise ValueError(f"{pipeline or 'the pipeline preset'}: the {config.objective} GAN term needs real images; set "
                          "real_images: toy (other sources are not supported yet) or objective_config.gan_enabled=false")
     return config
@@ -202,7 +204,7 @@ def run_warnings(config) -> list[str]:
 
 def load_prompts(source: str | Path) -> PromptSource:
     """The prompts a recipe's ``prompts.source`` names: ``"toy"`` (every prompt of the toy world) or a .txt / .jsonl
-    file (:meth:`~stepdistill.training.trainer.PromptSource.from_spec`)."""
+    file (:meth:`~stepdistill.training.prompts.PromptSource.from_spec`)."""
     if str(source) == "toy":
         return PromptSource(world.all_prompts(), name="toy")
     return PromptSource.from_spec(source)
@@ -228,11 +230,11 @@ def load_teacher(spec: PipelineSpec):
 
 def upcast_for_gradient(teacher, config, log=None) -> list[str]:
     """Cast to float32 the teacher components the run's objective backpropagates through
-    (``Objective.teacher_components_in_gradient``) when the preset loaded them in a lower precision; returns what
+    (``Requirements.teacher_in_gradient``) when the preset loaded them in a lower precision; returns what
     was cast (each said in one line to ``log``)."""
     cls = objective_class(config.objective)
     cast = []
-    for name in cls.teacher_components_in_gradient(cls.check_config(config.objective_config)):
+    for name in cls.requirements(cls.check_config(config.objective_config)).teacher_in_gradient:
         module = getattr(teacher, name)
         dtype = next(module.parameters()).dtype
         if dtype != torch.float32:
@@ -275,23 +277,11 @@ def _build(spec: PipelineSpec, config, training: bool = False, log=None):
     if training:
         upcast_for_gradient(teacher, config, log)
     set_seed(config.train.seed)
-    if config.generator.teacher_sampler_steps is not None:
-        generator = TeacherSamplerGenerator.from_teacher(teacher, config.generator.teacher_sampler_steps,
-                                                         lora_rank=config.generator.lora_rank,
-                                                         lora_alpha=config.generator.lora_alpha,
-                                                         share_base=config.generator.share_teacher_base)
-    elif config.generator.experts:
-        generator = PhasedGenerator.from_teacher(teacher, timesteps=tuple(config.generator.timesteps),
-                                                 lora_rank=config.generator.lora_rank,
-                                                 lora_alpha=config.generator.lora_alpha)
-    else:
-        generator = Generator.from_teacher(teacher, timesteps=tuple(config.generator.timesteps),
-                                           lora_rank=config.generator.lora_rank,
-                                           lora_alpha=config.generator.lora_alpha,
-                                           scaled_input_noise=config.generator.scaled_input_noise,
-                                           init_unet=config.generator.init_unet)
+    cls = objective_class(config.objective)
+    kind = cls.requirements(cls.check_config(config.objective_config)).student  # checked against the recipe before
+    generator = generator_class(kind).from_config(teacher, config.generator)
     objective = build_objective(config.objective, teacher, generator, config.objective_config)
-    embedder = objective.image_embedder_spec(objective.config)
+    embedder = objective.requirements(objective.config).image_embedder
     if embedder is not None:  # built at its first use, as the objective asks
         objective.image_embedder_loader = functools.partial(load_image_embedder, embedder, teacher)
     return teacher, generator, objective
@@ -368,7 +358,7 @@ def distill_single(
     plan.write_run_file(recipe, pipeline, overrides)
     t0 = time.time()
     teacher, generator, objective = _build(spec, config, training=True, log=log)
-    if getattr(objective, "config", {}).get("disback"):  # DisBack records its degradation path into the run folder
+    if objective.requirements(objective.config).uses_run_folder:  # DisBack records its path into the run folder
         def disback_embeds(n: int, rng: torch.Generator):
             return teacher.encode_prompt(prompts.sample(n, rng), with_uncond=True)
 
@@ -377,9 +367,9 @@ def distill_single(
 
     batch_fn = build_batch
     pairs_seconds = None
-    if objective.needs_regression_pairs(from_step=plan.start_step):
+    needs = objective.requirements(objective.config)
+    if needs.regression_pairs_needed(from_step=plan.start_step):
         from accelerate import PartialState
-
 
         teacher.to(PartialState().device)  # make the pairs on the training device (the Trainer would move it there)
         oc = objective.config
@@ -394,7 +384,7 @@ def distill_single(
         batch_fn = with_regression_pairs(pairs, build_batch)
 
     subset = prompts if config.prompts.source != "toy" and _all_toy(prompts.prompts) else None  # e.g. an MSD subset
-    real_source = toy_real_latents(teacher, config.train.seed, subset) if objective.needs_real_images() else None
+    real_source = toy_real_latents(teacher, config.train.seed, subset) if needs.real_images else None
     sample_prompts = prompts.sample(8, torch.Generator().manual_seed(99))
     trainer = Trainer(config, teacher, generator, objective, prompts, out, real_latent_source=real_source,
                       sample_fn=make_sample_fn(teacher, sample_prompts), batch_fn=batch_fn,
