@@ -6,7 +6,7 @@ import torch
 
 from stepdistill.objectives import Batch, build_objective
 from stepdistill.models.generators import Generator
-from stepdistill.models.teacher import PromptEmbeds
+from stepdistill.models.conditioning import PromptEmbeds
 from stepdistill.training.activations import SavedTensorBytes
 
 

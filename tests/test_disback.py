@@ -16,7 +16,7 @@ from stepdistill.objectives import ObjectiveConfigError, build_objective
 from stepdistill.objectives import disback as disback_mod
 from stepdistill.objectives.disback import node_file, read_manifest, target_index
 from stepdistill.models.generators import Generator
-from stepdistill.models.teacher import unet_forward
+from stepdistill.models.conditioning import unet_forward
 
 
 def test_target_schedule_walks_back_to_the_teacher():

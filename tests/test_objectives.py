@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from stepdistill.objectives import OBJECTIVES, Batch, build_objective, make_regression_pairs
 from stepdistill.objectives.gan import ClassifierHead, bottleneck_features, bottleneck_shape
 from stepdistill.models.generators import Generator
-from stepdistill.models.teacher import PromptEmbeds
+from stepdistill.models.conditioning import PromptEmbeds
 
 B = 3
 T_FIXED = torch.tensor([20, 500, 980])

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stepdistill.objectives import Batch, build_objective
+from stepdistill.models.conditioning import PromptEmbeds
 from stepdistill.models.generators import Generator
-from stepdistill.models.teacher import PromptEmbeds
+from stepdistill.objectives import Batch, build_objective
 
 B = 3
 T_FIXED = torch.tensor([20, 500, 979])

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import make_tiny_sd_pipeline  # noqa: E402
 
 from stepdistill.models.generators import Generator, copy_unet  # noqa: E402
-from stepdistill.models.teacher import PromptEmbeds  # noqa: E402
+from stepdistill.models.conditioning import PromptEmbeds
 
 B = 2
 

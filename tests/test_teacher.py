@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import stepdistill.models.teacher as teacher_mod
-from stepdistill.models.teacher import PromptEmbeds, Teacher, TeacherLoadError, unet_forward
+from stepdistill.models.conditioning import PromptEmbeds, unet_forward
+from stepdistill.models.teacher import Teacher, TeacherLoadError
 from tiny_models import make_tiny_sd_pipeline, make_tiny_sdxl_pipeline, sd_pipeline_to_single_file
 
 FAMILIES = ("sd1", "sd2", "sdxl")

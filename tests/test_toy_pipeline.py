@@ -152,7 +152,7 @@ def test_regression_pairs_follow_the_batch_to_the_training_device():
     pairs must land on that device too, not on the CPU noise's (this broke every warm-up run on a GPU). The ``meta``
     device stands in for a GPU here."""
     from stepdistill.objectives.dmd import RegressionPairs
-    from stepdistill.models.teacher import PromptEmbeds
+    from stepdistill.models.conditioning import PromptEmbeds
     from stepdistill.workflows.distill import with_regression_pairs
 
     class FakeTeacher:

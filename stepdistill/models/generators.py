@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Sequence
 import torch
 
 from stepdistill.core.schedule import NoiseSchedule
-from stepdistill.models.teacher import unet_forward
+from stepdistill.models.conditioning import unet_forward
 
 #: LoRA targets of the generator: the attention projections (diffusers' SD LoRA convention).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from stepdistill.core.validation import bool_problem, int_problem, number_problem
+from stepdistill.models.conditioning import unet_forward
 from stepdistill.models.generators import trainable_parameters  # noqa: F401 (re-exported for the objectives)
-from stepdistill.models.teacher import unet_forward
 
 
 # --- data --------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import dataclasses
 
 import torch
 
-from stepdistill.models.teacher import unet_forward
+from stepdistill.models.conditioning import unet_forward
 from stepdistill.objectives.base import (
     Batch,
     Objective,

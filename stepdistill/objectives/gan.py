@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepdistill.models.teacher import unet_forward
+from stepdistill.models.conditioning import unet_forward
 
 
 class _BottleneckReached(Exception):

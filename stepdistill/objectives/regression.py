@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from stepdistill.models.teacher import PromptEmbeds
+from stepdistill.models.conditioning import PromptEmbeds
 from stepdistill.objectives.base import Requirements, check_int, check_number
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from stepdistill.core.outputs import staged_folder
-from stepdistill.models.teacher import unet_forward
+from stepdistill.models.conditioning import unet_forward
 
 
 def narrow_unet(teacher_unet: torch.nn.Module, overrides: Mapping[str, Any]) -> torch.nn.Module:

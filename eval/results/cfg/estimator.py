@@ -24,7 +24,8 @@ import torch
 
 from stepdistill.objectives.rewards import ToyEmbedder, diversity_reward
 from stepdistill.models.generators import TeacherSamplerGenerator
-from stepdistill.models.teacher import Teacher, unet_forward
+from stepdistill.models.conditioning import unet_forward
+from stepdistill.models.teacher import Teacher
 from stepdistill.toy import world
 
 PROMPTS = world.all_prompts()[::18][:8]
