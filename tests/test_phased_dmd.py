@@ -385,6 +385,7 @@ def test_phased_student_exports_and_samples_in_plain_diffusers(teacher, tmp_path
 
 def test_finished_experts_take_their_ema_weights_when_the_next_phase_starts(teacher):
     from stepdistill.models.ema import GeneratorEMA, attach_ema
+    from stepdistill.training.stages import finalise_experts
 
     gen, obj, _ = _setup(teacher)
     ema = GeneratorEMA(gen.trainable_parameters(), 0.9)
@@ -394,8 +395,8 @@ def test_finished_experts_take_their_ema_weights_when_the_next_phase_starts(teac
             p.add_(0.01)
     shadow = {id(p): s.clone() for p, s in zip(ema.parameters, ema.shadow_params)}
     expert1_before = [p.clone() for p in gen.expert(1).parameters()]
-    obj.set_train_step(1)  # same phase: nothing changes
+    finalise_experts(gen, ema, obj.plan_update(1).final_experts)  # same phase: nothing changes
     assert not all(torch.equal(p, shadow[id(p)]) for p in gen.expert(0).parameters())
-    obj.set_train_step(2)  # phase 1 starts: expert 0 is final and becomes its EMA
+    finalise_experts(gen, ema, obj.plan_update(2).final_experts)  # phase 1 starts: expert 0 is final, becomes its EMA
     assert all(torch.equal(p, shadow[id(p)]) for p in gen.expert(0).parameters())
     assert all(torch.equal(p, q) for p, q in zip(gen.expert(1).parameters(), expert1_before))

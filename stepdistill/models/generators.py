@@ -325,6 +325,12 @@ class PhasedGenerator(Generator):
                 if "lora_" in name:
                     p.requires_grad_(True)
 
+    def expert_parameters(self, k: int) -> list[torch.nn.Parameter]:
+        """Expert ``k``'s own weights: its adapter's for LoRA experts, its network's otherwise."""
+        if self.is_lora:
+            return [p for n, p in self.unet.named_parameters() if f".{self.adapter_name(k)}." in n]
+        return list(self.expert(k).parameters())
+
     def expert(self, k: int) -> torch.nn.Module:
         """Expert ``k``'s network (for LoRA experts: the base with adapter ``phase_k`` active)."""
         if not 0 <= k < self.num_steps:

@@ -95,12 +95,14 @@ class UpdatePlan:
     auxiliary updates (DMD2 / SwiftBrush order) or after; the auxiliary updates at all; whether this is an ODE-pair
     warm-up update (``optimizer.warmup_generator_lr``, not counted in distill-cost); whether the auxiliary optimizers'
     state is cleared first (the objective re-initialised its auxiliary networks: a new Phased DMD phase, DisBack's
-    fake score from ψ_N)."""
+    fake score from ψ_N); how many leading experts of a phase-experts student became final at this update (with a
+    generator EMA the trainer gives them their EMA weights: :func:`stepdistill.training.stages.finalise_experts`)."""
 
     generator_first: bool = False
     auxiliary: bool = True
     ode_warmup: bool = False
     reset_auxiliary_optimizers: bool = False
+    final_experts: int = 0
 
 
 # --- config validation ------------------------------------------------------------------------------------------
@@ -222,7 +224,12 @@ class Objective(torch.nn.Module):
         the trainer does (:class:`UpdatePlan`)."""
         self.set_train_step(step)
         return UpdatePlan(generator_first=self.generator_update_first(), auxiliary=self.auxiliary_active(),
-                          ode_warmup=self.in_ode_warmup(), reset_auxiliary_optimizers=self.take_auxiliary_reset())
+                          ode_warmup=self.in_ode_warmup(), reset_auxiliary_optimizers=self.take_auxiliary_reset(),
+                          final_experts=self.take_final_experts())
+
+    def take_final_experts(self) -> int:
+        """The number of leading experts that became final at this update (0: none; Phased DMD at a phase start)."""
+        return 0
 
     _auxiliary_reset_pending: bool = False
 

@@ -16,7 +16,7 @@ Fake-score update (``auxiliary_loss``), ``aux_updates_per_generator_update`` (pa
   the same x_t from sg(x_s); target (σ_t/σ_{t|s})·ε (``target: unbiased``; ``naive`` regresses ε, the biased target
   the paper's 1-D toy refutes); loss mean of min(1, clamp·σ²_{t|s})·(F_k(x_t) − target)² (``weight_clamp`` 10).
 F_k is re-initialised from the teacher when phase k starts (its optimizer state is reset through
-``take_auxiliary_reset``), and the finished experts take their EMA weights (:meth:`freeze_finished_experts`); the phase a fake score belongs to is part of the objective's state, so a run resumed
+``take_auxiliary_reset``), and the finished experts take their EMA weights (``UpdatePlan.final_experts``, applied by the trainer: :func:`stepdistill.training.stages.finalise_experts`); the phase a fake score belongs to is part of the objective's state, so a run resumed
 mid-phase keeps its fake score and one resumed at a phase boundary re-initialises it once.
 
 Config keys: num_phases 4; phase_min_ratio 0.0 / phase_max_ratio 1.0 (the range ``snr_phases`` splits);
@@ -30,7 +30,6 @@ import dataclasses
 
 import torch
 
-from stepdistill.models.ema import get_ema
 from stepdistill.objectives.base import (
     Batch,
     Objective,
@@ -124,27 +123,15 @@ class PhasedDMD(DistributionMatching, Objective):
     def set_train_step(self, step: int) -> None:
         super().set_train_step(step)
         if self.phase != int(self.fake_phase):
-            self.freeze_finished_experts()
+            self._final_experts = self.phase  # experts < phase are final: the trainer gives them their EMA weights
             self.reinitialise_fake_score()
 
-    def freeze_finished_experts(self) -> None:
-        """When phase k starts, experts < k are final: with a generator EMA their weights become their EMA weights, so
-        the back-simulation of later phases runs the same experts the exported student ships (their EMA then stays
-        constant, the raw weights equalling it). Without an EMA, nothing to do."""
-        ema = get_ema(self.generator)
-        if ema is None:
-            return
-        shadow = {id(p): s for p, s in zip(ema.parameters, ema.shadow_params)}
-        gen = self.generator
-        with torch.no_grad():
-            for k in range(self.phase):
-                if gen.is_lora:
-                    params = [p for n, p in gen.unet.named_parameters() if f".{gen.adapter_name(k)}." in n]
-                else:
-                    params = list(gen.expert(k).parameters())
-                for p in params:
-                    if id(p) in shadow:
-                        p.copy_(shadow[id(p)])
+    _final_experts: int = 0
+
+    def take_final_experts(self) -> int:
+        """When phase k starts, experts < k are final (once; :class:`~stepdistill.objectives.base.UpdatePlan`)."""
+        done, self._final_experts = self._final_experts, 0
+        return done
 
     def reinitialise_fake_score(self) -> None:
         """F_k ← teacher weights (phase k starts); the trainer resets its optimizer state (:meth:`take_auxiliary_reset`)."""

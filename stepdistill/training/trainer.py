@@ -61,6 +61,7 @@ from stepdistill.training.progress import (
     training_state_bytes,
 )
 from stepdistill.training.prompts import as_prompt_sampler
+from stepdistill.training.stages import finalise_experts
 
 logger = logging.getLogger(__name__)
 
@@ -546,6 +547,7 @@ class Trainer:
             while self.state.step < tc.max_steps:
                 aux_loss, aux_logs = None, {}
                 self.plan = plan = self.objective.plan_update(self.state.step)
+                finalise_experts(self.generator, self.ema, plan.final_experts)
                 if plan.reset_auxiliary_optimizers:
                     for opt in self.aux_opts.values():  # fresh auxiliary networks start with fresh moments
                         opt.optimizer.state.clear()
