@@ -21,7 +21,7 @@ from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.models.generators import PhasedGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import run_without_stepdistill  # noqa: E402
+from plain_diffusers import run_without_stepdistill  # noqa: E402
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -342,7 +342,6 @@ for case in spec["cases"]:
         wrong_steps = str(e)
     out[case["name"]] = {"class": type(pipe).__name__, "image_shape": list(img.shape), "wrong_steps": wrong_steps,
                          "experts": len(pipe.experts)}
-out["stepdistill_modules"] = sorted(m for m in sys.modules if m.startswith("stepdistill"))
 json.dump(out, open(spec["report"], "w"))
 """
 
