@@ -5,15 +5,13 @@ students."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_diffusers import run_without_stepdistill  # noqa: E402
-from tiny_models import make_tiny_sd_pipeline, make_tiny_teacher_spec  # noqa: E402
+from plain_diffusers import run_without_stepdistill
+from tiny_models import make_tiny_sd_pipeline, make_tiny_teacher_spec
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a small red cross on a gray background", "a large blue circle on a white background",

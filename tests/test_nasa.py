@@ -4,8 +4,6 @@ softmax(Q·Kᵀ/√d)·V computed here from the layer's weights, the pipeline, a
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +12,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from stepdistill.export.shipped.pipeline_nasa import NASAAttnProcessor, NASAStableDiffusionPipeline, apply_nasa
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_diffusers import run_without_stepdistill  # noqa: E402
-from tiny_models import make_tiny_sd_pipeline  # noqa: E402
+from plain_diffusers import run_without_stepdistill
+from tiny_models import make_tiny_sd_pipeline
 
 HEADS, DIM_HEAD, QUERY_DIM, CROSS_DIM = 2, 8, 16, 12
 

@@ -9,7 +9,6 @@ gradients are assembled from direct UNet calls and hand-written schedule arithme
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,8 @@ from stepdistill.objectives import Batch, ObjectiveConfigError, build_objective
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.models.generators import PhasedGenerator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_diffusers import run_without_stepdistill  # noqa: E402
+from helpers import reset_accelerate_state
+from plain_diffusers import run_without_stepdistill
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -288,8 +287,6 @@ def _train(teacher, out: Path, resume=None, crash_after: int | None = None):
 
 def test_progressive_phases_reset_the_fake_optimizer_and_resume_in_the_right_phase(teacher, tmp_path,
                                                                                  fresh_accelerate_state):
-    from accelerate.state import AcceleratorState, GradientState
-
     gen, obj, trainer = _train(teacher, tmp_path / "ref")
     ref = {k: v.clone() for k, v in {**gen.state_dict(), **{f"f.{k}": v for k, v in obj.state_dict().items()}}.items()}
     assert int(obj.fake_phase) == 1
@@ -303,8 +300,7 @@ def test_progressive_phases_reset_the_fake_optimizer_and_resume_in_the_right_pha
         phases[name] = int(state["objective.fake_phase"])
     assert phases == {"step_000002": 0, "step_000003": 1}
     for start in ("step_000002", "step_000003"):  # at the boundary (re-initialises once) and mid-phase (keeps F_1)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         run = tmp_path / f"run_{start}"
         import shutil
 

@@ -1,26 +1,21 @@
 """What a new user meets trying every toy recipe: bad numbers, files that must survive, runs that must repeat and
 resume, and checks that must come before anything is written. CLI checks run ``python -m stepdistill.cli`` in a
-subprocess (the helpers of tests/test_front_door.py); the teacher is the tiny random SD pipeline of
-tests/tiny_models.py.
+subprocess (``cli`` and ``one_error_line`` of tests/helpers.py); the teacher is the tiny random SD pipeline of
+tests/tiny_models.py (the ``spec`` fixture of tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import FAST, PAIRS, QUICK, RECIPE, REPO, cli, one_error_line, trainable_states
 
-from test_front_door import FAST, RECIPE, cli, one_error_line, spec  # noqa: E402,F401 - `spec` is a fixture
-
-from stepdistill.objectives import OBJECTIVES, ObjectiveConfigError  # noqa: E402
-from stepdistill.training.config import ConfigError, load_recipe  # noqa: E402
-from stepdistill.core.yaml_io import parse_yaml_value  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from stepdistill.objectives import OBJECTIVES, ObjectiveConfigError
+from stepdistill.training.config import ConfigError, load_recipe
+from stepdistill.core.yaml_io import parse_yaml_value
 
 
 # --- non-finite numbers and YAML numbers ---------------------------------------------------------------------------
@@ -120,8 +115,6 @@ def test_export_refuses_its_own_run_and_foreign_folders(spec, tmp_path):
 
 
 # --- two runs of one recipe are bit-identical ----------------------------------------------------------------------
-QUICK = ["train.batch_size=2", "train.sample_every=0", "train.log_every=1", "objective_config.aux_updates_per_generator_update=1"]
-PAIRS = ["objective_config.regression_pairs=4", "objective_config.regression_steps=2", "objective_config.ode_warmup_steps=1"]
 FAMILIES = {  # recipe, overrides: every recipe family, each with whatever it builds at random (LoRA, GAN head, ...)
     "dmd": ("toy-dmd.yaml", PAIRS),
     "dmd2-gan": ("toy-dmd2.yaml", PAIRS),
@@ -139,15 +132,6 @@ FAMILIES = {  # recipe, overrides: every recipe family, each with whatever it bu
                                   "objective_config.disback_record_updates=2", "objective_config.disback_interval=1"]),
     "msd": ("toy-msd.yaml", PAIRS),
 }
-
-
-def _trainable_states(run: Path) -> dict[str, dict]:
-    import torch
-
-    found = {}
-    for state in sorted(run.rglob("trainable_state.pt")):
-        found[str(state.relative_to(run))] = torch.load(state, map_location="cpu", weights_only=True)
-    return found
 
 
 @pytest.fixture
@@ -184,7 +168,7 @@ def test_two_runs_of_every_recipe_family_are_bit_identical(gan_ready_spec, tmp_p
         torch.manual_seed(1000 + k)  # whatever the process's RNG holds before a run must not matter
         distill(gan_ready_spec, REPO / "training" / recipe, tmp_path / f"run{k}", overrides=overrides, export=False,
                 log=lambda *a: None)
-        states.append(_trainable_states(tmp_path / f"run{k}"))
+        states.append(trainable_states(tmp_path / f"run{k}"))
     assert states[0] and states[0].keys() == states[1].keys()
     for where, first in states[0].items():
         second = states[1][where]
@@ -264,7 +248,7 @@ def test_msd_resume_continues_started_students_checks_finished_ones_and_equals_o
     distill(spec, recipe, run, overrides=[*MSD, "train.max_steps=2"], resume="latest", export=False, log=lines.append)
     assert any(line.startswith("[msd] student 1 of 4") for line in lines)
     assert not any("student 0 of" in line or "student 5 of" in line for line in lines)
-    whole, resumed = _trainable_states(tmp_path / "whole"), _trainable_states(run)
+    whole, resumed = trainable_states(tmp_path / "whole"), trainable_states(run)
     final = [k for k in whole if k.endswith("step_000002/trainable_state.pt")]
     assert len(final) == 4
     for where in final:

@@ -4,18 +4,13 @@ not through stepdistill.core.schedule."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import make_tiny_sd_pipeline
 
-from tiny_models import make_tiny_sd_pipeline  # noqa: E402
-
-from stepdistill.models.generators import Generator, copy_unet  # noqa: E402
-from stepdistill.models.teacher import PromptEmbeds  # noqa: E402
+from stepdistill.models.generators import Generator, copy_unet
+from stepdistill.models.teacher import PromptEmbeds
 
 B = 2
 
