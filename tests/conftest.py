@@ -3,7 +3,7 @@
 Settings: offline, and one torch thread per test process (pytest-xdist runs one process per core; oversubscribed
 OpenMP threads make tiny models orders of magnitude slower); tests/ on the import path, for the helper modules
 (tiny_models.py: model builders; plain_diffusers.py: the subprocess that never imports stepdistill; helpers.py: the
-CLI, short-run overrides, accelerate state).
+CLI, short-run overrides, accelerate state; reference_maths.py: the objective tests' hand-written reference maths).
 """
 
 import os
@@ -36,6 +36,34 @@ def teacher():
     from stepdistill.models.teacher import Teacher
 
     return Teacher(make_tiny_sd_pipeline(seed=0))
+
+
+@pytest.fixture(scope="module")
+def generator(teacher):
+    """A one-step student initialised from the teacher (a full UNet copy), built once per test module."""
+    from stepdistill.models.generators import Generator
+
+    return Generator.from_teacher(teacher)
+
+
+@pytest.fixture(scope="module")
+def embeds():
+    """``B`` (reference_maths.py: 3) random conditional and unconditional prompt embeddings (seed 1)."""
+    from reference_maths import random_prompt_embeds
+
+    return random_prompt_embeds()
+
+
+@pytest.fixture()
+def batch(embeds):
+    """An objective's batch: ``embeds`` (the module's own when it overrides the fixture), generator noise and real
+    latents (seed 2)."""
+    from reference_maths import B
+
+    from stepdistill.objectives import Batch
+
+    g = torch.Generator().manual_seed(2)
+    return Batch(embeds=embeds, noise=torch.randn(B, 4, 8, 8, generator=g), real_latents=torch.randn(B, 4, 8, 8, generator=g))
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reference_maths import random_prompt_embeds
 from tiny_models import make_tiny_sd_pipeline
 
 from stepdistill.models.generators import Generator, copy_unet
-from stepdistill.models.teacher import PromptEmbeds
 
 B = 2
 
 
 @pytest.fixture(scope="module")
 def embeds():
-    g = torch.Generator().manual_seed(1)
-    return PromptEmbeds(cond=torch.randn(B, 6, 32, generator=g), uncond=torch.randn(B, 6, 32, generator=g))
+    """Overrides conftest's: ``B`` = 2 rows."""
+    return random_prompt_embeds(B)
 
 
 @pytest.fixture()
