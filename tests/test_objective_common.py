@@ -11,12 +11,14 @@ on x₀.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from reference_maths import B, T_FIXED, ac, eps_by_hand, fixed_eps, leaf_x0, noised, x0_by_hand
 
-from stepdistill.objectives import OBJECTIVES, Batch, build_objective, make_regression_pairs
+from stepdistill.objectives import OBJECTIVES, Batch, ObjectiveConfigError, build_objective, make_regression_pairs
 from stepdistill.objectives.gan import ClassifierHead, bottleneck_features, bottleneck_shape
 from stepdistill.models.generators import Generator
 from stepdistill.models.teacher import PromptEmbeds
@@ -214,3 +216,17 @@ def test_gan_head_reads_the_mid_block_and_skips_the_decoder(teacher, embeds):
     convs = [m for m in sd15.net if isinstance(m, torch.nn.Conv2d)]
     assert [(c.kernel_size, c.stride) for c in convs] == [((4, 4), (2, 2)), ((4, 4), (4, 4)), ((1, 1), (1, 1))]
     assert sd15(torch.randn(2, 1280, 8, 8)).shape == (2,)
+
+
+# --- every objective's numeric keys refuse NaN and infinity -----------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_numeric_objective_key_refuses_nan_and_inf(name):
+    cls = OBJECTIVES[name]
+    numeric = [k for k, v in cls.DEFAULTS.items() if isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool))]
+    optional = [k for k, v in cls.DEFAULTS.items() if v is None]
+    assert numeric, f"{name} has no numeric key: the test would check nothing"
+    for key in numeric + optional:
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ObjectiveConfigError) as err:
+                cls.check_config({key: bad})
+            assert err.value.key == key

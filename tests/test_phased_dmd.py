@@ -19,7 +19,7 @@ from stepdistill.objectives import Batch, ObjectiveConfigError, build_objective
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.models.generators import PhasedGenerator
 
-from helpers import reset_accelerate_state
+from helpers import REPO, cli, one_error_line, reset_accelerate_state
 from plain_diffusers import run_without_stepdistill
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -394,3 +394,12 @@ def test_finished_experts_take_their_ema_weights_when_the_next_phase_starts(teac
     obj.set_train_step(2)  # phase 1 starts: expert 0 is final and becomes its EMA
     assert all(torch.equal(p, shadow[id(p)]) for p in gen.expert(0).parameters())
     assert all(torch.equal(p, q) for p, q in zip(gen.expert(1).parameters(), expert1_before))
+
+
+# --- the timesteps are checked before anything is written -------------------------------------------------------------
+def test_phased_dmd_timesteps_are_checked_by_dry_run(spec, tmp_path):
+    out = tmp_path / "phased"
+    line = one_error_line(cli("distill", "--pipeline", str(spec), "--recipe", str(REPO / "training" / "toy-phased-dmd.yaml"),
+                              "--out", str(out), "--dry-run", "--set", "generator.timesteps=[999,500,250,100]"),
+                          "generator.timesteps", "need generator timesteps")
+    assert "toy-phased-dmd.yaml" in line and not out.exists()
