@@ -15,14 +15,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from helpers import REPO, cli, one_error_line, reset_accelerate_state
+from plain_diffusers import run_without_stepdistill
+from tiny_models import SD_BETAS
+
 from stepdistill.objectives import Batch, ObjectiveConfigError, build_objective
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.models.generators import PhasedGenerator
-
-from helpers import REPO, cli, one_error_line, reset_accelerate_state
-from plain_diffusers import run_without_stepdistill
-
-SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
 def _schedule() -> NoiseSchedule:

@@ -27,13 +27,9 @@ TEXT_VOCAB_SIZE = 1000
 MAX_LENGTH = 77
 SAMPLE_SIZE = 8  # latent side; the VAE has two blocks, so images are 16×16
 WORDS = ("a", "red", "blue", "green", "small", "large", "circle", "square", "triangle", "on", "background")
-SD_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-)
+# Stable Diffusion's noise schedule (the tiny pipelines' schedulers add SD's steps_offset)
+SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD_SCHEDULER = dict(**SD_BETAS, steps_offset=1)
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------------
