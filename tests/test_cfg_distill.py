@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import REPO
 from plain_diffusers import run_without_stepdistill
 from tiny_models import make_tiny_sd_pipeline, make_tiny_teacher_spec
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a small red cross on a gray background", "a large blue circle on a white background",
            "a small green triangle on a black background"]
 

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import PAIRS, QUICK, cli, trainable_states
+from helpers import PAIRS, QUICK, REPO, cli, trainable_states
 from plain_diffusers import run_without_stepdistill
 from tiny_models import make_tiny_sd_pipeline, make_tiny_teacher_spec
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a small red cross on a gray background", "a large blue circle on a white background",
            "a small green triangle on a black background", "a large yellow square on a gray background",
            "a small purple circle on a black background"]

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import REPO
 from tiny_models import make_tiny_teacher_spec
 
 from stepdistill.eval.report import REQUIRED_KEYS, markdown_table, nfe, write_report
 from stepdistill.toy import world
 from stepdistill.toy.assets import TOY_EVALUATOR
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(not TOY_EVALUATOR.is_dir(), reason="toy evaluator asset not present")

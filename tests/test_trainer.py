@@ -25,9 +25,8 @@ from stepdistill.training import (
 )
 from stepdistill.training.checkpoint import MARKER_FILE, CheckpointError
 
-from helpers import reset_accelerate_state
+from helpers import REPO, reset_accelerate_state
 
-REPO = Path(__file__).resolve().parents[1]
 LATENT = (2, 4, 4)
 D = 2 * 4 * 4
 
