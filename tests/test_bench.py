@@ -2,22 +2,18 @@
 resume, failure without a report, and the COCO-style path (Inception FID + CLIP score) on a tiny subset."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from tiny_models import make_tiny_clip, make_tiny_sd_pipeline
 
-from stepdistill.cli import main  # noqa: E402
-from stepdistill.eval.report import REQUIRED_KEYS  # noqa: E402
-from stepdistill.eval.runner import run_suite  # noqa: E402
-from stepdistill.eval.suite import SuiteError, load_suite  # noqa: E402
-from tiny_models import make_tiny_clip, make_tiny_sd_pipeline  # noqa: E402
-
-
+from stepdistill.cli import main
+from stepdistill.eval.report import REQUIRED_KEYS
+from stepdistill.eval.runner import run_suite
+from stepdistill.eval.suite import SuiteError, load_suite
 
 
 @pytest.fixture(scope="module")

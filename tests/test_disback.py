@@ -1,4 +1,5 @@
-"""DisBack (Zhang et al., ICLR 2025): the recorded degradation path, the backtracking schedule, resume mid-path.
+"""DisBack (Zhang et al., ICLR 2025): the recorded degradation path, the backtracking schedule, resume mid-path; through
+``distill``, the path in the run folder, read again on resume, removed by ``--overwrite`` and checked before reuse.
 
 Checks against independent facts: node files on disk (loaded here with safetensors), the teacher's own weights, the
 denoising loss of each path end on samples of the initial student, and the schedule written out by hand.
@@ -11,6 +12,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from helpers import QUICK, REPO
+from tiny_models import make_tiny_teacher_spec
 
 from stepdistill.objectives import ObjectiveConfigError, build_objective
 from stepdistill.objectives import disback as disback_mod
@@ -154,3 +158,60 @@ def test_a_lost_path_mid_run_is_a_clear_error_not_a_new_recording(teacher, tmp_p
     _, resumed, _ = _objective(teacher, tmp_path)
     with pytest.raises(RuntimeError, match="cannot be recorded again at update 5"):
         resumed.set_train_step(5)
+
+
+# --- through distill: the path is in the run folder and belongs to its run --------------------------------------------
+def test_disback_through_distill_records_its_path_in_the_run_folder_and_resumes(tmp_path):
+    """``objective_config.disback=true`` on the DMD recipe: stage 1 runs when distribution matching starts (after the
+    ODE warm-up), its path is in the run folder, and a resumed run reads it instead of recording again."""
+    import json
+
+    from stepdistill.workflows.distill import distill
+
+    spec = make_tiny_teacher_spec(tmp_path)
+    overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
+                 "objective_config.aux_updates_per_generator_update=1", "objective_config.ode_warmup_steps=1",
+                 "objective_config.regression_pairs=4", "objective_config.regression_steps=2",
+                 "objective_config.disback=true", "objective_config.disback_nodes=2",
+                 "objective_config.disback_record_updates=2", "objective_config.disback_interval=1"]
+    distill(spec, REPO / "training" / "toy-dmd.yaml", tmp_path / "run", overrides=overrides, export=False)
+    manifest = json.loads((tmp_path / "run" / "disback" / "path.json").read_text())
+    assert manifest["complete"] and manifest["files"] == ["node_01.safetensors", "node_02.safetensors"]
+    stamp = (tmp_path / "run" / "disback" / "node_02.safetensors").stat().st_mtime_ns
+    summary = distill(spec, REPO / "training" / "toy-dmd.yaml", tmp_path / "run", resume="latest",
+                      overrides=[o if not o.startswith("train.max_steps") else "train.max_steps=4" for o in overrides],
+                      export=False, allow_config_change=True)
+    assert summary["start_step"] == 3 and summary["steps"] == 4
+    assert (tmp_path / "run" / "disback" / "node_02.safetensors").stat().st_mtime_ns == stamp  # not recorded again
+
+
+def test_disback_path_is_removed_by_overwrite_and_checked_before_reuse(spec, tmp_path):
+    import json
+
+    from stepdistill.workflows.distill import distill
+
+    run = tmp_path / "run"
+    base = [*QUICK, "objective_config.gan_enabled=false", "objective_config.ode_warmup_steps=2",
+            "objective_config.regression_pairs=4", "objective_config.regression_steps=2",
+            "objective_config.disback=true", "objective_config.disback_nodes=2", "objective_config.disback_interval=1",
+            "train.checkpoint_every=1", "train.keep_checkpoints=5", "train.max_steps=3"]
+    recipe = REPO / "training" / "toy-dmd2.yaml"
+    manifest = run / "disback" / "path.json"
+    distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=2"], export=False)
+    assert json.loads(manifest.read_text())["record_updates"] == 2
+    # a new run with other recording settings: --overwrite removes the old path, the new one is recorded
+    distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=4"], export=False,
+            overwrite=True)
+    assert json.loads(manifest.read_text())["record_updates"] == 4
+    # resumed before the path was recorded, with other recording settings: recorded again, and said so
+    lines = []
+    distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=4",
+                                          "objective_config.disback_record_lr=1e-3"],
+            resume="step_000001", allow_config_change=True, export=False, log=lines.append)
+    assert json.loads(manifest.read_text())["lr"] == pytest.approx(1e-3)
+    assert any("recorded by other settings" in line and "lr" in line for line in lines), lines
+    # resumed after it was recorded, with other recording settings: refused (the student trained against it)
+    with pytest.raises(RuntimeError, match="recorded with other settings"):
+        distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=4",
+                                              "objective_config.disback_record_lr=5e-4", "train.max_steps=4"],
+                resume="latest", allow_config_change=True, export=False)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
+
 from stepdistill.eval import distill_cost
 from stepdistill.eval.report import quality_gap_table, quality_gaps, speedups
 from stepdistill.training.config import load_recipe
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_steady_rate_leaves_out_the_warmup(tmp_path):

@@ -2,7 +2,8 @@
 before anything loads or is written, and the small conveniences a new user reaches for.
 
 CLI checks run ``python -m stepdistill.cli`` in a subprocess and look at what a user sees: the exit code, the lines on
-stderr, and what is (not) left on disk. The teacher is the tiny random SD pipeline of tests/tiny_models.py.
+stderr, and what is (not) left on disk (``cli`` and ``one_error_line`` of tests/helpers.py). The teacher is the tiny
+random SD pipeline of tests/tiny_models.py (the ``spec`` fixture of tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -11,48 +12,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import FAST, RECIPE, cli, one_error_line
+from tiny_models import make_tiny_sd_pipeline
 
-from tiny_models import make_tiny_sd_pipeline  # noqa: E402
-
-from stepdistill.training.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
-from stepdistill.workflows.distill import distill  # noqa: E402
-from stepdistill.training.runfolder import RunFolderError  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "training" / "toy-dmd2.yaml"
-FAST = ["train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=2", "train.keep_checkpoints=5",
-        "objective_config.aux_updates_per_generator_update=1", "objective_config.gan_enabled=false",
-        "objective_config.ode_warmup_steps=0"]
-
-
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    root = tmp_path_factory.mktemp("front")
-    make_tiny_sd_pipeline(root / "teacher")
-    path = root / "pipe.yaml"
-    path.write_text(f"teacher: {root / 'teacher'}\ndtype: float32\n")
-    return path
-
-
-def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("STEPDISTILL_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "stepdistill.cli", *args], capture_output=True, text=True,
-                          cwd=str(cwd or REPO), env=env, timeout=timeout)
-
-
-def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from stepdistill.training.checkpoint import CheckpointError, list_checkpoints
+from stepdistill.workflows.distill import distill
+from stepdistill.training.runfolder import RunFolderError
 
 
 # --- 1. a reused run folder never mixes two runs -----------------------------------------------------------------

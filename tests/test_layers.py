@@ -12,7 +12,8 @@ from pathlib import Path
 
 import grimp
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 PACKAGE = REPO / "stepdistill"
 
 

@@ -4,19 +4,14 @@ refusals (architecture, base, sampler), and the sweep's folders and bench suite.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import make_tiny_sd_pipeline  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
+from helpers import cli
+from tiny_models import make_tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +82,14 @@ def test_merge_refuses_students_that_do_not_share_architecture_base_or_sampler(s
 
 def test_merge_cli_sweep_writes_one_folder_per_lambda_and_a_bench_suite(students):
     out = students["root"] / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "stepdistill.cli", "merge", "--a", str(students["a"]), "--b",
-                           str(students["b"]), "--sweep", "0,0.5,1", "--out", str(out)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    proc = cli("merge", "--a", str(students["a"]), "--b", str(students["b"]), "--sweep", "0,0.5,1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     suite = yaml.safe_load((out / "front.yaml").read_text())
     assert [e["name"] for e in suite["entries"]] == ["lambda_0", "lambda_0.5", "lambda_1"]
     assert suite["metrics"] == ["toy"] and all(e["steps"] == 4 and e["guidance"] == 1.0 for e in suite["entries"])
     assert all((out / e["name"] / "unet" / "config.json").is_file() for e in suite["entries"])
-    proc = subprocess.run([sys.executable, "-m", "stepdistill.cli", "merge", "--a", str(students["a"]), "--b",
-                           str(students["narrow"]), "--alpha", "0.5", "--out", str(out / "x")], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    proc = cli("merge", "--a", str(students["a"]), "--b", str(students["narrow"]), "--alpha", "0.5", "--out",
+               str(out / "x"))
     assert proc.returncode != 0 and "architectures" in proc.stderr and "Traceback" not in proc.stderr
 
 

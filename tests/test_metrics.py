@@ -2,21 +2,16 @@
 OpenCLIP / HPSv2 back-ends reporting themselves unavailable."""
 
 import json
-import os
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from stepdistill.eval.clip_score import ClipScorer, OpenClipScorer  # noqa: E402
-from stepdistill.eval.diversity import coverage, pairwise_diversity, per_prompt_diversity  # noqa: E402
-from stepdistill.eval.errors import MetricUnavailable  # noqa: E402
-from stepdistill.eval.latency import measure_latency  # noqa: E402
-
-
+from stepdistill.eval.clip_score import ClipScorer, OpenClipScorer
+from stepdistill.eval.diversity import coverage, pairwise_diversity, per_prompt_diversity
+from stepdistill.eval.errors import MetricUnavailable
+from stepdistill.eval.latency import measure_latency
 
 
 # --- diversity -----------------------------------------------------------------------------------------------------

@@ -1,20 +1,20 @@
 """Multi-student distillation (stepdistill/workflows/multi_student.py): one run trains a student per router subset, the
 export routes a mixed batch in plain diffusers (a process that never imports stepdistill), resume skips finished
-students."""
+students and a resumed run equals an uninterrupted one; smaller students through TSM; the SD1.5 recipe."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import make_tiny_sd_pipeline, make_tiny_teacher_spec, run_without_stepdistill  # noqa: E402
+from helpers import PAIRS, QUICK, REPO, cli, trainable_states
+from plain_diffusers import run_without_stepdistill
+from tiny_models import make_tiny_sd_pipeline, make_tiny_teacher_spec
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a small red cross on a gray background", "a large blue circle on a white background",
            "a small green triangle on a black background", "a large yellow square on a gray background",
            "a small purple circle on a black background"]
@@ -36,8 +36,8 @@ try:
     wrong = ""
 except ValueError as e:
     wrong = str(e)
-json.dump({"class": type(pipe).__name__, "routes": routes, "students": len(pipe.students), "wrong_steps": wrong,
-           "stepdistill_modules": sorted(m for m in sys.modules if m.startswith("stepdistill"))}, open(spec["report"], "w"))
+json.dump({"class": type(pipe).__name__, "routes": routes, "students": len(pipe.students), "wrong_steps": wrong},
+          open(spec["report"], "w"))
 """
 
 
@@ -178,3 +178,57 @@ def test_sd15_msd_recipe_trains_a_step_per_kmeans_student(tmp_path):
     assert summary["router"] == {"kind": "kmeans", "num_students": 4}
     assert len(summary["students"]) == 4 and all(s["steps"] == 1 for s in summary["students"])
     assert sum(s["prompts"] for s in summary["students"]) == 144
+
+
+# --- a resumed MSD run equals an uninterrupted one; a dry run writes nothing ------------------------------------------
+MSD = [*QUICK, *PAIRS, "objective_config.gan_enabled=false", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
+
+
+def test_msd_resume_continues_started_students_checks_finished_ones_and_equals_one_run(spec, tmp_path, monkeypatch):
+    import torch
+
+    from stepdistill.training import trainer as trainer_module
+    from stepdistill.workflows.distill import distill
+    from stepdistill.training.runfolder import RunFolderError
+
+    recipe = REPO / "training" / "toy-msd.yaml"
+    distill(spec, recipe, tmp_path / "whole", overrides=[*MSD, "train.max_steps=2"], export=False, log=lambda *a: None)
+
+    # interrupted: students 0-1 finish one update, student 2 dies before its first checkpoint, student 3 never starts
+    run = tmp_path / "killed"
+    original = trainer_module.Trainer._update
+
+    def dies_in_student_2(self, turn, update):
+        if self.out_dir.name == "student_2":
+            raise KeyboardInterrupt("killed")
+        return original(self, turn, update)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_update", dies_in_student_2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(spec, recipe, run, overrides=[*MSD, "train.max_steps=1"], export=False, log=lambda *a: None)
+    monkeypatch.setattr(trainer_module.Trainer, "_update", original)
+    assert (run / "student_2" / "run.json").is_file() and not (run / "student_3").exists()
+
+    # a finished student trained with another configuration is not skipped silently
+    with pytest.raises(RunFolderError, match="real_guidance_scale"):
+        distill(spec, recipe, run, overrides=[*MSD, "train.max_steps=2", "objective_config.real_guidance_scale=5"],
+                resume="latest", export=False, log=lambda *a: None)
+    # --resume latest: students 0-1 continue from update 1 to 2, student 2 starts (it had no checkpoint), 3 starts
+    lines = []
+    distill(spec, recipe, run, overrides=[*MSD, "train.max_steps=2"], resume="latest", export=False, log=lines.append)
+    assert any(line.startswith("[msd] student 1 of 4") for line in lines)
+    assert not any("student 0 of" in line or "student 5 of" in line for line in lines)
+    whole, resumed = trainable_states(tmp_path / "whole"), trainable_states(run)
+    final = [k for k in whole if k.endswith("step_000002/trainable_state.pt")]
+    assert len(final) == 4
+    for where in final:
+        for key in whole[where]:
+            assert torch.equal(whole[where][key], resumed[where][key]), f"{where} {key}"
+
+
+def test_msd_dry_run_writes_nothing(spec, tmp_path):
+    proc = cli("distill", "--pipeline", str(spec), "--recipe", str(REPO / "training" / "toy-msd.yaml"), "--out",
+               str(tmp_path / "msd"), "--dry-run", "--set", *MSD, "train.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "student 1 of 4" in proc.stdout and "student 4 of 4" in proc.stdout and "fresh" in proc.stdout
+    assert not (tmp_path / "msd").exists()

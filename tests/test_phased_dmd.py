@@ -9,21 +9,19 @@ gradients are assembled from direct UNet calls and hand-written schedule arithme
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from helpers import REPO, cli, one_error_line, reset_accelerate_state
+from plain_diffusers import run_without_stepdistill
+from tiny_models import SD_BETAS
+
 from stepdistill.objectives import Batch, ObjectiveConfigError, build_objective
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.models.generators import PhasedGenerator
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import run_without_stepdistill  # noqa: E402
-
-SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
 def _schedule() -> NoiseSchedule:
@@ -288,8 +286,6 @@ def _train(teacher, out: Path, resume=None, crash_after: int | None = None):
 
 def test_progressive_phases_reset_the_fake_optimizer_and_resume_in_the_right_phase(teacher, tmp_path,
                                                                                  fresh_accelerate_state):
-    from accelerate.state import AcceleratorState, GradientState
-
     gen, obj, trainer = _train(teacher, tmp_path / "ref")
     ref = {k: v.clone() for k, v in {**gen.state_dict(), **{f"f.{k}": v for k, v in obj.state_dict().items()}}.items()}
     assert int(obj.fake_phase) == 1
@@ -303,8 +299,7 @@ def test_progressive_phases_reset_the_fake_optimizer_and_resume_in_the_right_pha
         phases[name] = int(state["objective.fake_phase"])
     assert phases == {"step_000002": 0, "step_000003": 1}
     for start in ("step_000002", "step_000003"):  # at the boundary (re-initialises once) and mid-phase (keeps F_1)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         run = tmp_path / f"run_{start}"
         import shutil
 
@@ -342,7 +337,6 @@ for case in spec["cases"]:
         wrong_steps = str(e)
     out[case["name"]] = {"class": type(pipe).__name__, "image_shape": list(img.shape), "wrong_steps": wrong_steps,
                          "experts": len(pipe.experts)}
-out["stepdistill_modules"] = sorted(m for m in sys.modules if m.startswith("stepdistill"))
 json.dump(out, open(spec["report"], "w"))
 """
 
@@ -400,3 +394,12 @@ def test_finished_experts_take_their_ema_weights_when_the_next_phase_starts(teac
     finalise_experts(gen, ema, obj.plan_update(2).final_experts)  # phase 1 starts: expert 0 is final, becomes its EMA
     assert all(torch.equal(p, shadow[id(p)]) for p in gen.expert(0).parameters())
     assert all(torch.equal(p, q) for p, q in zip(gen.expert(1).parameters(), expert1_before))
+
+
+# --- the timesteps are checked before anything is written -------------------------------------------------------------
+def test_phased_dmd_timesteps_are_checked_by_dry_run(spec, tmp_path):
+    out = tmp_path / "phased"
+    line = one_error_line(cli("distill", "--pipeline", str(spec), "--recipe", str(REPO / "training" / "toy-phased-dmd.yaml"),
+                              "--out", str(out), "--dry-run", "--set", "generator.timesteps=[999,500,250,100]"),
+                          "generator.timesteps", "need generator timesteps")
+    assert "toy-phased-dmd.yaml" in line and not out.exists()

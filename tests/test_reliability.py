@@ -1,42 +1,22 @@
 """What a new user meets trying every toy recipe: bad numbers, files that must survive, runs that must repeat and
-resume, and checks that must come before anything is written. CLI checks run ``python -m stepdistill.cli`` in a
-subprocess (the helpers of tests/test_front_door.py); the teacher is the tiny random SD pipeline of
-tests/tiny_models.py.
+resume, and checks that must come before anything is written (the checks of one method are in its own test file). CLI
+checks run ``python -m stepdistill.cli`` in a subprocess (``cli`` and ``one_error_line`` of tests/helpers.py); the
+teacher is the tiny random SD pipeline of tests/tiny_models.py (the ``spec`` fixture of tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import math
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import FAST, PAIRS, QUICK, RECIPE, REPO, cli, one_error_line, trainable_states
 
-from test_front_door import FAST, RECIPE, cli, one_error_line, spec  # noqa: E402,F401 - `spec` is a fixture
-
-from stepdistill.objectives import OBJECTIVES, ObjectiveConfigError  # noqa: E402
-from stepdistill.training.config import ConfigError, load_recipe  # noqa: E402
-from stepdistill.core.yaml_io import parse_yaml_value  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from stepdistill.training.config import ConfigError, load_recipe
+from stepdistill.core.yaml_io import parse_yaml_value
 
 
 # --- non-finite numbers and YAML numbers ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_every_numeric_objective_key_refuses_nan_and_inf(name):
-    cls = OBJECTIVES[name]
-    numeric = [k for k, v in cls.DEFAULTS.items() if isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool))]
-    optional = [k for k, v in cls.DEFAULTS.items() if v is None]
-    assert numeric, f"{name} has no numeric key: the test would check nothing"
-    for key in numeric + optional:
-        for bad in (math.nan, math.inf, -math.inf):
-            with pytest.raises(ObjectiveConfigError) as err:
-                cls.check_config({key: bad})
-            assert err.value.key == key
-
-
 def test_recipe_floats_are_finite_and_scientific_notation_parses(tmp_path):
     with pytest.raises(ConfigError, match="optimizer.generator_lr: must be a finite number"):
         load_recipe(RECIPE, ["optimizer.generator_lr=.nan"])
@@ -120,8 +100,6 @@ def test_export_refuses_its_own_run_and_foreign_folders(spec, tmp_path):
 
 
 # --- two runs of one recipe are bit-identical ----------------------------------------------------------------------
-QUICK = ["train.batch_size=2", "train.sample_every=0", "train.log_every=1", "objective_config.aux_updates_per_generator_update=1"]
-PAIRS = ["objective_config.regression_pairs=4", "objective_config.regression_steps=2", "objective_config.ode_warmup_steps=1"]
 FAMILIES = {  # recipe, overrides: every recipe family, each with whatever it builds at random (LoRA, GAN head, ...)
     "dmd": ("toy-dmd.yaml", PAIRS),
     "dmd2-gan": ("toy-dmd2.yaml", PAIRS),
@@ -139,15 +117,6 @@ FAMILIES = {  # recipe, overrides: every recipe family, each with whatever it bu
                                   "objective_config.disback_record_updates=2", "objective_config.disback_interval=1"]),
     "msd": ("toy-msd.yaml", PAIRS),
 }
-
-
-def _trainable_states(run: Path) -> dict[str, dict]:
-    import torch
-
-    found = {}
-    for state in sorted(run.rglob("trainable_state.pt")):
-        found[str(state.relative_to(run))] = torch.load(state, map_location="cpu", weights_only=True)
-    return found
 
 
 @pytest.fixture
@@ -184,7 +153,7 @@ def test_two_runs_of_every_recipe_family_are_bit_identical(gan_ready_spec, tmp_p
         torch.manual_seed(1000 + k)  # whatever the process's RNG holds before a run must not matter
         distill(gan_ready_spec, REPO / "training" / recipe, tmp_path / f"run{k}", overrides=overrides, export=False,
                 log=lambda *a: None)
-        states.append(_trainable_states(tmp_path / f"run{k}"))
+        states.append(trainable_states(tmp_path / f"run{k}"))
     assert states[0] and states[0].keys() == states[1].keys()
     for where, first in states[0].items():
         second = states[1][where]
@@ -193,102 +162,7 @@ def test_two_runs_of_every_recipe_family_are_bit_identical(gan_ready_spec, tmp_p
             assert torch.equal(first[key], second[key]), f"{family}: {where} {key} differs between two runs"
 
 
-# --- the DisBack path belongs to its run ---------------------------------------------------------------------------
-def test_disback_path_is_removed_by_overwrite_and_checked_before_reuse(spec, tmp_path):
-    import json
-
-    from stepdistill.workflows.distill import distill
-
-    run = tmp_path / "run"
-    base = [*QUICK, "objective_config.gan_enabled=false", "objective_config.ode_warmup_steps=2",
-            "objective_config.regression_pairs=4", "objective_config.regression_steps=2",
-            "objective_config.disback=true", "objective_config.disback_nodes=2", "objective_config.disback_interval=1",
-            "train.checkpoint_every=1", "train.keep_checkpoints=5", "train.max_steps=3"]
-    recipe = REPO / "training" / "toy-dmd2.yaml"
-    manifest = run / "disback" / "path.json"
-    distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=2"], export=False)
-    assert json.loads(manifest.read_text())["record_updates"] == 2
-    # a new run with other recording settings: --overwrite removes the old path, the new one is recorded
-    distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=4"], export=False,
-            overwrite=True)
-    assert json.loads(manifest.read_text())["record_updates"] == 4
-    # resumed before the path was recorded, with other recording settings: recorded again, and said so
-    lines = []
-    distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=4",
-                                          "objective_config.disback_record_lr=1e-3"],
-            resume="step_000001", allow_config_change=True, export=False, log=lines.append)
-    assert json.loads(manifest.read_text())["lr"] == pytest.approx(1e-3)
-    assert any("recorded by other settings" in line and "lr" in line for line in lines), lines
-    # resumed after it was recorded, with other recording settings: refused (the student trained against it)
-    with pytest.raises(RuntimeError, match="recorded with other settings"):
-        distill(spec, recipe, run, overrides=[*base, "objective_config.disback_record_updates=4",
-                                              "objective_config.disback_record_lr=5e-4", "train.max_steps=4"],
-                resume="latest", allow_config_change=True, export=False)
-
-
-# --- a resumed MSD run equals an uninterrupted one ------------------------------------------------------------------
-MSD = [*QUICK, *PAIRS, "objective_config.gan_enabled=false", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
-
-
-def test_msd_resume_continues_started_students_checks_finished_ones_and_equals_one_run(spec, tmp_path, monkeypatch):
-    import torch
-
-    from stepdistill.training import trainer as trainer_module
-    from stepdistill.workflows.distill import distill
-    from stepdistill.training.runfolder import RunFolderError
-
-    recipe = REPO / "training" / "toy-msd.yaml"
-    distill(spec, recipe, tmp_path / "whole", overrides=[*MSD, "train.max_steps=2"], export=False, log=lambda *a: None)
-
-    # interrupted: students 0-1 finish one update, student 2 dies before its first checkpoint, student 3 never starts
-    run = tmp_path / "killed"
-    original = trainer_module.Trainer._update
-
-    def dies_in_student_2(self, turn, update):
-        if self.out_dir.name == "student_2":
-            raise KeyboardInterrupt("killed")
-        return original(self, turn, update)
-
-    monkeypatch.setattr(trainer_module.Trainer, "_update", dies_in_student_2)
-    with pytest.raises(KeyboardInterrupt):
-        distill(spec, recipe, run, overrides=[*MSD, "train.max_steps=1"], export=False, log=lambda *a: None)
-    monkeypatch.setattr(trainer_module.Trainer, "_update", original)
-    assert (run / "student_2" / "run.json").is_file() and not (run / "student_3").exists()
-
-    # a finished student trained with another configuration is not skipped silently
-    with pytest.raises(RunFolderError, match="real_guidance_scale"):
-        distill(spec, recipe, run, overrides=[*MSD, "train.max_steps=2", "objective_config.real_guidance_scale=5"],
-                resume="latest", export=False, log=lambda *a: None)
-    # --resume latest: students 0-1 continue from update 1 to 2, student 2 starts (it had no checkpoint), 3 starts
-    lines = []
-    distill(spec, recipe, run, overrides=[*MSD, "train.max_steps=2"], resume="latest", export=False, log=lines.append)
-    assert any(line.startswith("[msd] student 1 of 4") for line in lines)
-    assert not any("student 0 of" in line or "student 5 of" in line for line in lines)
-    whole, resumed = _trainable_states(tmp_path / "whole"), _trainable_states(run)
-    final = [k for k in whole if k.endswith("step_000002/trainable_state.pt")]
-    assert len(final) == 4
-    for where in final:
-        for key in whole[where]:
-            assert torch.equal(whole[where][key], resumed[where][key]), f"{where} {key}"
-
-
-def test_msd_dry_run_writes_nothing(spec, tmp_path):
-    proc = cli("distill", "--pipeline", str(spec), "--recipe", str(REPO / "training" / "toy-msd.yaml"), "--out",
-               str(tmp_path / "msd"), "--dry-run", "--set", *MSD, "train.max_steps=2")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "student 1 of 4" in proc.stdout and "student 4 of 4" in proc.stdout and "fresh" in proc.stdout
-    assert not (tmp_path / "msd").exists()
-
-
 # --- checks before anything is written; a failed run does not block the next ---------------------------------------
-def test_phased_dmd_timesteps_are_checked_by_dry_run(spec, tmp_path):
-    out = tmp_path / "phased"
-    line = one_error_line(cli("distill", "--pipeline", str(spec), "--recipe", str(REPO / "training" / "toy-phased-dmd.yaml"),
-                              "--out", str(out), "--dry-run", "--set", "generator.timesteps=[999,500,250,100]"),
-                          "generator.timesteps", "need generator timesteps")
-    assert "toy-phased-dmd.yaml" in line and not out.exists()
-
-
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(spec, tmp_path, monkeypatch):
     from stepdistill.training import trainer as trainer_module
     from stepdistill.workflows.distill import distill

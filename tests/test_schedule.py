@@ -4,14 +4,14 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from stepdistill.core.schedule import NoiseSchedule
+from tiny_models import SD_BETAS
 
-SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+from stepdistill.core.schedule import NoiseSchedule
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_matches_diffusers(prediction_type):
-    ddpm = DDPMScheduler(**SD_CONFIG, prediction_type=prediction_type)
+    ddpm = DDPMScheduler(**SD_BETAS, prediction_type=prediction_type)
     sched = NoiseSchedule.from_scheduler(ddpm)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(6, 4, 8, 8, generator=g)
@@ -23,7 +23,7 @@ def test_matches_diffusers(prediction_type):
 
 
 def test_conversions_invert_in_float64():
-    sched = NoiseSchedule.from_config(SD_CONFIG)
+    sched = NoiseSchedule.from_config(SD_BETAS)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64)
     eps = torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64)
@@ -37,7 +37,7 @@ def test_conversions_invert_in_float64():
 
 
 def test_snr_closed_form_and_samplers():
-    sched = NoiseSchedule.from_config(SD_CONFIG)
+    sched = NoiseSchedule.from_config(SD_BETAS)
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     abar = torch.cumprod(1 - betas, 0)
     torch.testing.assert_close(sched.snr(torch.arange(1000)), abar / (1 - abar), rtol=1e-4, atol=0)  # diffusers builds betas in float32

@@ -15,26 +15,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference_maths import B, fixed_eps
+
 from stepdistill.models.conditioning import PromptEmbeds
 from stepdistill.models.generators import Generator
 from stepdistill.objectives import Batch, build_objective
 
-B = 3
 T_FIXED = torch.tensor([20, 500, 979])
 
 
 @pytest.fixture(scope="module")
 def embeds():
+    """Overrides conftest's: the ``batch`` fixture of conftest.py is built on these."""
     g = torch.Generator().manual_seed(1)
     # the same unconditional row for every sample, as the empty prompt is
     uncond = torch.randn(1, 6, 32, generator=g).expand(B, -1, -1).clone()
     return PromptEmbeds(cond=torch.randn(B, 6, 32, generator=g), uncond=uncond)
-
-
-@pytest.fixture()
-def batch(embeds):
-    g = torch.Generator().manual_seed(2)
-    return Batch(embeds=embeds, noise=torch.randn(B, 4, 8, 8, generator=g), real_latents=torch.randn(B, 4, 8, 8, generator=g))
 
 
 def make(teacher, config=None, **gen_kwargs):
@@ -55,10 +51,6 @@ def leaf_x(obj, seed: int = 4) -> torch.Tensor:
     x = (0.5 * torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(seed))).requires_grad_(True)
     obj.generate = lambda batch, grad=True: x  # noqa: ARG005 - instance attribute shadows the method
     return x
-
-
-def fixed_eps(seed: int = 5) -> torch.Tensor:
-    return torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
 # --- independent reference maths ------------------------------------------------------------------------------------

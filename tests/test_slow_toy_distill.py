@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
+
 from stepdistill.toy.assets import TOY_EVALUATOR, TOY_TEACHER
 
-REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.slow,

@@ -4,26 +4,21 @@ not through stepdistill.core.schedule."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_maths import random_prompt_embeds
+from tiny_models import make_tiny_sd_pipeline
 
-from tiny_models import make_tiny_sd_pipeline  # noqa: E402
-
-from stepdistill.models.generators import Generator, copy_unet  # noqa: E402
-from stepdistill.models.conditioning import PromptEmbeds
+from stepdistill.models.generators import Generator, copy_unet
 
 B = 2
 
 
 @pytest.fixture(scope="module")
 def embeds():
-    g = torch.Generator().manual_seed(1)
-    return PromptEmbeds(cond=torch.randn(B, 6, 32, generator=g), uncond=torch.randn(B, 6, 32, generator=g))
+    """Overrides conftest's: ``B`` = 2 rows."""
+    return random_prompt_embeds(B)
 
 
 @pytest.fixture()

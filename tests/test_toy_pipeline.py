@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import REPO
+from tiny_models import make_tiny_teacher_spec
+
 from stepdistill.eval.report import REQUIRED_KEYS, markdown_table, nfe, write_report
 from stepdistill.toy import world
 from stepdistill.toy.assets import TOY_EVALUATOR
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(not TOY_EVALUATOR.is_dir(), reason="toy evaluator asset not present")
@@ -56,7 +57,7 @@ def test_distill_export_and_plain_diffusers_load(tmp_path):
     from stepdistill.eval.generate import generate, load_pipeline
     from stepdistill.workflows.distill import distill, export_run
 
-    spec = _tiny_spec(tmp_path)
+    spec = make_tiny_teacher_spec(tmp_path)
     summary = distill(spec, REPO / "training" / "toy-dmd2.yaml", tmp_path / "run",
                       overrides=["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1",
                                  "train.sample_every=0", "objective_config.aux_updates_per_generator_update=1",
@@ -72,17 +73,6 @@ def test_distill_export_and_plain_diffusers_load(tmp_path):
         distill(bad, REPO / "training" / "toy-dmd2.yaml", tmp_path / "run2")
 
 
-
-def _tiny_spec(tmp_path):
-    """A pipeline preset for a tiny SD-like teacher written under ``tmp_path``."""
-    from tiny_models import make_tiny_sd_pipeline
-
-    make_tiny_sd_pipeline(tmp_path / "teacher")
-    spec = tmp_path / "pipe.yaml"
-    spec.write_text(f"teacher: {tmp_path / 'teacher'}\ndtype: float32\n")
-    return spec
-
-
 @pytest.mark.parametrize("recipe", ["dmd.yaml", "dmd2.yaml", "vsd.yaml", "sid-lsg.yaml", "toy-dmd.yaml", "toy-dmd2.yaml",
                                     "toy-vsd.yaml", "toy-sid.yaml", "toy-sid-4step.yaml", "toy-dmd2-4step.yaml",
                                     "phased-dmd.yaml", "toy-phased-dmd.yaml"])
@@ -90,7 +80,7 @@ def test_every_shipped_recipe_runs_a_step(tmp_path, recipe):
     """The SD1.5 and toy recipes run end to end on a tiny teacher (DMD with its regression pairs wired in by run.py)."""
     from stepdistill.workflows.distill import distill
 
-    spec = _tiny_spec(tmp_path)
+    spec = make_tiny_teacher_spec(tmp_path)
     overrides = ["train.max_steps=1", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
                  "train.mixed_precision=no", "train.gradient_checkpointing=false",
                  "objective_config.aux_updates_per_generator_update=1"]
@@ -120,7 +110,7 @@ def test_ode_warmup_phase_then_distribution_matching(tmp_path, method):
 
     from stepdistill.workflows.distill import distill
 
-    spec = _tiny_spec(tmp_path)
+    spec = make_tiny_teacher_spec(tmp_path)
     overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
                  "train.log_every=1", "objective_config.aux_updates_per_generator_update=1",
                  "objective_config.ode_warmup_steps=2", "objective_config.regression_pairs=4",
@@ -206,25 +196,3 @@ def test_demo_evaluates_a_few_step_student_at_its_own_steps(tmp_path):
     assert speedup["end_to_end_ideal"] is not None and speedup["nfe_ratio"] == 12.5  # vs the 25-step CFG teacher
 
 
-def test_disback_through_distill_records_its_path_in_the_run_folder_and_resumes(tmp_path):
-    """``objective_config.disback=true`` on the DMD recipe: stage 1 runs when distribution matching starts (after the
-    ODE warm-up), its path is in the run folder, and a resumed run reads it instead of recording again."""
-    import json
-
-    from stepdistill.workflows.distill import distill
-
-    spec = _tiny_spec(tmp_path)
-    overrides = ["train.max_steps=3", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
-                 "objective_config.aux_updates_per_generator_update=1", "objective_config.ode_warmup_steps=1",
-                 "objective_config.regression_pairs=4", "objective_config.regression_steps=2",
-                 "objective_config.disback=true", "objective_config.disback_nodes=2",
-                 "objective_config.disback_record_updates=2", "objective_config.disback_interval=1"]
-    distill(spec, REPO / "training" / "toy-dmd.yaml", tmp_path / "run", overrides=overrides, export=False)
-    manifest = json.loads((tmp_path / "run" / "disback" / "path.json").read_text())
-    assert manifest["complete"] and manifest["files"] == ["node_01.safetensors", "node_02.safetensors"]
-    stamp = (tmp_path / "run" / "disback" / "node_02.safetensors").stat().st_mtime_ns
-    summary = distill(spec, REPO / "training" / "toy-dmd.yaml", tmp_path / "run", resume="latest",
-                      overrides=[o if not o.startswith("train.max_steps") else "train.max_steps=4" for o in overrides],
-                      export=False, allow_config_change=True)
-    assert summary["start_step"] == 3 and summary["steps"] == 4
-    assert (tmp_path / "run" / "disback" / "node_02.safetensors").stat().st_mtime_ns == stamp  # not recorded again

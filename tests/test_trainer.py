@@ -26,7 +26,8 @@ from stepdistill.training import (
 )
 from stepdistill.training.checkpoint import MARKER_FILE, CheckpointError
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, reset_accelerate_state
+
 LATENT = (2, 4, 4)
 D = 2 * 4 * 4
 
@@ -344,10 +345,7 @@ def test_resume_is_exact_and_ignores_interrupted_writes(tmp_path):
     (ckpts / "step_000005").mkdir()  # no marker: incomplete
 
     # a fresh process would rebuild everything from scratch (different init seed on purpose) and resume
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     teacher, generator, objective = _build(tmp_path, seed=99, ratio=2)
     trainer = Trainer(cfg, teacher, generator, objective, PROMPTS, tmp_path / "run")
     summary = trainer.train(resume="latest")
@@ -378,10 +376,7 @@ def test_nan_loss_stops_without_checkpointing_the_bad_state(tmp_path):
     assert (ckpts / "latest").read_text().strip() == "step_000002"
     assert all(torch.isfinite(p).all() for p in generator.parameters())
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     teacher, generator, objective = _build(tmp_path)
     trainer = Trainer(cfg, teacher, generator, objective, PROMPTS, tmp_path / "run")
     assert trainer.load_checkpoint(ckpts / "step_000002").name == "step_000002"

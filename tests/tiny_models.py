@@ -27,13 +27,9 @@ TEXT_VOCAB_SIZE = 1000
 MAX_LENGTH = 77
 SAMPLE_SIZE = 8  # latent side; the VAE has two blocks, so images are 16×16
 WORDS = ("a", "red", "blue", "green", "small", "large", "circle", "square", "triangle", "on", "background")
-SD_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-)
+# Stable Diffusion's noise schedule (the tiny pipelines' schedulers add SD's steps_offset)
+SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD_SCHEDULER = dict(**SD_BETAS, steps_offset=1)
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------------
@@ -376,23 +372,7 @@ def make_tiny_clip(folder: str | Path) -> Path:
     return folder
 
 
-# --- plain-diffusers checks ----------------------------------------------------------------------------------------
-def run_without_stepdistill(code: str, spec: dict, folder: Path, timeout: int = 600) -> dict:
-    """Run ``code`` (a script reading ``sys.argv[1]``, a JSON spec, and writing ``spec["report"]``) in a fresh Python
-    process that never imports stepdistill (offline, no PYTHONPATH), from ``folder``; returns the report."""
-    import os
-    import subprocess
-    import sys
-
-    folder = Path(folder)
-    (folder / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
-    proc = subprocess.run([sys.executable, "-c", code, str(folder / "spec.json")], cwd=str(folder), env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(Path(spec["report"]).read_text())
-
-
+# --- pipeline presets ---------------------------------------------------------------------------------------------
 def make_tiny_teacher_spec(tmp_path: str | Path) -> Path:
     """A tiny SD teacher saved under ``tmp_path/teacher`` and the pipeline preset naming it (``tmp_path/pipe.yaml``)."""
     tmp_path = Path(tmp_path)
