@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -19,30 +17,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stepdistill.core.outputs import staged_folder
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.toy import models, world
 from stepdistill.toy.evaluator import ToyEvaluator, evaluator_loss
 from stepdistill.toy.tokenizer import build_tokenizer_files
-
-
-def _atomic_dir(out_dir: Path):
-    """A temporary sibling folder; call the returned function to move it onto ``out_dir`` once complete."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".tmp_{out_dir.name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-
-    def commit() -> None:
-        if out_dir.exists():
-            old = out_dir.parent / f".old_{out_dir.name}_{os.getpid()}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-
-    return tmp, commit
 
 
 @torch.no_grad()
@@ -129,70 +108,70 @@ def train_teacher(
     vae.register_to_config(scaling_factor=scaling_factor)
     latents = raw_latents * scaling_factor
 
-    tok_dir, commit = _atomic_dir(Path(out_dir))
-    build_tokenizer_files(tok_dir / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir / "tokenizer", local_files_only=True)
-    ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    prompt_ids, empty_ids = ids[:-1], ids[-1]
+    with staged_folder(Path(out_dir), "the toy teacher") as tok_dir:
+        tok_dir.mkdir(parents=True)
+        build_tokenizer_files(tok_dir / "tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir / "tokenizer", local_files_only=True)
+        ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        prompt_ids, empty_ids = ids[:-1], ids[-1]
 
-    text_encoder = models.make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                            tokenizer.model_max_length)
-    unet = models.make_unet()
-    scheduler = models.make_scheduler()
-    schedule = NoiseSchedule.from_scheduler(scheduler)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=unet_steps, pct_start=0.03)
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed + 2)
-    bar = tqdm(range(unet_steps), desc="toy teacher UNet")
-    running = None
-    for step in bar:
-        idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
-        x0 = latents[idx]
-        batch_ids = prompt_ids[idx].clone()
-        drop = torch.rand(batch_size, generator=gen) < cond_dropout
-        batch_ids[drop] = empty_ids
-        noise = torch.randn(x0.shape, generator=gen)
-        t = schedule.sample_timesteps(batch_size, generator=gen)
-        x_t = schedule.add_noise(x0, noise, t)
-        cond = text_encoder(batch_ids).last_hidden_state
-        pred = unet(x_t, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, schedule.target(x0, noise, t))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{running:.4f}")
+        text_encoder = models.make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                tokenizer.model_max_length)
+        unet = models.make_unet()
+        scheduler = models.make_scheduler()
+        schedule = NoiseSchedule.from_scheduler(scheduler)
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=unet_steps, pct_start=0.03)
+        ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+        gen = torch.Generator().manual_seed(seed + 2)
+        bar = tqdm(range(unet_steps), desc="toy teacher UNet")
+        running = None
+        for step in bar:
+            idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+            x0 = latents[idx]
+            batch_ids = prompt_ids[idx].clone()
+            drop = torch.rand(batch_size, generator=gen) < cond_dropout
+            batch_ids[drop] = empty_ids
+            noise = torch.randn(x0.shape, generator=gen)
+            t = schedule.sample_timesteps(batch_size, generator=gen)
+            x_t = schedule.add_noise(x0, noise, t)
+            cond = text_encoder(batch_ids).last_hidden_state
+            pred = unet(x_t, t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred, schedule.target(x0, noise, t))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            lr_sched.step()
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            _ema_update(ema_unet, unet, decay)
+            _ema_update(ema_text, text_encoder, decay)
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=ema_text.eval(), tokenizer=tokenizer, unet=ema_unet.eval(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(tok_dir, safe_serialization=True)
-    for config_file in tok_dir.glob("*/config.json"):  # a cached VAE would record its local cache path
-        config = json.loads(config_file.read_text())
-        if config.pop("_name_or_path", None) is not None:
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    info = {
-        "seed": seed, "vae_steps": vae_steps, "vae_batch_size": vae_batch_size, "vae_reconstruction_mse": vae_rec,
-        "unet_steps": unet_steps, "batch_size": batch_size,
-        "unet_block_out_channels": list(unet.config.block_out_channels),
-        "unet_parameters": sum(p.numel() for p in unet.parameters()),
-        "vae_from_cache": vae_from_cache, "lr": lr, "num_latents": num_latents,
-        "ema_decay": ema_decay, "cond_dropout": cond_dropout, "final_loss_ema": running,
-        "scaling_factor": scaling_factor, "vae_seconds": round(t_vae, 1),
-        "total_seconds": round(time.time() - t_start, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
-    }
-    (tok_dir / "training_info.json").write_text(json.dumps(info, indent=2))
-    commit()
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=ema_text.eval(), tokenizer=tokenizer, unet=ema_unet.eval(), scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tok_dir, safe_serialization=True)
+        for config_file in tok_dir.glob("*/config.json"):  # a cached VAE would record its local cache path
+            config = json.loads(config_file.read_text())
+            if config.pop("_name_or_path", None) is not None:
+                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        info = {
+            "seed": seed, "vae_steps": vae_steps, "vae_batch_size": vae_batch_size, "vae_reconstruction_mse": vae_rec,
+            "unet_steps": unet_steps, "batch_size": batch_size,
+            "unet_block_out_channels": list(unet.config.block_out_channels),
+            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "vae_from_cache": vae_from_cache, "lr": lr, "num_latents": num_latents,
+            "ema_decay": ema_decay, "cond_dropout": cond_dropout, "final_loss_ema": running,
+            "scaling_factor": scaling_factor, "vae_seconds": round(t_vae, 1),
+            "total_seconds": round(time.time() - t_start, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        }
+        (tok_dir / "training_info.json").write_text(json.dumps(info, indent=2))
     return info
 
 
@@ -246,10 +225,10 @@ def train_evaluator(out_dir: str | Path, seed: int = 0, steps: int = 3000, batch
     blurred = evaluate_evaluator(model, eval_samples, seed=987_654_321, blur_sigma=1.0)
     info = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "blur_p": blur_p,
             "train_seconds": round(time.time() - t_start, 1), "held_out": metrics, "held_out_blurred_sigma_0.3_to_1": blurred}
-    tmp, commit = _atomic_dir(Path(out_dir))
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
-    commit()
+    with staged_folder(Path(out_dir), "the toy evaluator") as tmp:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
     return info
 
 
