@@ -10,7 +10,7 @@ names? A measurement that can fail, on the toy evaluator:
    adherence (should hold) and FID_toy on these 2,304 samples (comparable across rows only: fewer samples than the
    5,040-sample protocol).
 
-    python eval/results/snoopi/measure_nasa.py runs/toy-pgsb/student eval/results/snoopi/nasa.json
+    python experiments/nasa/measure_nasa.py runs/toy-pgsb/student eval/results/snoopi/nasa.json
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stepdistill.eval.generate import generate, load_pipeline, sample_seeds
-from stepdistill.eval.toy_metrics import ToyJudge
+from stepdistill.eval import ToyJudge, generate, sample_seeds
+from stepdistill.export import load_pipeline
 from stepdistill.toy import world
 
 ALPHAS = (0.05, 0.1, 0.2, 0.4)
