@@ -298,3 +298,20 @@ def test_every_study_has_a_readme_citing_its_scripts_and_uses_only_the_public_ap
         problems += [f"{study.name}: result file {p.name} belongs under eval/results/"
                      for p in study.iterdir() if fnmatch.fnmatch(p.name, "*.json")]
     assert problems == [], "\n".join(problems)
+
+
+def test_no_public_name_hides_a_submodule_of_the_same_name():
+    """``from stepdistill.eval import generate as _gen`` and ``import stepdistill.eval.generate as g`` must keep
+    meaning the submodule: an ``__all__`` name equal to a submodule's name must be that submodule."""
+    import importlib
+    from types import ModuleType
+
+    hidden = []
+    for package, names in _public_names().items():
+        folder = REPO.joinpath(*package.split("."))
+        module = importlib.import_module(package)
+        hidden += [f"{package}.{name}" for name in names
+                   if (folder / f"{name}.py").is_file() and not isinstance(getattr(module, name), ModuleType)]
+        hidden += [f"{package}.{p.stem}" for p in folder.glob("*.py")
+                   if p.stem != "__init__" and p.stem in vars(module) and not isinstance(vars(module)[p.stem], ModuleType)]
+    assert hidden == []

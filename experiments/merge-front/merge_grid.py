@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from stepdistill.eval import generate, image_grid
+from stepdistill.eval import generate_images, image_grid
 from stepdistill.export import load_pipeline
 
 PROMPTS = ["a small red square on a white background", "a large blue triangle on a gray background",
@@ -30,7 +30,7 @@ def main(out: str, pairs: list[str]) -> None:
         lam, folder = pair.split("=", 1)
         pipe = load_pipeline(folder)
         for c, prompt in enumerate(PROMPTS):
-            images = generate(pipe, [prompt] * len(SEEDS), SEEDS, 25, 1.0, desc=f"λ={lam}")
+            images = generate_images(pipe, [prompt] * len(SEEDS), SEEDS, 25, 1.0, desc=f"λ={lam}")
             axes[r][c].imshow(np.asarray(image_grid(images, 1, len(SEEDS), scale=2)))
             axes[r][c].set_xticks([]), axes[r][c].set_yticks([])
             if r == 0:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stepdistill.eval import ToyJudge, generate, sample_seeds
+from stepdistill.eval import ToyJudge, generate_images, sample_seeds
 from stepdistill.export import load_pipeline
 from stepdistill.toy import world
 
@@ -48,7 +48,7 @@ def main(student: str, out: str) -> None:
     def run(n_per: int, base_seed: int, negatives=None, alpha=None):
         ps = [p for p in prompts for _ in range(n_per)]
         negs = None if negatives is None else [n for n in negatives for _ in range(n_per)]
-        imgs = generate(pipe, ps, sample_seeds(len(prompts), n_per, base_seed), steps, 1.0, batch_size=288,
+        imgs = generate_images(pipe, ps, sample_seeds(len(prompts), n_per, base_seed), steps, 1.0, batch_size=288,
                         negative_prompt=negs, nasa_alpha=alpha, progress=False)
         return ps, imgs, judge.analyze(imgs)
 
