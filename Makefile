@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench distill-cost clean
+.PHONY: setup demo test test-slow bench distill-cost benchmarks-doc clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ bench: $(STAMP)
 
 distill-cost: $(STAMP)
 	$(BIN)/stepdistill distill-cost --out runs/distill-cost
+
+# docs/benchmarks.md and README.md's methods table, from the result JSONs under eval/results/
+benchmarks-doc: $(STAMP)
+	TRANSFORMERS_VERBOSITY=error $(BIN)/python -m stepdistill.eval.benchmarks_doc
 
 clean:
 	rm -rf runs

@@ -1,4 +1,4 @@
-"""The front door (issue 13): a reused run folder never mixes two runs, every CLI error is one line, input is checked
+"""The front door: a reused run folder never mixes two runs, every CLI error is one line, input is checked
 before anything loads or is written, and the small conveniences a new user reaches for.
 
 CLI checks run ``python -m stepdistill.cli`` in a subprocess and look at what a user sees: the exit code, the lines on
@@ -30,7 +30,7 @@ def test_reused_folder_is_refused_then_overwritten_and_resume_checks_the_fingerp
     assert [p.name for _, p in list_checkpoints(out / "checkpoints")] == ["step_000002", "step_000004"]
 
     changed = [*FAST, "train.max_steps=2", "optimizer.generator_lr=1.0e-4"]
-    # the issue's sequence: a new run with a changed config in the same folder ...
+    # the sequence under test: a new run with a changed config in the same folder ...
     with pytest.raises(RunFolderError, match="--resume latest.*--overwrite"):
         distill(spec, RECIPE, out, overrides=changed, export=False)
     # ... resumed with --resume latest would have continued the OLD run's checkpoint: refused, naming what changed

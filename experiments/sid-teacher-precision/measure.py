@@ -9,7 +9,8 @@ by relative error ‖g_bf16 − g_fp32‖ / ‖g_fp32‖ and cosine, at the star
 equal to the teacher) and, with ``--run``, at the latest checkpoint of a toy SiD run. Writes one JSON.
 
     stepdistill distill --pipeline pipelines/toy.yaml --recipe training/toy-sid.yaml --out runs/toy-sid
-    python experiments/sid-teacher-precision/measure.py --run runs/toy-sid --out experiments/sid-teacher-precision/result.json
+    python experiments/sid-teacher-precision/measure.py --run runs/toy-sid \\
+        --out eval/results/sid-teacher-precision/result.json
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.models import Generator, Teacher
 from stepdistill.objectives import Batch, build_objective
-from stepdistill.models.generators import Generator
-from stepdistill.models.teacher import Teacher
 from stepdistill.toy import world
-from stepdistill.training.config import load_recipe
-from stepdistill.training.trainer import Trainer
+from stepdistill.training import Trainer, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 

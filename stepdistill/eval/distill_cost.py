@@ -1,4 +1,4 @@
-"""The distill-cost benchmark (DESIGN.md section 4): wall time, steps per second and peak memory of each objective's
+"""The distill-cost benchmark (eval/README.md): wall time, steps per second and peak memory of each objective's
 training step on a teacher (the toy by default).
 
 Each recipe runs in its own ``stepdistill distill`` subprocess, so the peak memory it reports (``torch.cuda``'s peak

@@ -1,4 +1,4 @@
-"""The gpu-scale benchmark (DESIGN.md section 4): a recipe's training step on an SD1.5-sized pipeline built from the
+"""The gpu-scale benchmark (eval/README.md): a recipe's training step on an SD1.5-sized pipeline built from the
 public SD1.5 component configs with random weights (speed and memory do not depend on the values), in bf16.
 
 It builds the pipeline folder once (UNet 320/640/1280/1280, cross-attention 768; the SD VAE; a CLIP ViT-L/14-sized

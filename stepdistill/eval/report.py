@@ -1,4 +1,4 @@
-"""The report format (DESIGN.md section 4): report.json, report.md, a quality-vs-steps/latency plot.
+"""The report format (eval/README.md): report.json, report.md, a quality-vs-steps/latency plot.
 
 ``report.json`` = ``{"suite", "device", "entries": [...]}``; each entry has at least ``name``, ``role``, ``steps``,
 ``guidance``, ``nfe``, ``fid``, ``fid_features``, ``adherence``, ``diversity``, ``latency_ms``

@@ -1,4 +1,4 @@
-"""Metrics on the toy world, computed with the toy evaluator (DESIGN.md section 3).
+"""Metrics on the toy world, computed with the toy evaluator (eval/README.md).
 
 - FID_toy: Fréchet distance between evaluator features of generated images and of real world images.
 - Prompt adherence: per discrete attribute, the fraction of images whose predicted attribute equals the prompt's;

@@ -3,7 +3,10 @@
 exported folders back."""
 
 from stepdistill.export.common import ExportError, merged_unet
+from stepdistill.export.loading import load_pipeline, step_kwargs
+from stepdistill.export.multi_student import export_multi_student
 from stepdistill.export.schedulers import student_scheduler
 from stepdistill.export.students import EXPORTERS, export_student
 
-__all__ = ["EXPORTERS", "ExportError", "export_student", "merged_unet", "student_scheduler"]
+__all__ = ["EXPORTERS", "ExportError", "export_multi_student", "export_student", "load_pipeline", "merged_unet",
+           "step_kwargs", "student_scheduler"]

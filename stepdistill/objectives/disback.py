@@ -20,7 +20,7 @@ configuration with the same settings (``--allow-config-change``) is used with a 
 recorded again from the start. The target is a function of the update number, so a run resumed mid-path picks the
 same target.
 
-Differences from the released code, following the paper (see ../shared/OBJECTIVES.md): the switch loads the
+Differences from the released code, following the paper (docs/methods/disback.md): the switch loads the
 recorded ψ_i into a separate real-score network (the released ``load_state_dict(..., strict=False)`` of a full
 guidance state into the teacher matches no key and loads nothing, and its guard allows about one switch); switches
 are every ``disback_interval`` updates (the released schedule is also a fixed interval, 1,000 iterations); ψ is

@@ -1,5 +1,5 @@
 """Phased DMD — few-step distribution matching with one expert per SNR phase (Fan et al. 2025, arXiv:2510.27684,
-SenseTime; no official training code is public, so this follows the paper and ../shared/OBJECTIVES.md).
+SenseTime; no official training code is public, so this follows the paper; docs/methods/phased-dmd.md).
 
 The generator is a :class:`~stepdistill.models.generators.PhasedGenerator` whose timesteps t₀ > … > t_{K−1} are the starts of
 ``NoiseSchedule.snr_phases(K, phase_min_ratio, phase_max_ratio)``; phase k ends at s = t_{k+1} (clean data for the

@@ -10,7 +10,7 @@ names? A measurement that can fail, on the toy evaluator:
    adherence (should hold) and FID_toy on these 2,304 samples (comparable across rows only: fewer samples than the
    5,040-sample protocol).
 
-    python eval/results/snoopi/measure_nasa.py runs/toy-pgsb/student eval/results/snoopi/nasa.json
+    python experiments/nasa/measure_nasa.py runs/toy-pgsb/student eval/results/snoopi/nasa.json
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stepdistill.eval.generate import generate, load_pipeline, sample_seeds
-from stepdistill.eval.toy_metrics import ToyJudge
+from stepdistill.eval import ToyJudge, generate_images, sample_seeds
+from stepdistill.export import load_pipeline
 from stepdistill.toy import world
 
 ALPHAS = (0.05, 0.1, 0.2, 0.4)
@@ -48,7 +48,7 @@ def main(student: str, out: str) -> None:
     def run(n_per: int, base_seed: int, negatives=None, alpha=None):
         ps = [p for p in prompts for _ in range(n_per)]
         negs = None if negatives is None else [n for n in negatives for _ in range(n_per)]
-        imgs = generate(pipe, ps, sample_seeds(len(prompts), n_per, base_seed), steps, 1.0, batch_size=288,
+        imgs = generate_images(pipe, ps, sample_seeds(len(prompts), n_per, base_seed), steps, 1.0, batch_size=288,
                         negative_prompt=negs, nasa_alpha=alpha, progress=False)
         return ps, imgs, judge.analyze(imgs)
 

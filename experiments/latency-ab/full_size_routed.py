@@ -3,7 +3,7 @@ copies of one exported full-size one-step student behind the toy's shape router.
 weights, so this times what a full-size MSD folder costs per image without retraining one (its samples are not
 meaningful as MSD samples: every route runs the same student).
 
-    .venv/bin/python eval/results/msd/full_size_routed.py runs/toy-dmd2/student runs/msd-full-size-latency
+    .venv/bin/python experiments/latency-ab/full_size_routed.py runs/toy-dmd2/student runs/msd-full-size-latency
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stepdistill.export.multi_student import export_multi_student
-from stepdistill.models.router import KeywordRouter
+from stepdistill.export import export_multi_student
+from stepdistill.models import KeywordRouter
 
 
 def main(student: str, out: str) -> None:

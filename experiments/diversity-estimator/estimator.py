@@ -11,24 +11,34 @@ reference direction: the pathwise K = 25 gradient (the exact gradient of the det
 training moves and inference uses) averaged over 8 further batches (128 samples, its own noise); its two 4-batch halves'
 cosine says how well that reference is itself determined.
 
-    .venv/bin/python eval/results/cfg/estimator.py eval/results/cfg/estimator.json
+    .venv/bin/python experiments/diversity-estimator/estimator.py eval/results/cfg/estimator.json
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
 
 import torch
 
-from stepdistill.objectives.rewards import ToyEmbedder, diversity_reward
-from stepdistill.models.generators import TeacherSamplerGenerator
-from stepdistill.models.conditioning import unet_forward
-from stepdistill.models.teacher import Teacher
-from stepdistill.toy import world
+from stepdistill.models import Teacher, TeacherSamplerGenerator, unet_forward
+from stepdistill.toy import ToyEmbedder, world
 
 PROMPTS = world.all_prompts()[::18][:8]
+
+
+def diversity_reward(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    """r = 1 − cos(f₁, f₂) per row, the reward stepdistill/objectives/rewards.py defines (not part of the public API)."""
+    return 1.0 - torch.nn.functional.cosine_similarity(f1.float(), f2.float(), dim=-1)
+
+
+def fresh_scheduler(gen: TeacherSamplerGenerator):
+    """A copy of the generator's DDIM scheduler set to its own step count (DDIM keeps no state between steps)."""
+    scheduler = copy.deepcopy(gen.scheduler_template)
+    scheduler.set_timesteps(gen.num_inference_steps)
+    return scheduler
 
 
 def flat_grad(loss, params):
@@ -44,7 +54,7 @@ def pathwise(gen, embedder, embeds, noise, k):
 
 def reinforce(gen, embedder, embeds, noise, rng):
     """Surrogate whose gradient is the score-function estimate: mean((r − b)·Σ log p)."""
-    scheduler = gen._fresh_scheduler()
+    scheduler = fresh_scheduler(gen)
     x, logp = noise, torch.zeros(noise.shape[0])
     stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     for t in scheduler.timesteps:

@@ -1,6 +1,6 @@
-"""disback.png: FID_toy and adherence of the DMD default (training/toy-dmd.yaml) with and without DisBack against
-generator updates, from the stepdistill eval JSONs in this folder (5,040 samples each). Run from the repository root:
-``python eval/results/toy-few-step/plot_disback.py``."""
+"""eval/results/toy-few-step/disback.png: FID_toy and adherence of the DMD default (training/toy-dmd.yaml) with and
+without DisBack against generator updates, from the stepdistill eval JSONs in that folder (5,040 samples each):
+``python experiments/disback-convergence/plot_disback.py``."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+RESULTS = Path(__file__).resolve().parents[2] / "eval" / "results" / "toy-few-step"
 
 
 def series(prefix: str) -> tuple[list[int], list[float], list[float]]:
     points = []
-    for f in sorted(HERE.glob(f"{prefix}-[0-9]*.json")):
+    for f in sorted(RESULTS.glob(f"{prefix}-[0-9]*.json")):
         entry = json.loads(f.read_text())["entries"][0]
         points.append((int(f.stem.rsplit("-", 1)[1]), entry["fid_toy"], entry["adherence"]))
     points.sort()
@@ -41,7 +41,7 @@ def main() -> None:
     fig.suptitle("600: end of the ODE-pair warm-up (both runs identical); dotted: DisBack target switches "
                  "(psi_3, psi_2, psi_1, then the teacher from 675)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(HERE / "disback.png", dpi=120)
+    fig.savefig(RESULTS / "disback.png", dpi=120)
 
 
 if __name__ == "__main__":

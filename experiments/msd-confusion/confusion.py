@@ -1,7 +1,7 @@
 """Shape confusion matrices of toy students from the samples `stepdistill eval` saved (toy-quality protocol: the 144
 toy prompts in order, 35 samples each; the evaluator's predicted shape against the prompt's shape).
 
-    python eval/results/msd/confusion.py OUT.json NAME=SAMPLES_DIR [NAME=SAMPLES_DIR ...]
+    python experiments/msd-confusion/confusion.py OUT.json NAME=SAMPLES_DIR [NAME=SAMPLES_DIR ...]
 
 SAMPLES_DIR is the ``<out>_samples`` folder of an eval run (``samples/<configuration>/batch-*.npz``).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stepdistill.eval.toy_metrics import ToyJudge
+from stepdistill.eval import ToyJudge
 from stepdistill.toy import world
 
 

@@ -2,9 +2,10 @@
 drifts of a shared machine hit every folder alike (the bench's own protocol per call: batch 64, 2 warm-up, 5 timed
 repeats, the median; the toy's first prompt).
 
-    .venv/bin/python eval/results/latency_ab.py OUT.json NAME=FOLDER[@STEPS,GUIDANCE] [...]
+    .venv/bin/python experiments/latency-ab/latency_ab.py [--rounds N] OUT.json NAME=FOLDER[@STEPS,GUIDANCE] [...]
 
-FOLDER may be ``toy`` (the embedded teacher); STEPS and GUIDANCE default to 1 and 1.0.
+FOLDER may be ``toy`` (the embedded teacher); STEPS and GUIDANCE default to 1 and 1.0; ``--rounds`` (default 3) is the
+number of A B C … rounds.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import sys
 
 import torch
 
-from stepdistill.eval.bench import measure_pipeline_latency
-from stepdistill.eval.generate import load_pipeline
+from stepdistill.eval import measure_pipeline_latency
+from stepdistill.export import load_pipeline
 from stepdistill.toy import world
 
 
@@ -43,4 +44,8 @@ def main(out: str, entries: list[str], rounds: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    args = sys.argv[1:]
+    rounds = 3
+    if args[:1] == ["--rounds"]:
+        rounds, args = int(args[1]), args[2:]
+    main(args[0], args[1:], rounds=rounds)

@@ -1,8 +1,8 @@
-"""The merge front of issue 17 from its five `stepdistill eval` JSONs (the toy-quality protocol, 5,040 samples each):
+"""The merge front from its five `stepdistill eval` JSONs (the toy-quality protocol, 5,040 samples each):
 θ(λ) = (1 − λ)·θ_cfg + λ·θ_diverse for λ ∈ {0, 0.25, 0.5, 0.75, 1}; λ = 0 is the CFG-distilled student, λ = 1 the
 diversity-rewarded one. Writes report.json, report.md and front.png (stepdistill.eval.report.write_report) to OUT.
 
-    .venv/bin/python eval/results/cfg/front.py OUT lambda=JSON [lambda=JSON ...]
+    .venv/bin/python experiments/merge-front/front.py OUT lambda=JSON [lambda=JSON ...]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from stepdistill.eval.report import write_report
+from stepdistill.eval import write_report
 
 
 def main(out: str, pairs: list[str]) -> None:

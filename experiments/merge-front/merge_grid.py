@@ -1,7 +1,7 @@
 """Pictures of the merge front: the same noise (seeds 0–7) and prompts through θ(λ) for λ ∈ {0, 0.5, 1}, 25 steps, no
 CFG — λ = 0 the CFG-distilled student, λ = 1 the diversity-rewarded one.
 
-    .venv/bin/python eval/results/cfg/merge_grid.py OUT.png lambda=FOLDER [lambda=FOLDER ...]
+    .venv/bin/python experiments/merge-front/merge_grid.py OUT.png lambda=FOLDER [lambda=FOLDER ...]
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import sys
 
 import numpy as np
 
-from stepdistill.eval.generate import generate, image_grid, load_pipeline
+from stepdistill.eval import generate_images, image_grid
+from stepdistill.export import load_pipeline
 
 PROMPTS = ["a small red square on a white background", "a large blue triangle on a gray background",
            "a large green cross on a black background"]
@@ -29,7 +30,7 @@ def main(out: str, pairs: list[str]) -> None:
         lam, folder = pair.split("=", 1)
         pipe = load_pipeline(folder)
         for c, prompt in enumerate(PROMPTS):
-            images = generate(pipe, [prompt] * len(SEEDS), SEEDS, 25, 1.0, desc=f"λ={lam}")
+            images = generate_images(pipe, [prompt] * len(SEEDS), SEEDS, 25, 1.0, desc=f"λ={lam}")
             axes[r][c].imshow(np.asarray(image_grid(images, 1, len(SEEDS), scale=2)))
             axes[r][c].set_xticks([]), axes[r][c].set_yticks([])
             if r == 0:

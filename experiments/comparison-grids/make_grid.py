@@ -1,7 +1,7 @@
-"""Comparison grids for eval/results/*/grid.png: two samples per prompt (seed 100 + prompt index, the same noise in
+"""Comparison grids for the grid.png files under eval/results/: two samples per prompt (seed 100 + prompt index, the same noise in
 every row) from each pipeline named on the command line. Run from the repository root after distilling the students:
 
-    python eval/results/make_grid.py --out eval/results/toy-sid/grid.png \\
+    python experiments/comparison-grids/make_grid.py --out eval/results/toy-sid/grid.png \\
         "teacher, 4 steps, CFG 3 (8 NFE)=toy:4:3" \\
         "4-step SiD student (4 NFE)=runs/toy-sid-4step/student:4:1" \\
         "1-step SiD-LSG student=runs/toy-sid/student:1:1"
@@ -17,7 +17,7 @@ import argparse
 import torch
 from PIL import Image, ImageDraw
 
-from stepdistill.eval.generate import load_pipeline, step_kwargs
+from stepdistill.export import load_pipeline, step_kwargs
 
 PROMPTS = ["a large green cross on a black background", "a small red triangle on a white background",
            "a large yellow square on a white background", "a small blue circle on a gray background",
