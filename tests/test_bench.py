@@ -255,7 +255,11 @@ def test_unavailable_metric_fails_before_generating(tmp_path, models, capsys, mo
 def test_coco_style_fid_and_clip(tmp_path, models):
     from PIL import Image
 
-    from stepdistill.eval.fid import INCEPTION_STATE_DICT_NAME, FeatureStats, InceptionV3Features
+    from stepdistill.eval.fid import FeatureStats
+    from stepdistill.eval.inception import (
+        INCEPTION_STATE_DICT_NAME,
+        InceptionV3Features,
+    )
 
     (tmp_path / "captions.txt").write_text("a red cat\na blue dog on grass\na green car\na small house\n")
     ref = tmp_path / "val2014"

@@ -50,15 +50,14 @@ from stepdistill.eval.clip_score import ClipScorer, OpenClipScorer
 from stepdistill.eval.diversity import pairwise_diversity
 from stepdistill.eval.fid import (
     FeatureStats,
-    InceptionV3Features,
     StreamingStats,
     clean_resize,
     frechet_distance,
     load_or_compute,
     quantize_images,
-    resolve_inception_path,
 )
 from stepdistill.eval.hps import HPSv2Scorer
+from stepdistill.eval.inception import InceptionV3Features, resolve_inception_path
 from stepdistill.eval.report import (
     atomic_write_text,
     device_description,
