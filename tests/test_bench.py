@@ -129,6 +129,26 @@ def test_suite_value_errors_name_the_key(tmp_path, models, patch, key):
     assert f"{key}:" in str(info.value) and "s.yaml" in str(info.value)
 
 
+def test_suite_and_training_read_prompt_files_alike(tmp_path):
+    """One reader of .txt / .jsonl prompt files: a suite gets the prompts training gets (plus JSONL styles), and
+    training's errors reach a suite as one SuiteError naming the file and the line."""
+    from stepdistill.eval.suite import read_prompt_file
+    from stepdistill.training.trainer import PromptSource
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat", "style": "photo"}\n\n{"prompt": "a dog"}\n')
+    (tmp_path / "p.txt").write_text("a red cat\n\n a dog \n")
+    for name in ("p.jsonl", "p.txt"):
+        prompts, _ = read_prompt_file(tmp_path / name)
+        assert prompts == [p.strip() for p in PromptSource.from_spec(tmp_path / name).prompts] == ["a red cat", "a dog"]
+    assert read_prompt_file(tmp_path / "p.jsonl")[1] == ["photo", "unstyled"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\nnot json\n')
+    with pytest.raises(SuiteError, match=r"bad.jsonl, line 2: not valid JSON"):
+        read_prompt_file(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(SuiteError, match=r"empty.txt: no prompts"):
+        read_prompt_file(tmp_path / "empty.txt")
+
+
 def test_prompt_file_formats(tmp_path, models):
     from stepdistill.eval.suite import read_prompt_file
 
