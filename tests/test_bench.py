@@ -223,6 +223,20 @@ def test_toy_suite_report_and_resume(tmp_path, models, capsys):
     assert third["entries"][0]["adherence"] == report["entries"][0]["adherence"]
 
 
+def test_remeasure_rescores_stored_samples_and_reports_each_entry(tmp_path, models):
+    """``remeasure`` (what ``stepdistill demo`` uses): stored samples are reused, every entry is scored and timed
+    again; ``on_entry`` sees each entry as it finishes."""
+    suite = load_suite(_write(tmp_path / "toy.yaml", _toy_suite(models)))
+    out = tmp_path / "bench"
+    seen = []
+    first = run_suite(suite, out, log=lambda msg: None, write_files=False, on_entry=seen.append)
+    assert [e["name"] for e in seen] == ["teacher", "student"] and seen == first["entries"]
+    again = run_suite(suite, out, log=lambda msg: None, write_files=False, remeasure=True)
+    assert again["run"]["generated_images"] == 0 and again["run"]["cached_entries"] == 0
+    assert [e["fid"] for e in again["entries"]] == [e["fid"] for e in first["entries"]]
+    assert not (out / "report.json").exists()
+
+
 def test_failure_leaves_no_complete_report(tmp_path, models, capsys, monkeypatch):
     suite_file = _write(tmp_path / "toy.yaml", _toy_suite(models, latency=False))
     out = tmp_path / "bench"

@@ -65,9 +65,10 @@ def sample_fingerprint(suite: Suite, config: Configuration, device: str) -> dict
 
 
 def run_configuration(suite: Suite, config: Configuration, out: Path, device: str, metrics: SuiteMetrics,
-                      pipes: PipelineCache, stats: RunStats, grid_idx: list[int], log) -> tuple[dict, np.ndarray]:
-    """The entry of ``config`` (generated, scored and timed now, or from the cache) and its grid images: the
-    samples at ``grid_idx`` (uint8, (len(grid_idx), 3, H, W))."""
+                      pipes: PipelineCache, stats: RunStats, grid_idx: list[int], log,
+                      reuse_entry: bool = True) -> tuple[dict, np.ndarray]:
+    """The entry of ``config`` (generated, scored and timed now, or from the cache unless ``reuse_entry`` is
+    False) and its grid images: the samples at ``grid_idx`` (uint8, (len(grid_idx), 3, H, W))."""
     sample_fp = sample_fingerprint(suite, config, device)
     store = SampleStore(out / "samples" / config.slug, suite.sample_format, sample_fp, log)
     all_prompts = [p for p in suite.prompts for _ in range(suite.samples_per_prompt)]
@@ -104,7 +105,7 @@ def run_configuration(suite: Suite, config: Configuration, out: Path, device: st
     result_fp = {"samples": sample_fp, "metrics": metrics.fingerprint,
                  "latency": None if suite.latency is None else vars(suite.latency)}
     entry = None
-    if generated_now == 0 and cache_file.is_file():
+    if reuse_entry and generated_now == 0 and cache_file.is_file():
         try:
             cached = json.loads(cache_file.read_text())
             if cached.get("fingerprint") == json.loads(json.dumps(result_fp, default=str)):

@@ -90,11 +90,15 @@ class _Status:
 
 
 def run_suite(suite: Suite, out_dir: str | os.PathLike, log: Callable[[str], None] | None = None,
-              write_files: bool = True) -> dict:
+              write_files: bool = True, on_entry: Callable[[dict], None] | None = None,
+              remeasure: bool = False) -> dict:
     """Run every configuration of ``suite`` under ``out_dir`` (resuming what is there) and return the report
     object ``{"suite", "device", "entries", "run"}`` ("run": what this invocation did). With ``write_files``
     (default) also write report.json/report.md/quality.png, grid.png and metrics.png at the end; without, only the
-    samples, the entry cache and run_status.json (``stepdistill eval`` writes its own JSON)."""
+    samples, the entry cache and run_status.json (``stepdistill eval`` writes its own JSON, ``stepdistill demo``
+    its own report). ``on_entry`` is called with each configuration's entry as soon as it is finished. With
+    ``remeasure`` every configuration is scored and timed again, whatever the entry cache holds (stored samples are
+    still reused)."""
     log = log or (lambda msg: print(msg, flush=True))
     out = Path(out_dir)
     t_start = time.time()
@@ -124,7 +128,8 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, log: Callable[[str], Non
     try:
         for n, config in enumerate(configs, start=1):
             log(f"[{n}/{len(configs)}] {config.label} ({config.role}, {config.pipeline})")
-            entry, grid = run_configuration(suite, config, out, device, metrics, pipes, stats, grid_idx, log)
+            entry, grid = run_configuration(suite, config, out, device, metrics, pipes, stats, grid_idx, log,
+                                            reuse_entry=not remeasure)
             entries.append(entry)
             grid_rows.append(grid)
             status.finished(entry)
@@ -137,6 +142,8 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, log: Callable[[str], Non
                 ("HPS", None if entry.get("hps") is None else f"{entry['hps']:.2f}"),
                 ("latency/img", None if not lat else f"b1 {lat['batch1']:.1f} ms, b{lat['n']} {lat['batchN']:.2f} ms"),
             ) if v is not None))
+            if on_entry is not None:
+                on_entry(entry)
         stats.wall_seconds = round(time.time() - t_start, 1)
         run_info = {"wall_seconds": stats.wall_seconds, "generated_images": stats.generated_images,
                     "reused_images": stats.reused_images, "generation_calls": stats.generation_calls,
