@@ -125,6 +125,26 @@ def test_suite_value_errors_name_the_key(tmp_path, models, patch, key):
     assert f"{key}:" in str(info.value) and "s.yaml" in str(info.value)
 
 
+def test_suite_and_training_read_prompt_files_alike(tmp_path):
+    """One reader of .txt / .jsonl prompt files: a suite gets the prompts training gets (plus JSONL styles), and
+    training's errors reach a suite as one SuiteError naming the file and the line."""
+    from stepdistill.eval.suite import read_prompt_file
+    from stepdistill.training.trainer import PromptSource
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat", "style": "photo"}\n\n{"prompt": "a dog"}\n')
+    (tmp_path / "p.txt").write_text("a red cat\n\n a dog \n")
+    for name in ("p.jsonl", "p.txt"):
+        prompts, _ = read_prompt_file(tmp_path / name)
+        assert prompts == [p.strip() for p in PromptSource.from_spec(tmp_path / name).prompts] == ["a red cat", "a dog"]
+    assert read_prompt_file(tmp_path / "p.jsonl")[1] == ["photo", "unstyled"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\nnot json\n')
+    with pytest.raises(SuiteError, match=r"bad.jsonl, line 2: not valid JSON"):
+        read_prompt_file(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(SuiteError, match=r"empty.txt: no prompts"):
+        read_prompt_file(tmp_path / "empty.txt")
+
+
 def test_prompt_file_formats(tmp_path, models):
     from stepdistill.eval.suite import read_prompt_file
 
@@ -199,6 +219,20 @@ def test_toy_suite_report_and_resume(tmp_path, models, capsys):
     assert third["entries"][0]["adherence"] == report["entries"][0]["adherence"]
 
 
+def test_remeasure_rescores_stored_samples_and_reports_each_entry(tmp_path, models):
+    """``remeasure`` (what ``stepdistill demo`` uses): stored samples are reused, every entry is scored and timed
+    again; ``on_entry`` sees each entry as it finishes."""
+    suite = load_suite(_write(tmp_path / "toy.yaml", _toy_suite(models)))
+    out = tmp_path / "bench"
+    seen = []
+    first = run_suite(suite, out, log=lambda msg: None, write_files=False, on_entry=seen.append)
+    assert [e["name"] for e in seen] == ["teacher", "student"] and seen == first["entries"]
+    again = run_suite(suite, out, log=lambda msg: None, write_files=False, remeasure=True)
+    assert again["run"]["generated_images"] == 0 and again["run"]["cached_entries"] == 0
+    assert [e["fid"] for e in again["entries"]] == [e["fid"] for e in first["entries"]]
+    assert not (out / "report.json").exists()
+
+
 def test_failure_leaves_no_complete_report(tmp_path, models, capsys, monkeypatch):
     suite_file = _write(tmp_path / "toy.yaml", _toy_suite(models, latency=False))
     out = tmp_path / "bench"
@@ -251,7 +285,11 @@ def test_unavailable_metric_fails_before_generating(tmp_path, models, capsys, mo
 def test_coco_style_fid_and_clip(tmp_path, models):
     from PIL import Image
 
-    from stepdistill.eval.fid import INCEPTION_STATE_DICT_NAME, FeatureStats, InceptionV3Features
+    from stepdistill.eval.fid import FeatureStats
+    from stepdistill.eval.inception import (
+        INCEPTION_STATE_DICT_NAME,
+        InceptionV3Features,
+    )
 
     (tmp_path / "captions.txt").write_text("a red cat\na blue dog on grass\na green car\na small house\n")
     ref = tmp_path / "val2014"

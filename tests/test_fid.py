@@ -12,10 +12,7 @@ import torch
 
 from stepdistill.eval.errors import MetricUnavailable
 from stepdistill.eval.fid import (
-    INCEPTION_STATE_DICT_NAME,
-    INCEPTION_TORCHSCRIPT_NAME,
     FeatureStats,
-    InceptionV3Features,
     StreamingStats,
     clean_resize,
     compute_fid,
@@ -23,6 +20,11 @@ from stepdistill.eval.fid import (
     frechet_distance,
     load_or_compute,
     quantize_images,
+)
+from stepdistill.eval.inception import (
+    INCEPTION_STATE_DICT_NAME,
+    INCEPTION_TORCHSCRIPT_NAME,
+    InceptionV3Features,
 )
 
 

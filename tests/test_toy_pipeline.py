@@ -160,13 +160,36 @@ def test_regression_pairs_follow_the_batch_to_the_training_device():
 
 
 def test_demo_distillation_line_reports_pairs_and_total():
-    from stepdistill.cli.distill import _distill_line
+    from stepdistill.workflows.demo import distill_line as _distill_line
 
     line = _distill_line({"steps": 660, "wall_time_s": 301.4, "steps_per_s": 2.19, "regression_pairs_seconds": 80.2,
                           "total_seconds": 395.0})
     assert line == ("660 generator steps: training loop 301 s (2.19 steps/s); teacher ODE pairs 80 s; "
                     "395 s in all with set-up")
     assert "pairs" not in _distill_line({"steps": 3, "wall_time_s": 1.0, "steps_per_s": 3.0})
+
+
+def test_demo_is_a_suite_of_its_configurations(tmp_path):
+    """The demo evaluates through the suite runner: its suite holds the teacher without CFG at the student's step
+    count, the CFG teacher at 1/4/25 steps, then the student, on the demo's prompts, batching, device and latency
+    settings; impossible options are refused before anything is written."""
+    from stepdistill.eval.suite import LatencySpec
+    from stepdistill.workflows.demo import DemoOptions, demo_prompts, demo_suite, run_demo
+
+    options = DemoOptions(out=tmp_path / "demo", max_prompts=8, samples_per_prompt=3, latency_batch=4,
+                          latency_repeats=2, latency_warmup=0, guidance=2.5)
+    suite = demo_suite(options)  # no student folder: the teacher rows only, the student's NFE taken as 1
+    assert [(c.name, c.role, c.steps, c.guidance) for c in suite.configurations()] == [
+        ("teacher", "teacher", 1, 1.0), ("teacher", "teacher", 1, 2.5), ("teacher", "teacher", 4, 2.5),
+        ("teacher", "teacher", 25, 2.5)]
+    assert suite.prompts == demo_prompts(8) == world.all_prompts()[::18][:8]
+    assert suite.metrics == ("toy",) and suite.samples_per_prompt == 3 and suite.seed == 0
+    assert suite.batch_size == 256 and suite.device == "cpu" and suite.latency == LatencySpec(4, 2, 0)
+    assert len(demo_prompts()) == 144
+    for bad in (dict(samples_per_prompt=1), dict(max_prompts=0)):
+        with pytest.raises(ValueError, match="must be"):
+            run_demo(DemoOptions(out=tmp_path / "bad", skip_distill=True, **bad))
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.skipif(not TOY_EVALUATOR.is_dir(), reason="toy evaluator asset not present")

@@ -1,4 +1,6 @@
-"""Evaluate one (pipeline, steps, guidance) configuration: toy metrics, NFE and latency per image."""
+"""The latency of a full pipeline call, as the bench reports it: batch 1 and a large batch (per image), the share
+spent in the UNet, and the spread of the timed repeats. Configurations are evaluated by the suite runner
+(:mod:`stepdistill.eval.runner`, behind ``stepdistill eval``, ``bench`` and ``demo``)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,10 @@ from typing import Any
 import torch
 
 from stepdistill.eval.generate import (
-    generate,
     quiet_custom_timesteps,
-    sample_seeds,
     step_kwargs,
 )
 from stepdistill.eval.latency import measure_latency
-from stepdistill.eval.report import measurement_warnings, nfe
 
 
 class _UnetTimer:
@@ -79,45 +78,3 @@ def latency_spread(times: list[float]) -> float:
         return 0.0
     med = statistics.median(times)
     return (max(times) - min(times)) / med if med > 0 else 0.0
-
-
-def evaluate_configuration(
-    pipe: Any,
-    judge: Any,
-    name: str,
-    role: str,
-    steps: int,
-    guidance: float,
-    prompts: list[str],
-    samples_per_prompt: int,
-    seed: int = 0,
-    batch_size: int = 256,
-    latency_batch: int = 64,
-    latency_repeats: int = 5,
-    extra: dict | None = None,
-    latency_warmup: int = 2,
-) -> tuple[dict, torch.Tensor]:
-    """Generate ``samples_per_prompt`` images for every prompt (fixed seeds), score them, time the pipeline."""
-    all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    seeds = sample_seeds(len(prompts), samples_per_prompt, seed)
-    t0 = time.time()
-    images = generate(pipe, all_prompts, seeds, steps, guidance, batch_size=batch_size,
-                      desc=f"{name} {steps} step(s) w={guidance:g}")
-    gen_seconds = time.time() - t0
-    metrics = judge.score(images, all_prompts)
-    latency = measure_pipeline_latency(pipe, prompts[0], steps, guidance, batch=latency_batch,
-                                       warmup=latency_warmup, repeats=latency_repeats)
-    entry = {
-        "name": name,
-        "role": role,
-        "steps": steps,
-        "guidance": guidance,
-        "nfe": nfe(steps, guidance),
-        **metrics,
-        "latency_ms": latency,
-        "generation_seconds": round(gen_seconds, 1),
-        **(extra or {}),
-    }
-    entry.setdefault("num_samples", len(all_prompts))
-    entry["warnings"] = measurement_warnings(entry)
-    return entry, images

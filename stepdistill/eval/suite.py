@@ -32,6 +32,7 @@ from stepdistill.core.yaml_io import YAMLFileError, load_yaml_file
 from stepdistill.eval.hps import benchmark_prompts
 from stepdistill.toy import world
 from stepdistill.toy.assets import TOY_EVALUATOR, TOY_TEACHER
+from stepdistill.training.trainer import PromptSource
 
 __all__ = [
     "SuiteError",
@@ -316,7 +317,11 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[list[str], list[str] | No
     """Prompts from a ``.txt`` (one per line; blank lines skipped), ``.jsonl`` (one JSON object per line with a
     ``"prompt"`` string and optionally a ``"style"``) or ``.json`` file (a list of strings, or of such objects).
     Returns ``(prompts, styles or None)``; raises :class:`SuiteError` naming the file when it is unreadable,
-    malformed or holds no prompt."""
+    malformed or holds no prompt.
+
+    ``.txt`` and ``.jsonl`` files are read by the same reader as training prompts
+    (:meth:`stepdistill.training.trainer.PromptSource.from_spec`); a suite adds only the optional ``"style"`` of
+    a JSONL line (the HPSv2 styles) and the ``.json`` list form."""
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"prompt file {path} does not exist" if not path.exists() else f"prompt path {path} is not a file")
@@ -324,38 +329,61 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[list[str], list[str] | No
     if suffix not in PROMPT_SUFFIXES:
         raise SuiteError(f"prompt file {path}: unknown format '{suffix}'; use .txt (one prompt per line), "
                          ".jsonl ({\"prompt\": ...} per line) or .json (a list of prompts)")
-    text = path.read_text(encoding="utf-8")
-    prompts: list[str] = []
-    styles: list[str | None] = []
-    if suffix == ".txt":
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        styles = [None] * len(prompts)
-    elif suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SuiteError(f"prompt file {path}, line {lineno}: not valid JSON ({err.msg})") from None
-            prompt, style = _prompt_object(obj, f"prompt file {path}, line {lineno}")
-            prompts.append(prompt)
-            styles.append(style)
+    if suffix == ".json":
+        prompts, styles = _read_json_list(path)
     else:
         try:
-            obj = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as err:
-            raise SuiteError(f"prompt file {path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-        if not isinstance(obj, list):
-            raise SuiteError(f"prompt file {path}: expected a JSON list of prompts, got {type(obj).__name__}")
-        for k, item in enumerate(obj):
-            prompt, style = _prompt_object(item, f"prompt file {path}, item {k}")
-            prompts.append(prompt)
-            styles.append(style)
+            prompts = [p.strip() for p in PromptSource.from_spec(path).prompts]
+        except ValueError as err:
+            raise _prompt_file_error(path, err) from None
+        styles = _jsonl_styles(path) if suffix == ".jsonl" else [None] * len(prompts)
+        for k, prompt in enumerate(prompts, start=1):
+            if not prompt:
+                raise SuiteError(f"prompt file {path}, prompt {k}: empty prompt")
     if not prompts:
         raise SuiteError(f"prompt file {path} holds no prompts (it is empty or only blank lines)")
     has_styles = any(s is not None for s in styles)
     return prompts, ([s if s is not None else "unstyled" for s in styles] if has_styles else None)
+
+
+def _prompt_file_error(path: Path, err: ValueError) -> SuiteError:
+    """:meth:`PromptSource.from_spec`'s error (``<path>:<line>: ...`` or ``<path>: ...``) in a suite's words."""
+    message = str(err)
+    located = re.match(re.escape(str(path)) + r":(\d+): (.*)", message, flags=re.S)
+    if located:
+        return SuiteError(f"prompt file {path}, line {located.group(1)}: {located.group(2)}")
+    return SuiteError(f"prompt file {path}: {message.removeprefix(f'{path}: ')}")
+
+
+def _jsonl_styles(path: Path) -> list[str | None]:
+    """The optional ``"style"`` of every prompt line of a ``.jsonl`` prompt file (already read, and its lines
+    checked, by :meth:`PromptSource.from_spec`)."""
+    styles: list[str | None] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            style = json.loads(line).get("style")
+            if style is not None and not isinstance(style, str):
+                raise SuiteError(f"prompt file {path}, line {lineno}: \"style\" must be a string")
+            styles.append(style)
+    return styles
+
+
+def _read_json_list(path: Path) -> tuple[list[str], list[str | None]]:
+    """A ``.json`` prompt file: a list of prompt strings or ``{"prompt", "style"}`` objects."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as err:
+        raise SuiteError(f"prompt file {path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(obj, list):
+        raise SuiteError(f"prompt file {path}: expected a JSON list of prompts, got {type(obj).__name__}")
+    prompts: list[str] = []
+    styles: list[str | None] = []
+    for k, item in enumerate(obj):
+        prompt, style = _prompt_object(item, f"prompt file {path}, item {k}")
+        prompts.append(prompt)
+        styles.append(style)
+    return prompts, styles
 
 
 def _prompt_object(obj: Any, where: str) -> tuple[str, str | None]:
