@@ -129,7 +129,7 @@ def test_suite_and_training_read_prompt_files_alike(tmp_path):
     """One reader of .txt / .jsonl prompt files: a suite gets the prompts training gets (plus JSONL styles), and
     training's errors reach a suite as one SuiteError naming the file and the line."""
     from stepdistill.eval.suite import read_prompt_file
-    from stepdistill.training.trainer import PromptSource
+    from stepdistill.training.prompts import PromptSource
 
     (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat", "style": "photo"}\n\n{"prompt": "a dog"}\n')
     (tmp_path / "p.txt").write_text("a red cat\n\n a dog \n")

@@ -36,13 +36,3 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(json.dumps({k: summary[k] for k in ("steps", "wall_time_s", "steps_per_s", "student") if k in summary},
                      indent=2, default=str))
     return 0
-
-def _distill_line(summary: dict) -> str:
-    """``N generator steps: training loop X s (R steps/s)[; teacher ODE pairs P s]; Y s in all with set-up``."""
-    line = (f"{summary['steps']} generator steps: training loop {summary['wall_time_s']:.0f} s "
-            f"({summary['steps_per_s']:.2f} steps/s)")
-    if summary.get("regression_pairs_seconds") is not None:
-        line += f"; teacher ODE pairs {summary['regression_pairs_seconds']:.0f} s"
-    if summary.get("total_seconds") is not None:
-        line += f"; {summary['total_seconds']:.0f} s in all with set-up"
-    return line

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from stepdistill.core.outputs import write_text_atomic
 from stepdistill.eval.report import (
-    atomic_write_text,
     markdown_table,
     warnings_markdown,
 )
@@ -50,7 +50,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         suite = suite_from_dict(data, base_dir=Path.cwd(), source="the eval options")
         work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}_samples"
         report = run_suite(suite, work, write_files=False)
-        atomic_write_text(out, json.dumps(report, indent=2))
+        write_text_atomic(out, json.dumps(report, indent=2))
         print(markdown_table(report["entries"]))
         warned = warnings_markdown(report["entries"])
         if warned:

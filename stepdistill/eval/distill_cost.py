@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from stepdistill.eval.report import atomic_write_text, device_description
+from stepdistill.core.outputs import write_text_atomic
+from stepdistill.eval.report import device_description
 from stepdistill.training.config import load_recipe
 
 
@@ -194,10 +195,10 @@ def run_distill_cost(
                 continue
         entry = measure_recipe(pipeline, recipe, out / "runs" / Path(recipe).stem, steps, warmup, overrides, threads)
         entry["fingerprint"] = fingerprint
-        atomic_write_text(cached, json.dumps(entry, indent=2))
+        write_text_atomic(cached, json.dumps(entry, indent=2))
         entries.append(entry)
     report = {"suite": "distill-cost", "device": device_description(), "pipeline": str(pipeline), "entries": entries}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     md = (f"# distill-cost\n\nPipeline: `{pipeline}`. Device: {report['device']}.\n\n"
           f"Each recipe ran {steps} generator steps (2 × {steps} with an ODE-pair warm-up, {steps} in each phase) "
           f"in its own process (checkpoints, sample grids and export off); the rate is measured after {warmup} "
@@ -207,5 +208,5 @@ def run_distill_cost(
           "generator step after any warm-up (distinct storages, parameters excluded; stepdistill/training/"
           "activations.py). Generator forwards / step: the student's x₀ predictions per generator update after any "
           "warm-up, auxiliary updates and backward-simulation steps included (mean over the measured updates).\n\n" + markdown_table(entries) + "\n")
-    atomic_write_text(out / "report.md", md)
+    write_text_atomic(out / "report.md", md)
     return report

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ import numpy as np
 import scipy.linalg
 import torch
 from PIL import Image
+
+from stepdistill.core.outputs import atomic_file
 
 __all__ = [
     "frechet_distance",
@@ -165,24 +166,16 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``mu``, ``sigma``, ``num`` and the JSON ``fingerprint`` to an ``.npz`` file, atomically (a temporary
-        file in the same folder, then ``os.replace``)."""
+        file in the same folder, then a rename: :func:`stepdistill.core.outputs.atomic_file`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(
-                    handle,
-                    mu=np.asarray(self.mean, dtype=np.float64),
-                    sigma=np.asarray(self.cov, dtype=np.float64),
-                    num=np.asarray(self.num, dtype=np.int64),
-                    fingerprint=np.asarray(json.dumps(_canonical_fingerprint(self.fingerprint), sort_keys=True)),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(
+                handle,
+                mu=np.asarray(self.mean, dtype=np.float64),
+                sigma=np.asarray(self.cov, dtype=np.float64),
+                num=np.asarray(self.num, dtype=np.int64),
+                fingerprint=np.asarray(json.dumps(_canonical_fingerprint(self.fingerprint), sort_keys=True)),
+            )
         return path
 
     @classmethod

@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stepdistill.core.outputs import write_text_atomic
 from stepdistill.eval.distill_cost import DistillCostError, measure_recipe
-from stepdistill.eval.report import atomic_write_text, device_description
+from stepdistill.eval.report import device_description
 from stepdistill.toy.models import SCHEDULER_CONFIG
 from stepdistill.toy.tokenizer import build_tokenizer_files
 
@@ -101,7 +102,7 @@ def run_gpu_scale(out_dir: str | Path, recipe: str = "training/dmd2.yaml", steps
     if not (folder / "model_index.json").is_file():
         build_sd15_sized_pipeline(folder, scale)
     pipeline_yaml = out / "pipeline.yaml"
-    atomic_write_text(pipeline_yaml, f"teacher: {folder.resolve()}\ndtype: bfloat16\nreal_images: null\n"
+    write_text_atomic(pipeline_yaml, f"teacher: {folder.resolve()}\ndtype: bfloat16\nreal_images: null\n"
                                      f"resolution: {resolution}\n")
     entries = []
     for name, overrides in (variants or VARIANTS).items():
@@ -113,7 +114,7 @@ def run_gpu_scale(out_dir: str | Path, recipe: str = "training/dmd2.yaml", steps
             entry = {"recipe": recipe, "overrides": [*common, *overrides], "error": str(err)[-2000:]}
         entry["variant"] = name
         entries.append(entry)
-        atomic_write_text(out / "report.json", json.dumps(
+        write_text_atomic(out / "report.json", json.dumps(
             {"benchmark": "gpu-scale", "device": device_description(), "cuda": torch.cuda.is_available(),
              "batch_size": batch_size, "resolution": resolution, "entries": entries}, indent=2))
         print(json.dumps({k: entry.get(k) for k in ("variant", "steps_per_s", "peak_memory_bytes", "error")}),
@@ -125,7 +126,7 @@ def run_gpu_scale(out_dir: str | Path, recipe: str = "training/dmd2.yaml", steps
         else:
             lines.append(f"| {e['variant']} | {e['batch_size']} | {e['aux_updates_per_generator_update']} "
                          f"| {e['steps_per_s']:.3f} | {e['seconds_per_step']:.2f} | {e['peak_memory_bytes'] / 2**30:.1f} |")
-    atomic_write_text(out / "report.md", f"# gpu-scale ({recipe}, bf16, {resolution} px)\n\nDevice: "
+    write_text_atomic(out / "report.md", f"# gpu-scale ({recipe}, bf16, {resolution} px)\n\nDevice: "
                       f"{device_description()}\n\n" + "\n".join(lines) + "\n")
     return {"entries": entries}
 

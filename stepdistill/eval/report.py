@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from stepdistill.core.outputs import atomic_file, write_text_atomic
 
 REQUIRED_KEYS = ("name", "role", "steps", "guidance", "nfe", "fid", "fid_features", "adherence", "diversity",
                  "latency_ms", "num_samples")
@@ -29,21 +30,6 @@ def device_description() -> str:
 def nfe(steps: int, guidance: float) -> int:
     """UNet evaluations per image: one per step, two when classifier-free guidance is on (w > 1)."""
     return steps * (2 if guidance > 1.0 else 1)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it onto ``path``; on failure the temporary
-    file is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -239,11 +225,11 @@ def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def steps_axis(ax, steps) -> None:
@@ -367,6 +353,6 @@ def write_report(out_dir: str | Path, suite: str, entries: list[dict], extra_md:
         md += [f"## {title}", "", f"![{title}]({fname})", ""]
     if extra_md:
         md += [extra_md, ""]
-    atomic_write_text(out / "report.md", "\n".join(md))
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "report.md", "\n".join(md))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     return report

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from stepdistill.eval.report import atomic_write_text
+from stepdistill.core.outputs import atomic_file, write_text_atomic
 
 __all__ = ["FORMAT_VERSION", "SampleStore", "digest", "folder_digest", "uint8_to_float", "write_json"]
 
@@ -52,7 +52,7 @@ def uint8_to_float(u8: np.ndarray) -> torch.Tensor:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def _umask_mode(path: str | os.PathLike, directory: bool = False) -> None:
@@ -104,17 +104,9 @@ class SampleStore:
     def save(self, start: int, end: int, images: np.ndarray, seeds: list[int], seconds: float) -> None:
         path = self._name(start, end)
         if self.fmt == "npz":
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(self.folder))
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    np.savez_compressed(handle, images=images, seeds=np.asarray(seeds, dtype=np.int64),
-                                        seconds=np.asarray(seconds))
-                _umask_mode(tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+                np.savez_compressed(handle, images=images, seeds=np.asarray(seeds, dtype=np.int64),
+                                    seconds=np.asarray(seconds))
             return
         from PIL import Image
 

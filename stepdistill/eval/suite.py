@@ -32,7 +32,7 @@ from stepdistill.core.yaml_io import YAMLFileError, load_yaml_file
 from stepdistill.eval.hps import benchmark_prompts
 from stepdistill.toy import world
 from stepdistill.toy.assets import TOY_EVALUATOR, TOY_TEACHER
-from stepdistill.training.trainer import PromptSource
+from stepdistill.training.prompts import PromptSource
 
 __all__ = [
     "SuiteError",
@@ -320,7 +320,7 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[list[str], list[str] | No
     malformed or holds no prompt.
 
     ``.txt`` and ``.jsonl`` files are read by the same reader as training prompts
-    (:meth:`stepdistill.training.trainer.PromptSource.from_spec`); a suite adds only the optional ``"style"`` of
+    (:meth:`stepdistill.training.prompts.PromptSource.from_spec`); a suite adds only the optional ``"style"`` of
     a JSONL line (the HPSv2 styles) and the ``.json`` list form."""
     path = Path(path)
     if not path.is_file():

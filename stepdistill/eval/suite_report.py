@@ -5,13 +5,13 @@ generated and reused)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from stepdistill.core.outputs import atomic_file
 from stepdistill.eval import generate as _gen
 from stepdistill.eval.configuration_run import RunStats
 from stepdistill.eval.report import steps_axis, write_report
@@ -22,9 +22,8 @@ __all__ = ["plot_metrics", "write_suite_report"]
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def plot_metrics(entries: list[dict], path: Path) -> bool:
@@ -89,9 +88,8 @@ def write_suite_report(suite: Suite, out: Path, entries: list[dict], grid_rows: 
     side = grid_u8.shape[-1]
     scale = suite.grid_scale or max(1, min(8, 128 // side))
     grid = _gen.image_grid(uint8_to_float(grid_u8), rows=len(grid_rows), cols=len(grid_idx), scale=scale)
-    tmp = out / ".grid.tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, out / "grid.png")
+    with atomic_file(out / "grid.png") as tmp:
+        grid.save(tmp, format="PNG")
     images = {"Samples (rows: configurations; columns: the same prompts and seeds in every row)": "grid.png"}
     if plot_metrics(entries, out / "metrics.png"):
         images["Other metrics against steps"] = "metrics.png"
