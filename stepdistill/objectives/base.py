@@ -7,15 +7,15 @@ builds its own auxiliary networks (fake score, discriminator head), and returns
 - ``auxiliary_loss(batch) -> (loss, logs)``: backpropagating ``loss`` puts gradient on the auxiliary networks only;
 
 together with ``aux_updates_per_generator_update`` (the "dfake" two time-scale ratio) and
-``auxiliary_parameters()`` (one optimizer per entry). The trainer knows nothing else about an objective, except the
-optional phase hooks below (which default to "no phases").
+``auxiliary_parameters()`` (one optimizer per entry). Before anything is built, :meth:`Objective.requirements` declares
+what a run needs (:class:`Requirements`: the student kind, real images, teacher ODE pairs, an image embedder, the
+teacher networks in the gradient, ...); before each update the trainer asks :meth:`Objective.plan_update` what to do
+(:class:`UpdatePlan`). The trainer and ``distill`` know nothing else about an objective (docs/CONTRACTS.md).
+Subclasses shape ``plan_update`` through :meth:`set_train_step`, :meth:`in_ode_warmup`, :meth:`auxiliary_active`,
+:meth:`generator_update_first`, :meth:`request_auxiliary_reset` and :meth:`take_final_experts`.
 
-Phase hooks: the trainer calls :meth:`Objective.set_train_step` before each update, asks
-:meth:`Objective.auxiliary_active` before the auxiliary updates and :meth:`Objective.in_ode_warmup` for the
-generator's warm-up learning rate; ``stepdistill distill`` asks :meth:`Objective.needs_regression_pairs` whether to
-make teacher ODE pairs (``Batch.ref_*``). Maths shared by several objectives lives in
-:mod:`stepdistill.objectives.common` (distribution matching, surrogate loss, fake-score initialisation) and
-:mod:`stepdistill.objectives.regression` (ODE pairs, the ODE-pair warm-up).
+Maths shared by several objectives lives in :mod:`stepdistill.objectives.common` (distribution matching, surrogate
+loss, fake-score initialisation) and :mod:`stepdistill.objectives.regression` (ODE pairs, the ODE-pair warm-up).
 
 Test hooks: ``generator_loss``/``auxiliary_loss`` accept keyword-only ``timesteps=`` and ``noise=`` that replace the
 random draws, and :meth:`Objective.generate` (the generator's x₀ for a batch) can be monkeypatched.

@@ -1,8 +1,11 @@
 """The training loop: any :class:`~stepdistill.objectives.base.Objective` on ``accelerate``.
 
 One generator update per step and ``objective.aux_updates_per_generator_update`` auxiliary updates (two time-scale
-update rule): the auxiliary updates first, unless the objective's ``generator_update_first()`` says otherwise (the
-official DMD2 / SwiftBrush order, whose first auxiliary update reuses the generator update's sample). Each update is
+update rule), as the objective's :meth:`~stepdistill.objectives.base.Objective.plan_update` says before each update:
+the auxiliary updates first, or the generator first (``UpdatePlan.generator_first``: the official DMD2 / SwiftBrush
+order, whose first auxiliary update reuses the generator update's sample), none in an ODE-pair warm-up, fresh
+auxiliary optimizer moments after a re-initialisation, and finished Phased DMD experts set to their EMA
+(:mod:`.stages`). Each update is
 ``train.grad_accum`` micro-batches through ``accelerator.accumulate``, gradient clipping by
 ``accelerator.clip_grad_norm_`` and one AdamW step (one optimizer for the generator, one per
 ``objective.auxiliary_parameters()`` entry). After the generator update the EMA (if any) is updated.
