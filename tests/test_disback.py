@@ -11,16 +11,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import QUICK, REPO
+from safetensors.torch import load_file
 from tiny_models import make_tiny_teacher_spec
 
-from stepdistill.objectives import ObjectiveConfigError, build_objective
-from stepdistill.objectives import disback as disback_mod
-from stepdistill.objectives.disback import node_file, read_manifest, target_index
-from stepdistill.models.generators import Generator
 from stepdistill.models.conditioning import unet_forward
+from stepdistill.models.generators import Generator
+from stepdistill.objectives import ObjectiveConfigError, build_objective
+from stepdistill.objectives.disback import node_file, read_manifest, target_index
+from stepdistill.training import stages
 
 
 def test_target_schedule_walks_back_to_the_teacher():
@@ -44,7 +43,7 @@ def _objective(teacher, tmp_path, **cfg):
         idx = torch.randint(0, len(prompts), (n,), generator=rng).tolist()
         return teacher.encode_prompt([prompts[i] for i in idx], with_uncond=True)
 
-    obj.attach_run(tmp_path, sample_embeds, batch_size=4, seed=5)
+    obj.attach_run(tmp_path, sample_embeds, batch_size=4, seed=5, record_path=stages.record_degradation_path)
     return gen, obj, sample_embeds
 
 
@@ -116,7 +115,7 @@ def test_resume_mid_path_reads_the_recorded_path_and_picks_the_same_target(teach
     first.set_train_step(3)
     want = {k: v.clone() for k, v in first.real_score_unet().state_dict().items()}
     # a new process resumes at update 3: no recording, same target (ψ₁)
-    monkeypatch.setattr(disback_mod, "record_degradation_path", lambda *a, **k: pytest.fail("recorded again"))
+    monkeypatch.setattr(stages, "record_degradation_path", lambda *a, **k: pytest.fail("recorded again"))
     _, resumed, _ = _objective(teacher, tmp_path)
     resumed.set_train_step(3)
     assert _same_weights(resumed.real_score_unet(), want)

@@ -1,7 +1,7 @@
 """DisBack — distribution backtracking (Zhang et al., ICLR 2025, arXiv:2408.15991; repo SYZhang0805/DisBack), an
 option (``disback: true``) of the score-distillation objectives dmd, dmd2, vsd and sid.
 
-Stage 1, degradation recording (:func:`record_degradation_path`): an auxiliary score ψ initialised from the teacher is
+Stage 1, degradation recording (:func:`stepdistill.training.stages.record_degradation_path`, attached by ``distill``): an auxiliary score ψ initialised from the teacher is
 fine-tuned by denoising score matching, ``mean‖ψ(x_t, t, c) − target(x₀, ε, t)‖²`` with x₀ = G₀(z, c) the *frozen
 initial student* and t ~ U{0 … T−1}, for ``disback_record_updates`` updates; its weights after every
 ``updates/N``-th update are saved: path = [teacher = ψ₀, ψ₁, …, ψ_N ≈ the score of G₀].
@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from stepdistill.core.outputs import atomic_file, write_text_atomic
+from stepdistill.core.outputs import atomic_file
 from stepdistill.models.generators import copy_unet
 from stepdistill.objectives.base import (
     ObjectiveConfigError,
@@ -56,7 +55,8 @@ def node_file(directory: Path, j: int) -> Path:
     return directory / f"node_{j:02d}.safetensors"
 
 
-def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
+def save_node(state: dict[str, torch.Tensor], path: Path) -> None:
+    """One path node's weights, written atomically."""
     from safetensors.torch import save_file
 
     with atomic_file(path) as tmp:
@@ -80,57 +80,6 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     if not manifest.get("complete") or not all(node_file(directory, j).is_file() for j in range(1, manifest["nodes"] + 1)):
         return None
     return manifest
-
-
-def record_degradation_path(
-    objective,
-    sample_embeds: Callable[[int, torch.Generator], Any],
-    directory: str | Path,
-    nodes: int,
-    updates: int,
-    lr: float,
-    batch_size: int,
-    seed: int = 0,
-    run_fingerprint: str | None = None,
-) -> list[Path]:
-    """Stage 1 (see the module docstring): fine-tune a copy of ``objective.teacher``'s UNet by the objective's own
-    denoising loss (:meth:`Objective.denoising_loss`) on samples of the frozen ``objective.generator``, save ``nodes``
-    checkpoints at equal update intervals; returns their files (ψ₁ … ψ_N). ``sample_embeds(n, rng)`` draws n prompt
-    embeddings. Uses its own RNG (``seed``): the caller's RNG is untouched."""
-    teacher, generator = objective.teacher, objective.generator
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST).unlink(missing_ok=True)
-    rng = torch.Generator().manual_seed(seed)
-    score = copy_unet(teacher.unet, dtype=torch.float32, trainable=True)
-    device = next(teacher.unet.parameters()).device
-    score.to(device)
-    opt = torch.optim.AdamW(score.parameters(), lr=lr, weight_decay=0.0)
-    schedule = teacher.schedule
-    save_at = {round(updates * j / nodes): j for j in range(1, nodes + 1)}
-    files = []
-    for u in tqdm(range(1, updates + 1), desc="disback: recording the degradation path", leave=False):
-        embeds = sample_embeds(batch_size, rng).to(device)
-        noise = torch.randn((batch_size, *teacher.latent_shape), generator=rng).to(device)
-        with torch.no_grad():
-            x0 = generator.sample(noise, embeds, generator=rng).float()
-        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=rng).to(device)
-        eps = torch.randn(x0.shape, generator=rng).to(device)
-        loss = objective.denoising_loss(score, x0, embeds, t, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if u in save_at:
-            f = node_file(directory, save_at[u])
-            _atomic_save(score.state_dict(), f)
-            files.append(f)
-    manifest = {"complete": True, "nodes": nodes, "record_updates": updates, "lr": lr, "batch_size": batch_size,
-                "seed": seed, "run": run_fingerprint, "node_updates": sorted(save_at), "files": [f.name for f in files],
-                "node_0": "the teacher (not stored)"}
-    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
-    del score, opt
-    return files
 
 
 def target_index(step: int, start: int, nodes: int, interval: int) -> int:
@@ -172,12 +121,15 @@ class DisBackOption:
         return dataclasses.replace(super().requirements(cfg), uses_run_folder=bool(cfg["disback"]))
 
     def attach_run(self, run_dir: str | Path, sample_embeds: Callable[[int, torch.Generator], Any], batch_size: int,
-                   seed: int = 0, run_fingerprint: str | None = None, log: Callable[[str], None] | None = None) -> None:
-        """Where the path is stored, how stage 1 draws prompts and which run it belongs to (``distill`` calls this
-        before training with the run's fingerprint)."""
+                   seed: int = 0, run_fingerprint: str | None = None, log: Callable[[str], None] | None = None, *,
+                   record_path: Callable[..., list[Path]]) -> None:
+        """The run's context for stage 1 (``distill`` calls this before training): where the path is stored, how
+        prompts are drawn, which run it belongs to (its fingerprint), and ``record_path``, the training stage that
+        records it (:func:`stepdistill.training.stages.record_degradation_path`: the objective supplies the loss,
+        the stage runs the optimizer loop and writes the files)."""
         self._disback_run = {"dir": Path(run_dir) / PATH_DIR, "sample_embeds": sample_embeds,
                              "batch_size": int(batch_size), "seed": int(seed), "fingerprint": run_fingerprint,
-                             "log": log or logging.getLogger(__name__).warning}
+                             "log": log or logging.getLogger(__name__).warning, "record": record_path}
 
     def _path_settings(self) -> dict[str, Any]:
         run = self._disback_run
@@ -218,7 +170,7 @@ class DisBackOption:
             if problem is not None:
                 why = "another run configuration" if problem == "run" else f"other settings ({problem})"
                 run["log"](f"disback: the path in {directory} was recorded by {why}; recording it again")
-            record_degradation_path(self, run["sample_embeds"], directory,
+            run["record"](self, run["sample_embeds"], directory,
                                     cfg["disback_nodes"], cfg["disback_record_updates"], cfg["disback_record_lr"],
                                     run["batch_size"], run["seed"], run_fingerprint=run["fingerprint"])
             manifest = read_manifest(directory)

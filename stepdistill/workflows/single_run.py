@@ -35,6 +35,7 @@ from stepdistill.training.batches import build_batch
 from stepdistill.training.config import ConfigError, load_recipe
 from stepdistill.training.prompts import PromptSource
 from stepdistill.training.runfolder import config_error_from_objective, plan_run
+from stepdistill.training.stages import record_degradation_path
 from stepdistill.training.trainer import Trainer
 
 PIPELINE_KEYS = {"teacher", "dtype", "single_file_config", "real_images", "resolution"}
@@ -363,7 +364,8 @@ def distill_single(
             return teacher.encode_prompt(prompts.sample(n, rng), with_uncond=True)
 
         objective.attach_run(out, disback_embeds, config.train.batch_size, seed=config.train.seed + 23,
-                             run_fingerprint=plan.fingerprint, log=lambda line: log(f"[distill] {line}"))
+                             run_fingerprint=plan.fingerprint, log=lambda line: log(f"[distill] {line}"),
+                             record_path=record_degradation_path)
 
     batch_fn = build_batch
     pairs_seconds = None
