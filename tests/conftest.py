@@ -60,10 +60,11 @@ def batch(embeds):
     latents (seed 2)."""
     from reference_maths import B
 
-    from stepdistill.objectives import Batch
+    from stepdistill.objectives import Batch, RealImages
 
     g = torch.Generator().manual_seed(2)
-    return Batch(embeds=embeds, noise=torch.randn(B, 4, 8, 8, generator=g), real_latents=torch.randn(B, 4, 8, 8, generator=g))
+    return Batch(embeds=embeds, noise=torch.randn(B, 4, 8, 8, generator=g),
+                 real=RealImages(torch.randn(B, 4, 8, 8, generator=g)))
 
 
 @pytest.fixture(scope="module")

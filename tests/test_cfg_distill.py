@@ -80,14 +80,14 @@ def test_on_policy_gradient_matches_ddim_rollout_and_cfg_target_by_hand():
 
 
 def test_noised_real_states_use_the_sampling_timesteps():
-    from stepdistill.objectives import Batch, build_objective
+    from stepdistill.objectives import Batch, RealImages, build_objective
 
     teacher, gen, _, batch = _setup(steps=4)
     obj = build_objective("cfg_distill", teacher, gen, {"states": "noised_real"})
-    with pytest.raises(ValueError, match="real_latents"):
+    with pytest.raises(ValueError, match="Batch.real "):
         obj.generator_loss(batch)
     real = torch.randn_like(batch.noise)
-    x_t, t = obj.states(Batch(embeds=batch.embeds, noise=batch.noise, real_latents=real), stop=torch.tensor([0, 1, 3]),
+    x_t, t = obj.states(Batch(embeds=batch.embeds, noise=batch.noise, real=RealImages(real)), stop=torch.tensor([0, 1, 3]),
                         noise=batch.noise)
     assert t.tolist() == [751, 501, 1]
     assert torch.allclose(x_t, teacher.schedule.add_noise(real, batch.noise, t))

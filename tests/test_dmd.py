@@ -26,7 +26,7 @@ from reference_maths import (
     x0_by_hand,
 )
 
-from stepdistill.objectives import Batch, build_objective
+from stepdistill.objectives import Batch, RegressionPairs, build_objective
 from stepdistill.models.generators import Generator
 
 
@@ -53,7 +53,7 @@ def test_dmd_regression_loss_and_pairs(teacher, embeds):
     g = torch.Generator().manual_seed(9)
     z_ref, y_ref = torch.randn(B, 4, 8, 8, generator=g), torch.randn(B, 4, 8, 8, generator=g)
     x0 = leaf_x0(obj)
-    batch = Batch(embeds=embeds, noise=torch.zeros(B, 4, 8, 8), ref_noise=z_ref, ref_embeds=embeds, ref_latents=y_ref)
+    batch = Batch(embeds=embeds, noise=torch.zeros(B, 4, 8, 8), pairs=RegressionPairs(z_ref, embeds, y_ref))
     loss, logs = obj.generator_loss(batch, timesteps=T_FIXED, noise=fixed_eps())
     with torch.no_grad():
         pred = gen(z_ref, embeds)

@@ -117,7 +117,7 @@ def test_dmd2_gan_loss_signs(teacher, generator, batch):
     assert aux_real["loss_disc"] == pytest.approx(float(F.softplus(torch.tensor(10.0)) + F.softplus(torch.tensor(-10.0))))
 
     # a perfect discriminator (fake → −10, real → +10) has a low loss
-    real = batch.real_latents
+    real = batch.real.latents
     obj.discriminator_logits = lambda latents, embeds: torch.full(  # noqa: ARG005
         (latents.shape[0],), 10.0 if torch.equal(latents, real) else -10.0
     )

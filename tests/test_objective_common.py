@@ -18,7 +18,14 @@ import torch
 
 from reference_maths import B, T_FIXED, ac, eps_by_hand, fixed_eps, leaf_x0, noised, x0_by_hand
 
-from stepdistill.objectives import OBJECTIVES, Batch, ObjectiveConfigError, build_objective, make_regression_pairs
+from stepdistill.objectives import (
+    OBJECTIVES,
+    Batch,
+    ObjectiveConfigError,
+    RegressionPairs,
+    build_objective,
+    make_regression_pairs,
+)
 from stepdistill.objectives.gan import ClassifierHead, bottleneck_features, bottleneck_shape
 from stepdistill.models.generators import Generator
 from stepdistill.models.conditioning import PromptEmbeds
@@ -150,8 +157,7 @@ def test_ode_warmup_is_regression_alone_then_distribution_matching(teacher, embe
     assert obj.requirements(obj.config).regression_pairs_needed()
     g = torch.Generator().manual_seed(9)
     z_ref, y_ref = torch.randn(B, 4, 8, 8, generator=g), torch.randn(B, 4, 8, 8, generator=g)
-    batch = Batch(embeds=embeds, noise=torch.randn(B, 4, 8, 8, generator=g), ref_noise=z_ref, ref_embeds=embeds,
-                  ref_latents=y_ref)
+    batch = Batch(embeds=embeds, noise=torch.randn(B, 4, 8, 8, generator=g), pairs=RegressionPairs(z_ref, embeds, y_ref))
     for step in (0, 1):  # warm-up: loss = MSE(G(z_ref), y_ref) alone, no auxiliary updates
         obj.set_train_step(step)
         assert obj.in_ode_warmup() and not obj.auxiliary_active()

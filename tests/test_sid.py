@@ -306,7 +306,7 @@ def test_gan_terms_have_the_official_signs_and_weights(teacher, batch):
 
     # discriminator: ½[BCE(D(real_t), 1) + BCE(D(fake_t), 0)] at the same t and noise, × C·H·W, added to the fake loss
     loss_aux, logs = obj.auxiliary_loss(batch, timesteps=T_FIXED, noise=eps, drop=torch.zeros(B, dtype=torch.bool))
-    real_t = a.sqrt() * batch.real_latents + (1 - a).sqrt() * eps
+    real_t = a.sqrt() * batch.real.latents + (1 - a).sqrt() * eps
     with torch.no_grad():
         d_fake = mid_output(obj.fake_unet, x_t, T_FIXED, batch.embeds.cond).mean(1, keepdim=True)
         d_real = mid_output(obj.fake_unet, real_t, T_FIXED, batch.embeds.cond).mean(1, keepdim=True)

@@ -155,8 +155,8 @@ def test_regression_pairs_follow_the_batch_to_the_training_device():
     batch = with_regression_pairs(pairs, build_batch)(FakeTeacher(), ["a", "b"], torch.randn(2, 4, 8, 8),
                                                       device="meta")
     assert batch.noise.device.type == "meta"
-    assert {batch.ref_noise.device.type, batch.ref_latents.device.type, batch.ref_embeds.cond.device.type} == {"meta"}
-    assert batch.ref_noise.shape == (2, 4, 8, 8)
+    assert {batch.pairs.noise.device.type, batch.pairs.latents.device.type, batch.pairs.embeds.cond.device.type} == {"meta"}
+    assert batch.pairs.noise.shape == (2, 4, 8, 8)
 
 
 def test_demo_distillation_line_reports_pairs_and_total():

@@ -12,13 +12,17 @@ from stepdistill.objectives.base import (  # noqa: F401
     Batch,
     Objective,
     ObjectiveConfigError,
+    RealImages,
+    RegressionPairs,
+    Requirements,
+    UpdatePlan,
     resolve_config,
 )
 from stepdistill.objectives.cfg_distill import CFGDistill
 from stepdistill.objectives.dmd import DMD
 from stepdistill.objectives.dmd2 import DMD2
 from stepdistill.objectives.phased_dmd import PhasedDMD
-from stepdistill.objectives.regression import RegressionPairs, make_regression_pairs
+from stepdistill.objectives.regression import make_regression_pairs
 from stepdistill.objectives.sid import SiD
 from stepdistill.objectives.vsd import VSD
 
@@ -71,6 +75,9 @@ __all__ = [
     "PhasedDMD",
     "SiD",
     "VSD",
+    "RealImages",
     "RegressionPairs",
+    "Requirements",
+    "UpdatePlan",
     "make_regression_pairs",
 ]

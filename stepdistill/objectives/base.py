@@ -35,23 +35,49 @@ from stepdistill.models.generators import trainable_parameters  # noqa: F401 (re
 
 # --- data --------------------------------------------------------------------------------------------------------
 @dataclass
-class Batch:
-    """One training batch.
+class RealImages:
+    """What ``Requirements.real_images`` asks for: encoded real images (``latents``, (B, C, H, W)) and, when they
+    have their own captions, those captions' embeddings (``embeds``; None: they are judged under the batch's own
+    prompts, row for row)."""
 
-    ``embeds`` must carry ``uncond`` when the objective uses classifier-free guidance. ``real_latents`` (GAN terms) are
-    encoded real images; they are discriminated under ``real_embeds`` when given, else under ``embeds`` (then the
-    rows must correspond). ``ref_noise``/``ref_embeds``/``ref_latents`` are the teacher's ODE pairs (z_ref, c, y_ref)
-    of :mod:`stepdistill.objectives.regression`. ``real_embeds`` is an optional addition to the contract in
-    docs/CONTRACTS.md (defaults to None).
-    """
+    latents: torch.Tensor
+    embeds: Any | None = None  # PromptEmbeds
+
+
+@dataclass
+class RegressionPairs:
+    """What ``Requirements.regression_pairs_needed()`` asks for: the teacher's ODE pairs (z_ref, c_ref, y_ref) of
+    :mod:`stepdistill.objectives.regression`: ``noise`` (N, C, H, W), ``embeds`` (PromptEmbeds of N rows; CFG rows
+    included when the teacher used guidance) and ``latents`` (N, C, H, W) = the teacher ODE's output from ``noise``."""
+
+    noise: torch.Tensor
+    embeds: Any
+    latents: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+    def select(self, index) -> "RegressionPairs":
+        return RegressionPairs(self.noise[index], self.embeds.select(index), self.latents[index])
+
+    def to(self, device=None, dtype=None) -> "RegressionPairs":
+        return RegressionPairs(
+            self.noise.to(device=device, dtype=dtype),
+            self.embeds.to(device=device, dtype=dtype),
+            self.latents.to(device=device, dtype=dtype),
+        )
+
+
+@dataclass
+class Batch:
+    """One training batch: the prompts' embeddings (with ``uncond`` when the objective uses classifier-free guidance)
+    and the generator's input noise, plus the data an objective declared it needs (:class:`Requirements`), each in its
+    own record: ``real`` (:class:`RealImages`) and ``pairs`` (:class:`RegressionPairs`); None when not asked for."""
 
     embeds: Any  # PromptEmbeds
     noise: torch.Tensor
-    real_latents: torch.Tensor | None = None
-    ref_noise: torch.Tensor | None = None
-    ref_embeds: Any | None = None
-    ref_latents: torch.Tensor | None = None
-    real_embeds: Any | None = None
+    real: RealImages | None = None
+    pairs: RegressionPairs | None = None
 
 
 @dataclass(frozen=True)
@@ -60,8 +86,8 @@ class Requirements:
     (:meth:`Objective.requirements`); ``distill`` provides it, the trainer reads it.
 
     ``student``: the Generator kind (``"few_step"``, ``"phase_experts"``, ``"teacher_sampler"``).
-    ``real_images``: encoded real images in ``Batch.real_latents`` (a GAN term, noised real states).
-    ``regression_pairs``: the teacher's ODE pairs in ``Batch.ref_*`` at every update (DMD's regression);
+    ``real_images``: encoded real images in ``Batch.real`` (a GAN term, noised real states).
+    ``regression_pairs``: the teacher's ODE pairs in ``Batch.pairs`` at every update (DMD's regression);
     ``ode_warmup_steps``: the first N generator updates regress on them alone (they need the pairs too).
     ``image_embedder``: the image embedding a reward needs (``"toy"`` or a local CLIP folder), built lazily through
     :attr:`Objective.image_embedder_loader`.

@@ -12,7 +12,7 @@ N-step DDIM schedule of :class:`~stepdistill.models.generators.TeacherSamplerGen
 Where x_t comes from (``states``):
 - ``on_policy`` (the paper): a step k ~ U{0 … N−1} is drawn per batch and x_t is the state of the student's *own*
   sampler before step k, run from z without gradient (guidance 1) — the states the student will meet at inference;
-- ``noised_real``: x_t = a_t·x₀ + σ_t·ε with x₀ real images (the toy world's; ``Batch.real_latents``) and t drawn
+- ``noised_real``: x_t = a_t·x₀ + σ_t·ε with x₀ real images (the toy world's; ``Batch.real``) and t drawn
   per batch from the N sampling timesteps — cheaper (no roll-out), off-policy.
 The paper's student is initialised from the teacher and its sampler is the teacher's; the paper's t is the sampling
 position (autoregressive tokens); here the N DDIM timesteps. No auxiliary network.
@@ -106,9 +106,9 @@ class CFGDistill(Objective):
             stop = torch.randint(0, gen.num_steps, (1,)).expand(n).to(device)
         if self.config["states"] == "on_policy":
             return gen.rollout(batch.noise, batch.embeds, stop)
-        if batch.real_latents is None:
-            raise ValueError("cfg_distill with states: noised_real needs Batch.real_latents (real images)")
-        x0 = batch.real_latents.to(batch.noise)
+        if batch.real is None:
+            raise ValueError("cfg_distill with states: noised_real needs Batch.real (real images)")
+        x0 = batch.real.latents.to(batch.noise)
         t = torch.as_tensor(gen.timesteps, device=device)[stop.to(device)]
         eps = torch.randn_like(x0) if noise is None else noise
         return self.schedule.add_noise(x0, eps, t), t

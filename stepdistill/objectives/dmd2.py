@@ -164,11 +164,11 @@ class DMD2(DisBackOption, GeneratorFirstSchedule, ODEPairWarmup, DistributionMat
         loss = loss_fake
         logs = {"loss_fake": float(loss_fake.detach())}
         if self.cls_head is not None:
-            if batch.real_latents is None:
-                raise ValueError("dmd2 with gan_enabled needs Batch.real_latents (encoded real images)")
-            real_embeds = batch.real_embeds if batch.real_embeds is not None else batch.embeds
+            if batch.real is None:
+                raise ValueError("dmd2 with gan_enabled needs Batch.real (encoded real images)")
+            real_embeds = batch.real.embeds if batch.real.embeds is not None else batch.embeds
             logits_fake = self.discriminator_logits(x0, batch.embeds)
-            logits_real = self.discriminator_logits(batch.real_latents.to(x0), real_embeds)
+            logits_real = self.discriminator_logits(batch.real.latents.to(x0), real_embeds)
             loss_disc = discriminator_loss(logits_fake, logits_real)
             loss = loss + cfg["gan_disc_weight"] * loss_disc
             logs["loss_disc"] = float(loss_disc.detach())

@@ -19,30 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from stepdistill.models.conditioning import PromptEmbeds
-from stepdistill.objectives.base import Requirements, check_int, check_number
-
-
-@dataclasses.dataclass
-class RegressionPairs:
-    """DMD's precomputed (z_ref, c_ref, y_ref): ``noise`` (N, C, H, W), ``embeds`` (PromptEmbeds of N rows; CFG rows
-    included when the teacher used guidance) and ``latents`` (N, C, H, W) = the teacher ODE's output from ``noise``."""
-
-    noise: torch.Tensor
-    embeds: Any
-    latents: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.noise.shape[0]
-
-    def select(self, index) -> "RegressionPairs":
-        return RegressionPairs(self.noise[index], self.embeds.select(index), self.latents[index])
-
-    def to(self, device=None, dtype=None) -> "RegressionPairs":
-        return RegressionPairs(
-            self.noise.to(device=device, dtype=dtype),
-            self.embeds.to(device=device, dtype=dtype),
-            self.latents.to(device=device, dtype=dtype),
-        )
+from stepdistill.objectives.base import (
+    RegressionPairs,
+    Requirements,
+    check_int,
+    check_number,
+)
 
 
 def ddim_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
@@ -182,14 +164,14 @@ class ODEPairWarmup:
         """``distance(G_θ(z_ref, c_ref), y_ref)`` on the precomputed teacher ODE pairs (``Batch.ref_*``); ``distance``
         defaults to the MSE; ``space="image"`` decodes both sides with ``teacher.decode`` first (gradient through the
         frozen decoder)."""
-        if batch.ref_noise is None or batch.ref_embeds is None or batch.ref_latents is None:
+        if batch.pairs is None:
             raise ValueError(
-                f"{self.name}: the regression on teacher ODE pairs needs Batch.ref_noise/ref_embeds/ref_latents (see "
+                f"{self.name}: the regression on teacher ODE pairs needs Batch.pairs (see "
                 "stepdistill.objectives.regression.make_regression_pairs; `stepdistill distill` makes them when the "
                 "recipe asks for them)"
             )
-        pred = self.generator(batch.ref_noise, batch.ref_embeds, step_index=0)
-        ref = batch.ref_latents.to(pred)
+        pred = self.generator(batch.pairs.noise, batch.pairs.embeds, step_index=0)
+        ref = batch.pairs.latents.to(pred)
         if space == "image":
             pred = self.teacher.decode(pred)
             if not pred.requires_grad and torch.is_grad_enabled():

@@ -323,13 +323,13 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
         loss = loss_fake
         logs["loss_fake"] = float(loss_fake.detach())
         if cfg["gan_enabled"]:
-            if batch.real_latents is None:
-                raise ValueError("sid with gan_enabled needs Batch.real_latents (encoded real images; set "
+            if batch.real is None:
+                raise ValueError("sid with gan_enabled needs Batch.real (encoded real images; set "
                                  "real_images in the pipeline spec)")
             fake_feats = mids[-1][-n:]
-            real = batch.real_latents.to(x)
+            real = batch.real.latents.to(x)
             real_t = self.schedule.add_noise(real, eps, t)  # the same σ and the same noise as the fake images
-            real_embeds = batch.real_embeds if batch.real_embeds is not None else batch.embeds
+            real_embeds = batch.real.embeds if batch.real.embeds is not None else batch.embeds
             if cfg["guidance_mode"] == "zero_cfg":  # the empty prompt (the same for every row)
                 real_embeds = self.fake_embeds(batch.embeds)
             logits_real = discriminator_logits(bottleneck_features(self.fake_unet, real_t, t, real_embeds))

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from stepdistill.objectives.base import Batch
+from stepdistill.objectives.base import Batch, RealImages
 
 TURNS = {"aux": 0, "generator": 1}
 
@@ -23,24 +23,27 @@ def build_batch(
     real_prompts: Sequence[str] | None = None,
     rng: torch.Generator | None = None,
 ):
-    """THE place where training batches are made (extend it here when an objective needs more fields).
+    """THE place where training batches are made.
 
     Prompts are encoded by the teacher (with the unconditional embeddings, for CFG); ``noise`` is the generator input
-    (B, C, H, W); ``real_latents`` are optional encoded real images (DMD2's GAN) and ``real_prompts`` their captions
-    (encoded into ``Batch.real_embeds``; without them the real latents are judged under the batch's prompts).
-    ``rng`` is the batch's own generator (seeded by its position in the run): a wrapper that draws more for the
-    batch draws from it, never from the global RNG, so a batch does not depend on what earlier batches drew."""
-    extra = {}
+    (B, C, H, W); ``real_latents`` are optional encoded real images (``Batch.real``, for objectives whose
+    ``Requirements.real_images`` asks for them) and ``real_prompts`` their captions (encoded into
+    ``Batch.real.embeds``; without them the real latents are judged under the batch's prompts). ``rng`` is the
+    batch's own generator (seeded by its position in the run): a wrapper that adds declared data to the batch (the
+    ODE pairs, ``workflows.single_run.with_regression_pairs``) draws from it, never from the global RNG, so a batch
+    does not depend on what earlier batches drew."""
+    real_embeds = None
     with torch.no_grad():
         embeds = teacher.encode_prompt(list(prompts), with_uncond=with_uncond)
         if real_prompts is not None:
-            extra["real_embeds"] = teacher.encode_prompt(list(real_prompts), with_uncond=False)
+            real_embeds = teacher.encode_prompt(list(real_prompts), with_uncond=False)
     if device is not None:
         embeds = embeds.to(device)
         noise = noise.to(device)
         real_latents = None if real_latents is None else real_latents.to(device)
-        extra = {k: v.to(device) for k, v in extra.items()}
-    return Batch(embeds=embeds, noise=noise, real_latents=real_latents, **extra)
+        real_embeds = None if real_embeds is None else real_embeds.to(device)
+    real = None if real_latents is None else RealImages(real_latents, real_embeds)
+    return Batch(embeds=embeds, noise=noise, real=real)
 
 
 def batch_seed(*parts: int) -> int:

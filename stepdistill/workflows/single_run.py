@@ -104,7 +104,7 @@ def with_regression_pairs(pairs, base_batch_fn):
         batch = base_batch_fn(teacher, prompts, noise, *args, rng=rng, **kwargs)
         idx = torch.randint(0, len(pairs), (len(prompts),), generator=rng)
         chosen = pairs.select(idx).to(batch.noise.device)  # the training device (base_batch_fn moved the batch there)
-        batch.ref_noise, batch.ref_embeds, batch.ref_latents = chosen.noise, chosen.embeds, chosen.latents
+        batch.pairs = chosen
         return batch
 
     return batch_fn
