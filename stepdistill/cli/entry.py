@@ -22,6 +22,7 @@ def _set_threads(threads: int | None) -> None:
     if threads:
         importlib.import_module("torch").set_num_threads(threads)
 
+
 def _one_line(err: BaseException, command: str = "") -> str:
     """The error's message on one line (library messages sometimes span several), without a leading
     ``stepdistill <command>:`` that the caller prints itself."""
@@ -30,6 +31,7 @@ def _one_line(err: BaseException, command: str = "") -> str:
     while prefix and text.startswith(prefix):
         text = text[len(prefix):]
     return text
+
 
 def _quiet_libraries() -> None:
     """Keep stderr for stepdistill's own lines: diffusers/transformers advisory warnings and their model-loading
@@ -49,6 +51,7 @@ def _quiet_libraries() -> None:
         tlogging.disable_progress_bar()
     except ImportError:  # pragma: no cover - both are dependencies
         pass
+
 
 def _guarded(command: str, fn) -> int:
     """Run ``fn()``; any failure is one clear line on stderr and a non-zero exit (2: invalid input, a missing or
@@ -74,6 +77,7 @@ def _guarded(command: str, fn) -> int:
         print(f"stepdistill {command}: error: {type(err).__name__}: {_one_line(err, command)} (set STEPDISTILL_DEBUG=1 for "
               "the traceback)", file=sys.stderr)
         return 1
+
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -27,6 +27,7 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="stepdistill", description=DESCRIPTION)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -28,6 +28,7 @@ def recipe_description(text: str, width: int) -> str:
     cut = summary.rfind(" ", 0, max(width - 1, 1))
     return (summary[:cut] if cut > 0 else summary[: width - 1]).rstrip(" ,;:(") + "…"
 
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     """List the recipes under --dir with their method and the start of their header comment."""
     import shutil

@@ -14,6 +14,7 @@ def cmd_toy_train_teacher(args: argparse.Namespace) -> int:
     print(json.dumps(info, indent=2))
     return 0
 
+
 def cmd_toy_train_evaluator(args: argparse.Namespace) -> int:
     info = train_evaluator(args.out, seed=args.seed, steps=args.steps)
     print(json.dumps(info, indent=2))

@@ -68,25 +68,6 @@ from stepdistill.models.ema import GeneratorEMA, get_ema
 logger = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --- export -------------------------------------------------------------------------------------------------------
 
 

@@ -69,7 +69,6 @@ from stepdistill.training.stages import finalise_experts
 logger = logging.getLogger(__name__)
 
 
-
 class TrainingDiverged(RuntimeError):
     """A loss (or gradient norm) became NaN/inf. ``step`` is the 1-based number of the update that failed; nothing of
     that update was applied and no checkpoint of it was written."""
@@ -85,10 +84,6 @@ class TrainingDiverged(RuntimeError):
             f"checkpoint of this state was written; {where}. Lower the learning rate, enable grad_clip or check "
             "the objective's settings."
         )
-
-
-
-
 
 
 # --- batches ------------------------------------------------------------------------------------------------------
@@ -108,18 +103,6 @@ class _TrainModule(torch.nn.Module):
         if turn == "generator":
             return self.objective.generator_loss(batch)
         return self.objective.auxiliary_loss(batch)
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --- the trainer --------------------------------------------------------------------------------------------------
