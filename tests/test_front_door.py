@@ -141,7 +141,7 @@ def test_cli_conveniences(spec, tmp_path):
     assert "toy-dmd.yaml" in lines and " dmd " in lines["toy-dmd.yaml"] and "sid-lsg.yaml" in lines
     assert "toy world" in lines["toy-dmd.yaml"].lower() or "toy teacher" in lines["toy-dmd.yaml"].lower()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "stepdistill.eval.gpu_scale", "--out", str(tmp_path / "gs")],
+    proc = subprocess.run([sys.executable, "-m", "stepdistill.cli", "gpu-scale", "--out", str(tmp_path / "gs")],
                           capture_output=True, text=True, env=env, timeout=120)
     one_error_line(proc, "no CUDA GPU")
     assert not (tmp_path / "gs").exists()

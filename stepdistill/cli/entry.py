@@ -82,7 +82,10 @@ def _guarded(command: str, fn) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "passes_options_on", False):  # only gpu-scale hands its options on
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.options = unknown
     command = args.command if args.command != "toy" else f"toy {args.toy_cmd}"
 
     def run() -> int:

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--out", default="runs/distill-cost")
     dc.set_defaults(func="stepdistill.cli.distill_cost:cmd_distill_cost")
 
+    gs = sub.add_parser("gpu-scale", add_help=False,
+                        help="the gpu-scale benchmark: the DMD2 training step at SD1.5 size, bf16, on a GPU (options: "
+                             "stepdistill gpu-scale --help)")
+    gs.set_defaults(func="stepdistill.cli.gpu_scale:cmd_gpu_scale", passes_options_on=True)
+
     ex = sub.add_parser("export", help="export a run's student as a diffusers pipeline folder")
     ex.add_argument("--run", required=True, help="a `stepdistill distill` output folder")
     ex.add_argument("--checkpoint", default="latest")

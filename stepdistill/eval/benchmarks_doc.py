@@ -361,7 +361,7 @@ READING = """## How to read the tables
   spread of position and radius relative to real images (≪ 1 is mode collapse); latency the median per image at the
   large batch (its size in brackets) and of a batch-1 call, with the UNet's share of the large-batch call. Compare
   FID_toy only between rows of the same number of samples.
-- **Training-step cost** (`stepdistill distill-cost`, `python -m stepdistill.eval.gpu_scale`): generator updates per
+- **Training-step cost** (`stepdistill distill-cost`, `stepdistill gpu-scale`): generator updates per
   second after the warm-up steps, peak memory (the process' maximum RSS on a CPU, `torch.cuda.max_memory_allocated`
   on a GPU), the bytes of weights, gradients and optimizer state, the activations autograd keeps for one generator
   step, and the projection to the recipe's own length.

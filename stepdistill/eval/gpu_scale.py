@@ -6,8 +6,8 @@ text encoder over a 77-token context, with the toy world's closed-vocabulary tok
 downloaded here), writes a pipeline YAML for it, and measures each variant with :mod:`stepdistill.eval.distill_cost`
 (one process per variant, so each peak memory is its own). Usage, on a GPU machine::
 
-    python -m stepdistill.eval.gpu_scale --out runs/gpu-scale            # dmd2: +/- gradient checkpointing, +/- LoRA
-    python -m stepdistill.eval.gpu_scale --recipe training/sid-lsg.yaml --out runs/gpu-scale-sid   # SiD-LSG
+    stepdistill gpu-scale --out runs/gpu-scale            # dmd2: +/- gradient checkpointing, +/- LoRA
+    stepdistill gpu-scale --recipe training/sid-lsg.yaml --out runs/gpu-scale-sid   # SiD-LSG
 
 Without a CUDA GPU it stops at once with one line (exit 2).
 """
@@ -131,8 +131,8 @@ def run_gpu_scale(out_dir: str | Path, recipe: str = "training/dmd2.yaml", steps
     return {"entries": entries}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/gpu-scale")
     parser.add_argument("--recipe", default="training/dmd2.yaml")
     parser.add_argument("--steps", type=int, default=6)
