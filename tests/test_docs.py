@@ -36,7 +36,7 @@ FORBIDDEN = {
 ALLOWED = [
     # a client object in code (requests.Session, aiohttp.ClientSession), not a period of work
     re.compile(r"\b(?:requests|aiohttp)\.\w*[S]ession\b"),
-    # a journal citation, "vol. 3, issue 2"
+    # a journal citation: a volume followed by its number
     re.compile(r"\bvol(?:ume)?\.?\s*\d+\s*,?\s*issue\s+\d+", re.IGNORECASE),
     # a checksum the line names as SHA-1
     re.compile(r"\bsha-?1\b", re.IGNORECASE),

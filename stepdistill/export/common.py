@@ -110,3 +110,8 @@ def teacher_folder(teacher) -> str | None:
     snippet loads it); None otherwise."""
     source = Path(str(getattr(teacher, "source", "")))
     return str(source.resolve()) if source.is_dir() and (source / "model_index.json").is_file() else None
+
+
+def remote_code_loading_call(folder: str) -> str:
+    """The plain-diffusers call that loads an exported folder shipping its own pipeline class."""
+    return f'DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)'

@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from stepdistill.core.outputs import check_output_folder, staged_folder
-from stepdistill.export.common import EXPORT_INFO_FILE, ExportError
+from stepdistill.export.common import (
+    EXPORT_INFO_FILE,
+    ExportError,
+    remote_code_loading_call,
+)
 from stepdistill.export.loading import export_info, load_pipeline
 from stepdistill.export.shipped import shipped_file
 from stepdistill.export.shipped.pipeline_multi_student import (
@@ -29,10 +33,6 @@ from stepdistill.export.shipped.pipeline_multi_student import (
 
 PIPELINE_MODULE = "pipeline_multi_student"
 PIPELINE_CLASS = "MultiStudentPipeline"
-
-
-def loading_call(folder: str) -> str:
-    return f'DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)'
 
 
 def export_multi_student(run_dir: Path, router, student_folders: Sequence[Path], students: Sequence[dict[str, Any]],
@@ -79,7 +79,8 @@ def export_multi_student(run_dir: Path, router, student_folders: Sequence[Path],
                 "students": len(unets), "router": router.to_dict() if router.kind == "keyword" else
                 {"kind": "kmeans", "num_students": router.num_students},
                 "guidance_scale": 1.0, "num_inference_steps_reproduces_timesteps": True, "trust_remote_code": True,
-                "pipeline_class": f"{PIPELINE_MODULE}.{PIPELINE_CLASS}", "loading_call": loading_call(str(out_dir)),
+                "pipeline_class": f"{PIPELINE_MODULE}.{PIPELINE_CLASS}",
+                "loading_call": remote_code_loading_call(str(out_dir)),
                 "steps_info": {"students": list(students)}}
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
         (tmp / "README.md").write_text(_card(str(out_dir), info, students), encoding="utf-8")
@@ -98,7 +99,7 @@ def _card(folder: str, info: dict[str, Any], students: Sequence[dict[str, Any]])
         f"UNet evaluation per image at t = {info['timesteps'][0]}, mixed batches in one call. The pipeline class "
         f"ships in this folder (`{PIPELINE_MODULE}.py`, imports only diffusers and torch), hence "
         f"`trust_remote_code=True`:\n\n"
-        f"```python\nfrom diffusers import DiffusionPipeline\n\npipe = {loading_call(folder)}\n"
+        f"```python\nfrom diffusers import DiffusionPipeline\n\npipe = {remote_code_loading_call(folder)}\n"
         f'image = pipe("{example}", num_inference_steps=1, guidance_scale=1.0).images[0]\n```\n\n'
         f"| student | UNet | training prompts | updates |\n|---|---|---|---|\n{rows}\n"
     )

@@ -28,6 +28,7 @@ from stepdistill.export.common import (
     base_model_name,
     cast_module,
     merged_unet,
+    remote_code_loading_call,
 )
 from stepdistill.export.shipped import shipped_file
 from stepdistill.export.shipped.pipeline_phased_experts import (
@@ -39,10 +40,6 @@ PIPELINE_MODULE = "pipeline_phased_experts"
 PIPELINE_CLASS = "PhasedExpertsPipeline"
 
 
-def loading_call(folder: str) -> str:
-    return f'DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)'
-
-
 def _card(folder: str, base_model: str, method: str, timesteps: list[int], ema: bool, lora: bool,
           steps_info: Mapping[str, Any], example_prompt: str) -> str:
     import yaml
@@ -51,7 +48,7 @@ def _card(folder: str, base_model: str, method: str, timesteps: list[int], ema: 
     meta = {"library_name": "diffusers", "base_model": base_model, "tags": ["stepdistill", method, "phased-experts",
                                                                              f"{n}-step"],
             "inference": False}
-    call = loading_call(folder)
+    call = remote_code_loading_call(folder)
     info = "\n".join(f"- {k}: `{v}`" for k, v in sorted(steps_info.items()))
     return (
         f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
@@ -106,7 +103,8 @@ def export_phased_student(teacher, generator, out_dir: Path, method: str, steps_
             "lora": generator.is_lora, "lora_file": None, "ema": ema_obj is not None, "guidance_scale": 1.0,
             "num_inference_steps_reproduces_timesteps": True, "scheduler": type(pipeline.scheduler).__name__,
             "scaled_input_noise": False, "trust_remote_code": True, "experts": len(timesteps),
-            "pipeline_class": f"{PIPELINE_MODULE}.{PIPELINE_CLASS}", "loading_call": loading_call(str(out_dir)),
+            "pipeline_class": f"{PIPELINE_MODULE}.{PIPELINE_CLASS}",
+            "loading_call": remote_code_loading_call(str(out_dir)),
             "dtype": str(dtype).replace("torch.", ""), "steps_info": steps_info,
         }
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")

@@ -461,11 +461,13 @@ class TeacherSamplerGenerator(Generator):
         with the student's conditional prediction and return, for each row i, the state *before* step ``stop[i]`` and
         its timestep ``(x_t, t)`` (``stop[i] = 0``: the initial noisy latent)."""
         stop = stop.to(noise.device).long()
-        states, ts = noise.clone(), torch.full_like(stop, int(self._fresh_scheduler().timesteps[0]))
+        states, ts = noise.clone(), None
         with torch.no_grad():
             for i, t, x in self._scheduler_chain(noise, embeds, last=int(stop.max())):
                 if t is None:
                     break
+                if ts is None:  # step 0 comes first: every row starts at the first timestep
+                    ts = torch.full_like(stop, t)
                 here = stop == i
                 states[here], ts[here] = x[here], t
         return states, ts

@@ -1,10 +1,11 @@
 """DisBack — distribution backtracking (Zhang et al., ICLR 2025, arXiv:2408.15991; repo SYZhang0805/DisBack), an
 option (``disback: true``) of the score-distillation objectives dmd, dmd2, vsd and sid.
 
-Stage 1, degradation recording (:func:`stepdistill.training.stages.record_degradation_path`, attached by ``distill``): an auxiliary score ψ initialised from the teacher is
-fine-tuned by denoising score matching, ``mean‖ψ(x_t, t, c) − target(x₀, ε, t)‖²`` with x₀ = G₀(z, c) the *frozen
-initial student* and t ~ U{0 … T−1}, for ``disback_record_updates`` updates; its weights after every
-``updates/N``-th update are saved: path = [teacher = ψ₀, ψ₁, …, ψ_N ≈ the score of G₀].
+Stage 1, degradation recording (:func:`stepdistill.training.stages.record_degradation_path`, attached by
+``distill``): an auxiliary score ψ initialised from the teacher is fine-tuned by denoising score matching,
+``mean‖ψ(x_t, t, c) − target(x₀, ε, t)‖²`` with x₀ = G₀(z, c) the *frozen initial student* and t ~ U{0 … T−1},
+for ``disback_record_updates`` updates; its weights after every ``updates/N``-th update are saved:
+path = [teacher = ψ₀, ψ₁, …, ψ_N ≈ the score of G₀].
 Stage 2, backtracking: ordinary score distillation whose *real* score is path[i] instead of the teacher (with the
 same CFG), with i = N − 1 for the first ``disback_interval`` updates, then N − 2, …, down to 0 (the teacher) and the
 teacher from then on; the fake score starts from ψ_N, the checkpoint nearest G₀.

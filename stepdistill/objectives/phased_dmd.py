@@ -16,8 +16,9 @@ Fake-score update (``auxiliary_loss``), ``aux_updates_per_generator_update`` (pa
   the same x_t from sg(x_s); target (σ_t/σ_{t|s})·ε (``target: unbiased``; ``naive`` regresses ε, the biased target
   the paper's 1-D toy refutes); loss mean of min(1, clamp·σ²_{t|s})·(F_k(x_t) − target)² (``weight_clamp`` 10).
 F_k is re-initialised from the teacher when phase k starts (its optimizer state is reset through
-``take_auxiliary_reset``), and the finished experts take their EMA weights (``UpdatePlan.final_experts``, applied by the trainer: :func:`stepdistill.training.stages.finalise_experts`); the phase a fake score belongs to is part of the objective's state, so a run resumed
-mid-phase keeps its fake score and one resumed at a phase boundary re-initialises it once.
+``take_auxiliary_reset``), and the finished experts take their EMA weights (``UpdatePlan.final_experts``, applied
+by the trainer: :func:`stepdistill.training.stages.finalise_experts`); the phase a fake score belongs to is part of
+the objective's state, so a run resumed mid-phase keeps its fake score and one resumed at a phase boundary re-initialises it once.
 
 Config keys: num_phases 4; phase_min_ratio 0.0 / phase_max_ratio 1.0 (the range ``snr_phases`` splits);
 updates_per_phase 100; min_t_ratio 0.02 / max_t_ratio 0.98; real_guidance_scale 1.75 (the DMD2 SD1.5 value; the paper's Wan runs use the model's own CFG);

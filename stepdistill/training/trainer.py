@@ -5,9 +5,8 @@ update rule), as the objective's :meth:`~stepdistill.objectives.base.Objective.p
 the auxiliary updates first, or the generator first (``UpdatePlan.generator_first``: the official DMD2 / SwiftBrush
 order, whose first auxiliary update reuses the generator update's sample), none in an ODE-pair warm-up, fresh
 auxiliary optimizer moments after a re-initialisation, and finished Phased DMD experts set to their EMA
-(:mod:`.stages`). Each update is
-``train.grad_accum`` micro-batches through ``accelerator.accumulate``, gradient clipping by
-``accelerator.clip_grad_norm_`` and one AdamW step (one optimizer for the generator, one per
+(:mod:`.stages`). Each update is ``train.grad_accum`` micro-batches through ``accelerator.accumulate``, gradient
+clipping by ``accelerator.clip_grad_norm_`` and one AdamW step (one optimizer for the generator, one per
 ``objective.auxiliary_parameters()`` entry). After the generator update the EMA (if any) is updated.
 
 What is prepared by accelerate: a single module holding the objective (its auxiliary networks) and the generator,
@@ -178,6 +177,7 @@ class Trainer:
         if hasattr(teacher, "to") and (teacher_device is None or torch.device(teacher_device) != device):
             teacher.to(device)
 
+        self.requirements = objective.requirements(objective.config)
         self._configure_modules()
 
         # optimizers: one for the generator, one per auxiliary parameter group
@@ -195,7 +195,6 @@ class Trainer:
             if any(id(p) in gen_ids for p in params):
                 raise ValueError(f"auxiliary parameter group {name!r} shares parameters with the generator")
             aux_groups[name] = params
-        self.requirements = objective.requirements(objective.config)
         self.plan = UpdatePlan()  # the current update's (Objective.plan_update)
         self.aux_ratio = int(objective.aux_updates_per_generator_update)
         if self.aux_ratio > 0 and not aux_groups:
@@ -268,7 +267,7 @@ class Trainer:
         if tc.gradient_checkpointing:
             enabled = 0
             # an objective that backpropagates through the frozen teacher UNet's input (SiD) checkpoints it too
-            through_teacher = "unet" in self.objective.requirements(self.objective.config).teacher_in_gradient
+            through_teacher = "unet" in self.requirements.teacher_in_gradient
             for m in self._diffusers_models(include_teacher=through_teacher):
                 if getattr(m, "_supports_gradient_checkpointing", False):
                     m.enable_gradient_checkpointing()

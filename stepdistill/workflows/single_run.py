@@ -24,6 +24,7 @@ from stepdistill.models.image_embedders import CLIPImageEmbedder
 from stepdistill.models.teacher import Teacher, _resolve_source
 from stepdistill.objectives import (
     ObjectiveConfigError,
+    Requirements,
     build_objective,
     objective_class,
 )
@@ -229,13 +230,18 @@ def load_teacher(spec: PipelineSpec):
     return Teacher.load(spec.teacher, dtype=DTYPES[spec.dtype], config=spec.single_file_config)
 
 
+def run_requirements(config) -> Requirements:
+    """What the run's objective declares it needs with the run's objective config (nothing is built)."""
+    cls = objective_class(config.objective)
+    return cls.requirements(cls.check_config(config.objective_config))
+
+
 def upcast_for_gradient(teacher, config, log=None) -> list[str]:
     """Cast to float32 the teacher components the run's objective backpropagates through
     (``Requirements.teacher_in_gradient``) when the preset loaded them in a lower precision; returns what
     was cast (each said in one line to ``log``)."""
-    cls = objective_class(config.objective)
     cast = []
-    for name in cls.requirements(cls.check_config(config.objective_config)).teacher_in_gradient:
+    for name in run_requirements(config).teacher_in_gradient:
         module = getattr(teacher, name)
         dtype = next(module.parameters()).dtype
         if dtype != torch.float32:
@@ -278,13 +284,11 @@ def _build(spec: PipelineSpec, config, training: bool = False, log=None):
     if training:
         upcast_for_gradient(teacher, config, log)
     set_seed(config.train.seed)
-    cls = objective_class(config.objective)
-    kind = cls.requirements(cls.check_config(config.objective_config)).student  # checked against the recipe before
-    generator = generator_class(kind).from_config(teacher, config.generator)
+    needs = run_requirements(config)
+    generator = generator_class(needs.student).from_config(teacher, config.generator)  # kind checked before
     objective = build_objective(config.objective, teacher, generator, config.objective_config)
-    embedder = objective.requirements(objective.config).image_embedder
-    if embedder is not None:  # built at its first use, as the objective asks
-        objective.image_embedder_loader = functools.partial(load_image_embedder, embedder, teacher)
+    if needs.image_embedder is not None:  # built at its first use, as the objective asks
+        objective.image_embedder_loader = functools.partial(load_image_embedder, needs.image_embedder, teacher)
     return teacher, generator, objective
 
 
@@ -359,7 +363,8 @@ def distill_single(
     plan.write_run_file(recipe, pipeline, overrides)
     t0 = time.time()
     teacher, generator, objective = _build(spec, config, training=True, log=log)
-    if objective.requirements(objective.config).uses_run_folder:  # DisBack records its path into the run folder
+    needs = objective.requirements(objective.config)
+    if needs.uses_run_folder:  # DisBack records its path into the run folder
         def disback_embeds(n: int, rng: torch.Generator):
             return teacher.encode_prompt(prompts.sample(n, rng), with_uncond=True)
 
@@ -369,7 +374,6 @@ def distill_single(
 
     batch_fn = build_batch
     pairs_seconds = None
-    needs = objective.requirements(objective.config)
     if needs.regression_pairs_needed(from_step=plan.start_step):
         from accelerate import PartialState
 
