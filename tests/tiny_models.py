@@ -16,11 +16,24 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 TEXT_HIDDEN = 32
 TEXT_VOCAB_SIZE = 1000
@@ -100,8 +113,8 @@ def _text_config(tokenizer: CLIPTokenizer, **extra) -> CLIPTextConfig:
     )
 
 
-def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
+def _vae(**config) -> AutoencoderKL:
+    return AutoencoderKL(**config,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -195,6 +208,72 @@ def make_tiny_sdxl_pipeline(path: str | Path | None = None, seed: int = 0):
         unet=unet,
         scheduler=scheduler,
         add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if path is not None:
+        pipe.save_pretrained(str(path), safe_serialization=True)
+    return pipe
+
+
+def make_tiny_sd3_pipeline(path: str | Path | None = None, seed: int = 0, shift: float = 3.0):
+    """SD3-like tiny pipeline, as diffusers' own SD3 tests build it but without T5 (``text_encoder_3=None``, which
+    the pipeline replaces by zeros): two CLIPTextModelWithProjection encoders (pooled 2·32), an SD3 transformer with
+    2×2 patches on 8×8×4 latents, a VAE with SD3's shift and scale, FlowMatchEulerDiscreteScheduler(shift)."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=SAMPLE_SIZE, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=2 * TEXT_HIDDEN, caption_projection_dim=32,
+        pooled_projection_dim=2 * TEXT_HIDDEN, pos_embed_max_size=SAMPLE_SIZE,
+    )
+    tokenizer, tokenizer_2 = make_tiny_tokenizer(), make_tiny_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu", projection_dim=TEXT_HIDDEN))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu", projection_dim=TEXT_HIDDEN))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=_vae(shift_factor=0.0609, scaling_factor=1.5305), text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if path is not None:
+        pipe.save_pretrained(str(path), safe_serialization=True)
+    return pipe
+
+
+def make_tiny_t5_tokenizer() -> T5TokenizerFast:
+    """A T5 (unigram) tokenizer whose pieces are :data:`WORDS` (built with ``tokenizers``: no sentencepiece model is
+    needed, and nothing is downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in WORDS]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()  # what T5Tokenizer itself uses, so a saved copy agrees
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           model_max_length=MAX_LENGTH)
+
+
+def make_tiny_flux_pipeline(path: str | Path | None = None, seed: int = 0, guidance_embeds: bool = True):
+    """FLUX.1-like tiny pipeline, as diffusers' own Flux tests build it: CLIPTextModel (pooled 32) and a tiny T5
+    encoder, a FLUX transformer on 2×2-packed 8×8×4 latents (``in_channels`` 16), a VAE with FLUX's shift and
+    scale. ``guidance_embeds=True`` is FLUX.1-dev (embedded guidance, dynamic shifting), False FLUX.1-schnell
+    (shift 1)."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=TEXT_HIDDEN, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
+    )
+    tokenizer = make_tiny_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_act="gelu"))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS) + 3, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    if guidance_embeds:
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=make_tiny_t5_tokenizer(),
     )
     pipe.set_progress_bar_config(disable=True)
     if path is not None:

@@ -1,13 +1,15 @@
-"""Conditioning and the guided UNet call, for every network that takes the teacher's prompts (the teacher, the
+"""Conditioning and the guided network call, for every network that takes the teacher's prompts (the teacher, the
 students, the fake score): :class:`PromptEmbeds` (conditional and unconditional embeddings, SDXL's added
-conditions) and :func:`unet_forward` (classifier-free guidance in one batched pass)."""
+conditions, SD3's and FLUX's pooled projections and FLUX's embedded guidance) and :func:`unet_forward`
+(classifier-free guidance in one batched pass, for a UNet, an SD3 transformer or a FLUX transformer)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
 
 # --- prompt embeddings ---------------------------------------------------------------------------------------------
@@ -28,8 +30,9 @@ def _move(t: torch.Tensor, device: Any, dtype: torch.dtype | None) -> torch.Tens
 class PromptEmbeds:
     """Text conditioning for a batch: the prompts' UNet inputs and, for CFG, those of the negative prompts.
 
-    ``cond`` / ``uncond``: (B, L, D) ``encoder_hidden_states``; ``cond_added`` / ``uncond_added`` (SDXL only):
-    ``{"text_embeds": (B, P), "time_ids": (B, 6)}``.
+    ``cond`` / ``uncond``: (B, L, D) ``encoder_hidden_states``; ``cond_added`` / ``uncond_added``: SDXL's
+    ``{"text_embeds": (B, P), "time_ids": (B, 6)}``, SD3's ``{"pooled_projections": (B, P)}``, FLUX's
+    ``{"pooled_projections": (B, P), "guidance": (B,)}`` (the embedded guidance of FLUX.1-dev); None for SD1.x/2.x.
     """
 
     cond: torch.Tensor
@@ -83,7 +86,7 @@ class PromptEmbeds:
         return int(self.cond.shape[0])
 
 
-# --- guided UNet call ------------------------------------------------------------------------------------------------
+# --- the network call of each architecture ------------------------------------------------------------------------
 def network_dtype(module: torch.nn.Module) -> torch.dtype:
     """A diffusers model's ``dtype``, else its first parameter's."""
     dtype = getattr(module, "dtype", None)
@@ -92,6 +95,67 @@ def network_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def _call_unet(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor,
+               added: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    kwargs: dict[str, Any] = {"encoder_hidden_states": hidden}
+    if added is not None:
+        kwargs["added_cond_kwargs"] = added
+    return net(x, t, **kwargs, return_dict=False)[0]
+
+
+def _call_sd3(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor,
+              added: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """``transformer(hidden_states, timestep=1000σ, encoder_hidden_states, pooled_projections)`` as
+    ``StableDiffusion3Pipeline.__call__`` makes it."""
+    if added is None or "pooled_projections" not in added:
+        raise ValueError("an SD3 transformer needs pooled projections: encode the prompts with the SD3 teacher")
+    return net(hidden_states=x, timestep=t, encoder_hidden_states=hidden,
+               pooled_projections=added["pooled_projections"], return_dict=False)[0]
+
+
+def _call_flux(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor,
+               added: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """``FluxPipeline.__call__``'s transformer call on (B, C, H, W) latents: packed into 2×2 patches (B, HW/4, 4C) with
+    image ids on the half-resolution grid and zero text ids, ``timestep = 1000σ / 1000`` (the transformer multiplies
+    timestep and guidance by 1000 itself), the embedded guidance when the transformer has a guidance embedding;
+    the output is unpacked back to (B, C, H, W). Packing and ids are diffusers' own (``FluxPipeline._pack_latents``,
+    ``_unpack_latents``, ``_prepare_latent_image_ids``)."""
+    if added is None or "pooled_projections" not in added:
+        raise ValueError("a FLUX transformer needs pooled projections: encode the prompts with the FLUX teacher")
+    b, c, h, w = x.shape
+    packed = FluxPipeline._pack_latents(x, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+    txt_ids = torch.zeros(hidden.shape[1], 3, device=x.device, dtype=x.dtype)
+    guidance = None
+    if net.config.guidance_embeds:
+        if "guidance" not in added:
+            raise ValueError("this FLUX transformer embeds guidance: the prompt embeddings carry no 'guidance' value")
+        guidance = added["guidance"].float()  # float32, as FluxPipeline passes it
+    out = net(hidden_states=packed, timestep=t / 1000, guidance=guidance, pooled_projections=added["pooled_projections"],
+              encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+    # _unpack_latents takes the pixel size and the VAE factor; (2h, 2w) with factor 2 is the same latent grid.
+    return FluxPipeline._unpack_latents(out, 2 * h, 2 * w, 2)
+
+
+NetworkCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "dict[str, torch.Tensor] | None"],
+                       torch.Tensor]
+#: Transformer classes whose call differs from the UNet's; every other network is called as a UNet.
+TRANSFORMER_CALLS: dict[type, NetworkCall] = {SD3Transformer2DModel: _call_sd3, FluxTransformer2DModel: _call_flux}
+
+
+def is_transformer(net: torch.nn.Module) -> bool:
+    """True for the flow-matching transformers (SD3, FLUX) that :func:`unet_forward` calls in their own way."""
+    return isinstance(net, tuple(TRANSFORMER_CALLS))
+
+
+def _network_call(net: torch.nn.Module) -> NetworkCall:
+    for cls, call in TRANSFORMER_CALLS.items():
+        if isinstance(net, cls):
+            return call
+    return _call_unet
+
+
+# --- guided call -------------------------------------------------------------------------------------------------------
 def _timesteps(t: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     """t as a (B,) tensor on ``device`` (ints become long)."""
     t = torch.as_tensor(t, device=device)
@@ -122,7 +186,7 @@ def _cat_added(
     if a is None and b is None:
         return None
     if a is None or b is None:
-        raise ValueError("cond and uncond embeddings disagree on added_cond_kwargs (SDXL needs both)")
+        raise ValueError("cond and uncond embeddings disagree on their added conditions (SDXL, SD3 and FLUX need both)")
     return {k: torch.cat([a[k], b[k]], dim=0) for k in a}
 
 
@@ -133,30 +197,32 @@ def unet_forward(
     embeds: PromptEmbeds,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Raw UNet output (in the schedule's prediction type) with classifier-free guidance
+    """Raw network output (in the schedule's prediction type) with classifier-free guidance
     ``out = out(∅) + w·(out(c) − out(∅))``; ``w == 1`` is a single conditional pass, otherwise uncond and cond run
-    as one batched forward (uncond rows first). ``t`` may be an int or a (B,) long tensor. Inputs are cast to the
-    UNet's dtype and the output back to ``x_t``'s dtype. Gradients flow to ``x_t`` (wrap in ``torch.no_grad()``
-    when they are not needed)."""
+    as one batched forward (uncond rows first). ``t`` is the value the network is called with,
+    ``schedule.model_timestep(index)``: the index itself for a UNet (an int or a (B,) long tensor), ``1000·σ`` (float)
+    for an SD3 or FLUX transformer. Inputs are cast to the network's dtype and the output back to ``x_t``'s dtype.
+    Gradients flow to ``x_t`` (wrap in ``torch.no_grad()`` when they are not needed)."""
     batch = x_t.shape[0]
     device = x_t.device
     dtype = network_dtype(unet)
+    call = _network_call(unet)
     embeds = _match_batch(embeds, batch).to(device=device, dtype=dtype)
     t = _timesteps(t, batch, device)
+    if call is not _call_unet and not t.is_floating_point():
+        raise ValueError(f"{type(unet).__name__} is called with the schedule's model timestep 1000·σ (a float), "
+                         "not a table index: pass schedule.model_timestep(t)")
     x = x_t.to(dtype)
     w = float(guidance_scale)
     if w == 1.0:
-        out = unet(x, t, **embeds.unet_kwargs("cond"), return_dict=False)[0]
-        return out.to(x_t.dtype)
+        return call(unet, x, t, embeds.cond, embeds.cond_added).to(x_t.dtype)
     if embeds.uncond is None:
         raise ValueError(
             f"guidance_scale={w} needs unconditional embeddings; encode the prompts with with_uncond=True "
             "(or use guidance_scale=1.0)"
         )
-    kwargs: dict[str, Any] = {"encoder_hidden_states": torch.cat([embeds.uncond, embeds.cond], dim=0)}
+    hidden = torch.cat([embeds.uncond, embeds.cond], dim=0)
     added = _cat_added(embeds.uncond_added, embeds.cond_added)
-    if added is not None:
-        kwargs["added_cond_kwargs"] = added
-    out = unet(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), **kwargs, return_dict=False)[0]
+    out = call(unet, torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), hidden, added)
     out_uncond, out_cond = out.chunk(2, dim=0)
     return (out_uncond + w * (out_cond - out_uncond)).to(x_t.dtype)

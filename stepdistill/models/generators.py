@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 
-from stepdistill.core.schedule import NoiseSchedule
+from stepdistill.core.schedule import NoiseSchedule, flux_mu
 from stepdistill.models.conditioning import unet_forward
 
 #: LoRA targets of the generator: the attention projections (diffusers' SD LoRA convention).
@@ -197,7 +197,8 @@ class Generator(torch.nn.Module):
         t = self.timesteps[step_index]
         x_in = self.initial_input(noise) if x_t is None else x_t
         t_batch = torch.full((x_in.shape[0],), t, dtype=torch.long, device=x_in.device)
-        out = unet_forward(self.unet_for_step(step_index), x_in, t_batch, embeds, guidance_scale=1.0)
+        out = unet_forward(self.unet_for_step(step_index), x_in, self.schedule.model_timestep(t_batch), embeds,
+                           guidance_scale=1.0)
         # DMD2 converts to x0 in float64; gradients flow through the casts.
         x0 = self.schedule.to_x0(out.double(), x_in.double(), t_batch)
         return x0.to(x_in.dtype)
@@ -384,12 +385,16 @@ class TeacherSamplerGenerator(Generator):
                                 lora_alpha=config.lora_alpha, share_base=config.share_teacher_base)
 
     def __init__(self, unet: torch.nn.Module, schedule: NoiseSchedule, scheduler, num_inference_steps: int,
-                 lora_rank: int | None = None, share_base: bool = False) -> None:
-        from diffusers import DDIMScheduler
+                 lora_rank: int | None = None, share_base: bool = False, mu: float | None = None) -> None:
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-        self.scheduler_template = DDIMScheduler.from_config(scheduler.config)
+        if schedule.family == "rectified_flow":
+            self.scheduler_template = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        else:
+            self.scheduler_template = DDIMScheduler.from_config(scheduler.config)
+        self.mu = mu
         probe = self._fresh_scheduler(num_inference_steps)
-        super().__init__(unet, schedule, [int(t) for t in probe.timesteps], lora_rank)
+        super().__init__(unet, schedule, self._table_indices(probe, schedule), lora_rank)
         self.num_inference_steps = int(num_inference_steps)
         self.share_base = bool(share_base)
 
@@ -412,14 +417,35 @@ class TeacherSamplerGenerator(Generator):
             unet = copy_unet(teacher.unet, dtype=dtype, trainable=False)
             add_lora(unet, lora_rank, lora_alpha, lora_targets)
             unet.train()
-        return cls(unet, teacher.schedule, teacher.pipeline.scheduler, num_inference_steps, lora_rank, share_base)
+        mu = None
+        if teacher.schedule.dynamic_shifting is not None:  # FLUX: the shift of the teacher's resolution
+            _, h, w = teacher.latent_shape
+            mu = flux_mu((h // 2) * (w // 2), *(teacher.schedule.dynamic_shifting[k] for k in (
+                "base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")))
+        return cls(unet, teacher.schedule, teacher.pipeline.scheduler, num_inference_steps, lora_rank, share_base, mu)
 
     def _fresh_scheduler(self, num_inference_steps: int | None = None):
+        """The teacher's sampler at K steps: DDIM (it keeps no state between steps, so a copy is cheap), or for a
+        flow teacher FlowMatchEulerDiscreteScheduler with the list its pipeline uses (SD3: the default grid; FLUX:
+        ``sigmas = linspace(1, 1/K, K)`` shifted by ``e^mu``)."""
         import copy as _copy
 
-        scheduler = _copy.deepcopy(self.scheduler_template)  # DDIM keeps no state between steps; a copy is cheap
-        scheduler.set_timesteps(int(num_inference_steps or self.num_inference_steps))
+        steps = int(num_inference_steps or self.num_inference_steps)
+        scheduler = _copy.deepcopy(self.scheduler_template)
+        if self.mu is not None:
+            scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], mu=self.mu)
+        else:
+            scheduler.set_timesteps(steps)
         return scheduler
+
+    @staticmethod
+    def _table_indices(scheduler, schedule: NoiseSchedule) -> list[int]:
+        """The schedule's table index of each sampler step: the timestep itself for DDIM; for a flow sampler the
+        index whose σ is nearest the step's σ (the losses address noise levels by index; the sampler itself runs at
+        the exact σ)."""
+        if schedule.family != "rectified_flow":
+            return [int(t) for t in scheduler.timesteps]
+        return [int(i) for i in schedule.timesteps_for_sigmas(scheduler.sigmas[:-1].double())]
 
     def teacher_unet_mode(self):
         """Context in which ``teacher.unet`` is the teacher: the adapters disabled when the base is shared (else a
@@ -446,13 +472,14 @@ class TeacherSamplerGenerator(Generator):
         last step, ``(n, None, x)``; stops after yielding step ``last`` when given. Autograd runs through steps
         ``i ≥ grad_from`` only (None: none), within the caller's grad mode."""
         scheduler = self._fresh_scheduler()
+        flow = self.schedule.family == "rectified_flow"
         x = noise
         for i, t in enumerate(scheduler.timesteps):
-            yield i, int(t), x
+            yield i, self.timesteps[i], x
             if last is not None and i >= last:
                 return
             with torch.set_grad_enabled(grad_from is not None and i >= grad_from and torch.is_grad_enabled()):
-                out = unet_forward(self.unet, x, int(t), embeds, guidance_scale=1.0)
+                out = unet_forward(self.unet, x, t.float() if flow else int(t), embeds, guidance_scale=1.0)
                 x = scheduler.step(out, t, x, return_dict=False)[0]
         yield len(scheduler.timesteps), None, x
 

@@ -1,5 +1,6 @@
 """The frozen teacher: loading (diffusers folder, single-file checkpoint or the toy), prompt encoding and guided
-denoising, behind one interface for SD1.x/2.x (epsilon or v-prediction) and SDXL.
+denoising, behind one interface for SD1.x/2.x (epsilon or v-prediction), SDXL, and the flow-matching transformers
+SD3/SD3.5 and FLUX.1 (flow prediction v = ε − x₀ on a rectified-flow schedule).
 
 Classifier-free guidance (Ho & Salimans 2022), applied to the raw network output of any prediction type:
 ``out = out(x_t, t, ∅) + w·(out(x_t, t, c) − out(x_t, t, ∅))``. Because the conversions to x̂₀ / ε̂ are affine in
@@ -34,11 +35,18 @@ __all__ = [
 SUPPORTED_PIPELINES: dict[str, str] = {
     "StableDiffusionPipeline": "sd",  # SD1.x and SD2.x (epsilon or v-prediction)
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",  # SD3 / SD3.5 (flow matching)
+    "FluxPipeline": "flux",  # FLUX.1-dev (embedded guidance) and FLUX.1-schnell
 }
+FAMILY_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "FLUX.1"}
+#: Teacher families whose denoising network is a flow-matching transformer (``pipeline.transformer``).
+FLOW_FAMILIES = ("sd3", "flux")
+#: FLUX.1-dev's default embedded guidance (``FluxPipeline.__call__``'s ``guidance_scale``).
+FLUX_DEFAULT_GUIDANCE = 3.5
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 #: Where ``Teacher.load("toy")`` looks: ``<repo>/assets/toy-teacher``.
 TOY_TEACHER_DIR = TOY_TEACHER
-_SUPPORTED_TEXT = ", ".join(f"{k} ({'SD1.x/2.x' if v == 'sd' else 'SDXL'})" for k, v in SUPPORTED_PIPELINES.items())
+_SUPPORTED_TEXT = ", ".join(f"{k} ({FAMILY_NAMES[v]})" for k, v in SUPPORTED_PIPELINES.items())
 
 
 class TeacherLoadError(ValueError):
@@ -110,9 +118,18 @@ def _pipeline_kwargs(family: str, dtype: torch.dtype) -> dict[str, Any]:
     kwargs: dict[str, Any] = {_dtype_kwarg(): dtype, "local_files_only": True}
     if family == "sd":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    else:
+    elif family == "sdxl":
         kwargs.update(add_watermarker=False)
     return kwargs
+
+
+def absent_components(folder: Path) -> dict[str, None]:
+    """``{name: None}`` for every component that ``folder/model_index.json`` records as absent (``[null, null]``),
+    e.g. an SD3 pipeline saved without T5: diffusers loads such a folder only when they are passed as None
+    (``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``)."""
+    data = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    return {k: None for k, v in data.items()
+            if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
 
 
 def _resolve_source(source: str | Path) -> Path:
@@ -141,35 +158,40 @@ def _resolve_source(source: str | Path) -> Path:
 
 # --- the teacher -----------------------------------------------------------------------------------------------------
 class Teacher:
-    """A frozen Stable Diffusion teacher (weights ``requires_grad=False``, modules in eval mode).
+    """A frozen diffusion teacher (weights ``requires_grad=False``, modules in eval mode).
 
-    Attributes: ``pipeline`` (the diffusers pipeline), ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` (and
-    ``text_encoder_2`` / ``tokenizer_2`` for SDXL, else None), ``schedule`` (its :class:`NoiseSchedule`),
-    ``prediction_type``, ``family`` ("sd" | "sdxl"), ``source``, ``latent_shape`` (C, H, W) and ``image_size``
-    (H, W) at the default resolution.
+    Attributes: ``pipeline`` (the diffusers pipeline); ``unet``, the denoising network (the UNet of SD/SDXL, the
+    transformer of SD3/FLUX, called through :func:`unet_forward`); ``vae``, ``text_encoder``, ``tokenizer`` (and
+    ``text_encoder_2`` / ``tokenizer_2`` for SDXL, SD3 and FLUX, else None); ``schedule`` (its
+    :class:`NoiseSchedule`: DDPM, or rectified flow for SD3/FLUX), ``prediction_type``, ``family``
+    ("sd" | "sdxl" | "sd3" | "flux"), ``source``, ``latent_shape`` (C, H, W) and ``image_size`` (H, W) at the
+    default resolution, and for FLUX ``embedded_guidance`` (FLUX.1-dev's distilled guidance fed to every transformer
+    call; None for a transformer without a guidance embedding, such as FLUX.1-schnell).
     """
 
-    def __init__(self, pipeline: Any, source: str = "<in-memory pipeline>") -> None:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    def __init__(self, pipeline: Any, source: str = "<in-memory pipeline>", resolution: int | None = None,
+                 embedded_guidance: float | None = None) -> None:
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        if isinstance(pipeline, StableDiffusionXLPipeline):
-            family = "sdxl"
-        elif isinstance(pipeline, StableDiffusionPipeline):
-            family = "sd"
-        else:
+        classes = ((StableDiffusionXLPipeline, "sdxl"), (StableDiffusionPipeline, "sd"),
+                   (StableDiffusion3Pipeline, "sd3"), (FluxPipeline, "flux"))
+        family = next((name for cls, name in classes if isinstance(pipeline, cls)), None)
+        if family is None:
             raise TeacherLoadError(
                 f"cannot use {type(pipeline).__name__} from {source} as a teacher; supported pipeline classes: "
                 f"{_SUPPORTED_TEXT}."
             )
-        if pipeline.text_encoder is None or pipeline.unet is None or pipeline.vae is None:
+        network = getattr(pipeline, "transformer" if family in FLOW_FAMILIES else "unet", None)
+        if pipeline.text_encoder is None or network is None or pipeline.vae is None:
             raise TeacherLoadError(
-                f"cannot use the pipeline from {source} as a teacher: it lacks a text_encoder, unet or vae "
+                f"cannot use the pipeline from {source} as a teacher: it lacks a text_encoder, "
+                f"{'transformer' if family in FLOW_FAMILIES else 'unet'} or vae "
                 "(an SDXL refiner-style pipeline is not a text-to-image teacher)."
             )
         self.pipeline = pipeline
         self.family = family
         self.source = str(source)
-        self.unet = pipeline.unet
+        self.unet = network
         self.vae = pipeline.vae
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
@@ -177,16 +199,52 @@ class Teacher:
         self.tokenizer_2 = getattr(pipeline, "tokenizer_2", None)
         self.schedule = NoiseSchedule.from_scheduler(pipeline.scheduler)
         self.prediction_type = self.schedule.prediction_type
+        self.embedded_guidance = self._embedded_guidance(embedded_guidance)
 
-        size = self.unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        self.latent_shape: tuple[int, int, int] = (int(self.unet.config.in_channels), h, w)
         scale = int(getattr(pipeline, "vae_scale_factor", 2 ** (len(self.vae.config.block_out_channels) - 1)))
+        channels, (h, w) = self._latent_geometry(scale, resolution)
+        self.latent_shape: tuple[int, int, int] = (channels, h, w)
         self.image_size: tuple[int, int] = (h * scale, w * scale)
 
         if hasattr(pipeline, "set_progress_bar_config"):
             pipeline.set_progress_bar_config(disable=True)
         self._freeze()
+
+    def _embedded_guidance(self, value: float | None) -> float | None:
+        embeds = self.family == "flux" and bool(self.unet.config.guidance_embeds)
+        if value is not None and not embeds:
+            raise TeacherLoadError(
+                f"embedded_guidance={value} was given, but the {FAMILY_NAMES[self.family]} teacher from {self.source} "
+                "has no guidance embedding (only FLUX.1-dev-style transformers with guidance_embeds do)."
+            )
+        if not embeds:
+            return None
+        return FLUX_DEFAULT_GUIDANCE if value is None else float(value)
+
+    def _latent_geometry(self, vae_scale: int, resolution: int | None) -> tuple[int, tuple[int, int]]:
+        """(latent channels, (H, W)) at the default resolution, or at ``resolution`` pixels (any size for SD3/FLUX,
+        which take any multiple of their patch; a UNet teacher only its own)."""
+        config = self.unet.config
+        if self.family not in FLOW_FAMILIES:
+            size = config.sample_size
+            h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+            if resolution is not None and (int(resolution), int(resolution)) != (h * vae_scale, w * vae_scale):
+                raise TeacherLoadError(
+                    f"resolution {resolution} differs from the {FAMILY_NAMES[self.family]} teacher's own "
+                    f"{h * vae_scale}x{w * vae_scale} (its UNet's sample_size); only SD3/FLUX teachers take another "
+                    "resolution. Remove `resolution` or set it to the teacher's.")
+            return int(config.in_channels), (h, w)
+        if self.family == "sd3":
+            default = int(config.sample_size) * vae_scale
+            multiple, channels = vae_scale * int(config.patch_size), int(config.in_channels)
+        else:  # FLUX packs 2×2 latent patches; its pipeline's default size is 128 latents (1024 px at 8×)
+            default = int(getattr(self.pipeline, "default_sample_size", 128)) * vae_scale
+            multiple, channels = vae_scale * 2, int(config.in_channels) // 4
+        res = default if resolution is None else int(resolution)
+        if res < multiple or res % multiple:
+            raise TeacherLoadError(f"resolution {res} is not a positive multiple of {multiple} (the VAE factor times "
+                                   f"the patch size) for the {FAMILY_NAMES[self.family]} teacher from {self.source}")
+        return channels, (res // vae_scale, res // vae_scale)
 
     def _freeze(self) -> None:
         for module in self.pipeline.components.values():
@@ -200,6 +258,11 @@ class Teacher:
             f"latent_shape={self.latent_shape}, source={self.source!r})"
         )
 
+    @property
+    def is_flow(self) -> bool:
+        """True for the flow-matching teachers (SD3, FLUX)."""
+        return self.family in FLOW_FAMILIES
+
     # --- loading ----------------------------------------------------------------------------------------------------
     @classmethod
     def load(
@@ -208,11 +271,14 @@ class Teacher:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         config: str | Path | None = None,
+        resolution: int | None = None,
+        embedded_guidance: float | None = None,
     ) -> "Teacher":
         """Load a frozen teacher from a local diffusers pipeline folder, a single-file checkpoint
         (``.safetensors`` / ``.ckpt``, original SD key layout; needs ``config=`` a local diffusers folder of the same
         architecture, since no original config can be fetched) or ``"toy"`` (``assets/toy-teacher``).
-        ``config`` is only used for single files. Never touches the network; bad input raises one
+        ``config`` is only used for single files. ``resolution`` (pixels; SD3/FLUX only) and ``embedded_guidance``
+        (FLUX.1-dev only, default 3.5) are described on the class. Never touches the network; bad input raises one
         :class:`TeacherLoadError` naming the path."""
         path = _resolve_source(source)
         if path.is_dir():
@@ -226,7 +292,7 @@ class Teacher:
                 f"folder (with model_index.json) or a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})."
             )
         pipeline = pipeline.to(device)
-        return cls(pipeline, source=str(path))
+        return cls(pipeline, source=str(path), resolution=resolution, embedded_guidance=embedded_guidance)
 
     @staticmethod
     def _from_pretrained(folder: Path, class_name: str, family: str, dtype: torch.dtype) -> Any:
@@ -234,12 +300,13 @@ class Teacher:
 
         pipeline_cls = getattr(diffusers, class_name)
         try:
-            return pipeline_cls.from_pretrained(str(folder), **_pipeline_kwargs(family, dtype))
+            return pipeline_cls.from_pretrained(str(folder), **{**absent_components(folder),
+                                                                **_pipeline_kwargs(family, dtype)})
         except Exception as e:  # noqa: BLE001 - re-raised as one clear error naming the path
             raise TeacherLoadError(
                 f"cannot load teacher from {folder}: diffusers could not load it as {class_name} "
-                f"({type(e).__name__}: {e}). Expected a complete diffusers folder (model_index.json plus the unet, "
-                "vae, text_encoder, tokenizer and scheduler subfolders with their weights)."
+                f"({type(e).__name__}: {e}). Expected a complete diffusers folder (model_index.json plus the "
+                "unet or transformer, vae, text encoder, tokenizer and scheduler subfolders with their weights)."
             ) from e
 
     @staticmethod
@@ -296,10 +363,13 @@ class Teacher:
         """Encode prompts with the pipeline's own ``encode_prompt`` (no gradients).
 
         The uncond part uses ``negative_prompts``; when None it is the pipeline's empty-prompt conditioning: the
-        embedding of "" for SD, and for SDXL the same unless the pipeline's ``force_zeros_for_empty_prompt`` is set
+        embedding of "" for SD, SD3 (as ``StableDiffusion3Pipeline`` does) and FLUX (the negative of its true CFG),
+        and for SDXL the same unless the pipeline's ``force_zeros_for_empty_prompt`` is set
         (SDXL base), in which case it is zeros, exactly as the pipeline (and :meth:`sample`) uses. SDXL adds
         ``text_embeds`` (pooled, from text_encoder_2) and ``time_ids`` = (original_size, crop (0, 0), target_size)
-        at the default resolution."""
+        at the default resolution. SD3 adds ``pooled_projections`` (both CLIP encoders' pooled outputs); FLUX adds
+        ``pooled_projections`` (CLIP's pooled output) and, with a guidance embedding, ``guidance`` =
+        :attr:`embedded_guidance` for every row."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("encode_prompt needs at least one prompt")
@@ -312,6 +382,21 @@ class Teacher:
                     prompts, device, 1, with_uncond, negative_prompt=negatives
                 )
                 return PromptEmbeds(cond=cond, uncond=uncond if with_uncond else None)
+            if self.family == "sd3":
+                cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                    prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+                    do_classifier_free_guidance=with_uncond, negative_prompt=negatives,
+                )
+                embeds = PromptEmbeds(cond=cond, cond_added={"pooled_projections": pooled})
+                if with_uncond:
+                    embeds.uncond, embeds.uncond_added = uncond, {"pooled_projections": uncond_pooled}
+                return embeds
+            if self.family == "flux":
+                cond, cond_added = self._flux_embeds(prompts)
+                embeds = PromptEmbeds(cond=cond, cond_added=cond_added)
+                if with_uncond:
+                    embeds.uncond, embeds.uncond_added = self._flux_embeds(negatives or [""] * len(prompts))
+                return embeds
             cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
                 prompt=prompts,
                 device=device,
@@ -325,6 +410,15 @@ class Teacher:
                 embeds.uncond = uncond
                 embeds.uncond_added = {"text_embeds": uncond_pooled, "time_ids": time_ids.clone()}
             return embeds
+
+    def _flux_embeds(self, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """FLUX's T5 sequence and CLIP pooled output (``FluxPipeline.encode_prompt``) plus the embedded guidance."""
+        hidden, pooled, _text_ids = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1)
+        added = {"pooled_projections": pooled}
+        if self.embedded_guidance is not None:
+            added["guidance"] = torch.full((len(prompts),), self.embedded_guidance, device=self.device)
+        return hidden, added
 
     @staticmethod
     def _negatives(negative: Sequence[str] | str | None, n: int) -> list[str] | None:
@@ -352,7 +446,7 @@ class Teacher:
         self, x_t: torch.Tensor, t: int | torch.Tensor, embeds: PromptEmbeds, guidance_scale: float = 1.0
     ) -> torch.Tensor:
         """Raw guided teacher output ``out(∅) + w·(out(c) − out(∅))`` in ``self.prediction_type``."""
-        return unet_forward(self.unet, x_t, t, embeds, guidance_scale)
+        return unet_forward(self.unet, x_t, self.schedule.model_timestep(t), embeds, guidance_scale)
 
     def predict_x0(
         self, x_t: torch.Tensor, t: int | torch.Tensor, embeds: PromptEmbeds, guidance_scale: float = 1.0
@@ -417,23 +511,27 @@ class Teacher:
         negative_prompt: Sequence[str] | str | None = None,
     ) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1] from the diffusers pipeline itself (its scheduler, one batched call).
-        ``guidance_scale <= 1`` disables CFG, as in diffusers."""
+        ``guidance_scale <= 1`` disables CFG, as in diffusers. For FLUX, ``guidance_scale`` is the true CFG scale
+        (``true_cfg_scale`` against "" or the negative prompts, as :meth:`predict` guides) and the pipeline's
+        ``guidance_scale`` gets :attr:`embedded_guidance`."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("sample needs at least one prompt")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         negatives = self._negatives(negative_prompt, len(prompts))
+        kwargs: dict[str, Any] = dict(prompt=prompts, negative_prompt=negatives,
+                                      num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale))
+        if self.family == "sd3":
+            kwargs.update(height=self.image_size[0], width=self.image_size[1])
+        elif self.family == "flux":
+            # guidance_scale is true CFG against "" (as in predict); the embedded guidance is the teacher's own.
+            kwargs.update(height=self.image_size[0], width=self.image_size[1], true_cfg_scale=float(guidance_scale),
+                          guidance_scale=self.embedded_guidance if self.embedded_guidance is not None else 0.0)
+            if guidance_scale > 1 and negatives is None:
+                kwargs["negative_prompt"] = [""] * len(prompts)
         with torch.no_grad():
-            out = self.pipeline(
-                prompt=prompts,
-                negative_prompt=negatives,
-                num_inference_steps=int(num_inference_steps),
-                guidance_scale=float(guidance_scale),
-                generator=generator,
-                output_type="pt",
-                return_dict=True,
-            )
+            out = self.pipeline(**kwargs, generator=generator, output_type="pt", return_dict=True)
         images = out.images
         if not isinstance(images, torch.Tensor):
             images = torch.as_tensor(images)

@@ -328,7 +328,7 @@ class Objective(torch.nn.Module):
                 "teacher.encode_prompt(..., with_uncond=True)"
             )
         with torch.no_grad():
-            return unet_forward(self.real_score_unet(), x_t, t, embeds, guidance_scale)
+            return unet_forward(self.real_score_unet(), x_t, self.teacher.schedule.model_timestep(t), embeds, guidance_scale)
 
     def real_score_unet(self) -> torch.nn.Module:
         """The network that plays the real score: the frozen teacher's UNet (DisBack moves it along a recorded
@@ -339,7 +339,7 @@ class Objective(torch.nn.Module):
         """Raw output of a score network (autograd follows the caller's grad mode)."""
         if guidance_scale != 1.0 and embeds.uncond is None:
             raise ValueError(f"guidance scale {guidance_scale} needs unconditional embeddings (PromptEmbeds.uncond)")
-        return unet_forward(unet, x_t, t, embeds, guidance_scale=guidance_scale)
+        return unet_forward(unet, x_t, self.teacher.schedule.model_timestep(t), embeds, guidance_scale=guidance_scale)
 
     def denoising_loss(
         self,

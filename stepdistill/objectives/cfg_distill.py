@@ -117,9 +117,10 @@ class CFGDistill(Objective):
                        **overrides) -> tuple[torch.Tensor, dict[str, float]]:
         x_t, t = self.states(batch, stop, noise)
         w = float(self.config["guidance_scale"])
+        t_model = self.teacher.schedule.model_timestep(t)
         with self.generator.teacher_unet_mode(), torch.no_grad():
-            target = unet_forward(self.teacher.unet, x_t, t, batch.embeds, guidance_scale=w).float()
-        student = unet_forward(self.generator.unet, x_t, t, batch.embeds, guidance_scale=1.0).float()
+            target = unet_forward(self.teacher.unet, x_t, t_model, batch.embeds, guidance_scale=w).float()
+        student = unet_forward(self.generator.unet, x_t, t_model, batch.embeds, guidance_scale=1.0).float()
         loss = torch.mean((student - target) ** 2)
         logs = {"cfg_mse": float(loss.detach()), "t_mean": float(t.float().mean())}
         beta = float(self.config["diversity_weight"])

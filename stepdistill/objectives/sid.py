@@ -55,6 +55,7 @@ Config keys: see ``DEFAULTS``; min_t/max_t are integer timesteps (t ∈ [min_t, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -272,7 +273,7 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
         x_t = self.schedule.add_noise(x, eps, t)  # gradient flows through x
         fake_embeds = self.fake_embeds(batch.embeds)
         gan_on = cfg["gan_enabled"] and self.train_step >= cfg["gan_warmup_steps"]
-        with frozen(self.fake_unet), capture_bottleneck(self.fake_unet) as mids:
+        with frozen(self.fake_unet), self._bottleneck_capture(gan_on) as mids:
             y_fake2 = self._x0(self.fake_unet, x_t, t, fake_embeds, k["kappa2"])
             bottleneck = mids[-1] if mids else None
             y_fake3 = y_fake2 if k["kappa3"] == k["kappa2"] else self._x0(self.fake_unet, x_t, t, fake_embeds, k["kappa3"])
@@ -299,6 +300,10 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
         logs["loss_generator"] = float(loss.detach())
         return loss, logs
 
+    def _bottleneck_capture(self, gan_on: bool) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+        """The fake score's bottleneck outputs while the GAN is on (its discriminator reads them); nothing otherwise."""
+        return capture_bottleneck(self.fake_unet) if gan_on else contextlib.nullcontext([])
+
     def auxiliary_loss(self, batch: Batch, *, timesteps=None, noise=None, drop=None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         k = self.scales()
@@ -316,7 +321,7 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
             snr = self.schedule.snr(t.cpu()).to(x)
             weight = snr / (snr + 1)
         logs: dict[str, float] = {}
-        with capture_bottleneck(self.fake_unet) as mids:
+        with self._bottleneck_capture(cfg["gan_enabled"]) as mids:
             loss_fake = self.denoising_loss(self.fake_unet, x, embeds, t, eps, weight=weight,
                                             guidance_scale=k["kappa1"], reduction="sum_per_sample")
         loss_fake = loss_fake * cfg["fake_loss_scaling"]

@@ -49,7 +49,8 @@ def tsm_loss(student_unet: torch.nn.Module, teacher, x0: torch.Tensor, noise: to
     x_t = schedule.add_noise(x0, noise, t)
     with torch.no_grad():
         target = teacher.predict_eps(x_t.to(teacher.dtype), t, embeds).float()
-    pred = schedule.to_eps(unet_forward(student_unet, x_t, t, embeds.to(dtype=torch.float32)).float(), x_t, t)
+    pred = schedule.to_eps(unet_forward(student_unet, x_t, schedule.model_timestep(t), embeds.to(dtype=torch.float32)).float(),
+                           x_t, t)
     return torch.mean((pred - target) ** 2)
 
 

@@ -39,7 +39,7 @@ from stepdistill.training.runfolder import config_error_from_objective, plan_run
 from stepdistill.training.stages import record_degradation_path
 from stepdistill.training.trainer import Trainer
 
-PIPELINE_KEYS = {"teacher", "dtype", "single_file_config", "real_images", "resolution"}
+PIPELINE_KEYS = {"teacher", "dtype", "single_file_config", "real_images", "resolution", "embedded_guidance"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,6 +50,7 @@ class PipelineSpec:
     single_file_config: str | None = None
     real_images: str | None = None
     resolution: int | None = None
+    embedded_guidance: float | None = None  # FLUX.1-dev's distilled guidance (default 3.5)
 
 
 def load_pipeline_spec(path: str | Path) -> PipelineSpec:
@@ -226,8 +227,10 @@ def load_run_prompts(spec: PipelineSpec, config, recipe: str | Path):
 
 
 def load_teacher(spec: PipelineSpec):
-    """The teacher a pipeline spec names, in its dtype (and single-file config)."""
-    return Teacher.load(spec.teacher, dtype=DTYPES[spec.dtype], config=spec.single_file_config)
+    """The teacher a pipeline spec names, in its dtype (and single-file config), at its resolution (SD3/FLUX) and
+    embedded guidance (FLUX.1-dev)."""
+    return Teacher.load(spec.teacher, dtype=DTYPES[spec.dtype], config=spec.single_file_config,
+                        resolution=spec.resolution, embedded_guidance=spec.embedded_guidance)
 
 
 def run_requirements(config) -> Requirements:
