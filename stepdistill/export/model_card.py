@@ -193,4 +193,82 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def flow_model_card(
+    folder: str,
+    base_model: str,
+    method: str,
+    pipeline_class: str,
+    sigmas: list[float],
+    plan: SchedulerPlan,
+    lora_file: bool,
+    ema: bool,
+    family: str,
+    guidance_scale: float,
+    image_size: tuple[int, int],
+    absent: list[str],
+    steps_info: Mapping[str, Any],
+    example_prompt: str,
+    base_path: str | None = None,
+) -> str:
+    """The model card of a flow-matching student (SD3 / FLUX pipeline folder): the plain diffusers call with the
+    student's steps (``num_inference_steps`` or its σ list), guidance and, for FLUX, its resolution."""
+    import yaml
+
+    n = len(sigmas)
+    sched_name = type(plan.scheduler).__name__
+    rounded = [round(s, 6) for s in sigmas]
+    steps_kw = f"num_inference_steps={n}" if plan.default_call_ok else f"sigmas={rounded}"
+    size_kw = f", height={image_size[0]}, width={image_size[1]}" if family == "flux" else ""
+    call = f'image = pipe("{example_prompt}", {steps_kw}, guidance_scale={guidance_scale}{size_kw}).images[0]'
+    absent_kw = "".join(f", {name}=None" for name in absent)
+    front = {
+        "base_model": base_model, "library_name": "diffusers", "pipeline_tag": "text-to-image",
+        "tags": ["stepdistill", "text-to-image", "flux" if family == "flux" else "stable-diffusion-3", "distillation",
+                 method, "one-step" if n == 1 else "few-step"] + (["lora"] if lora_file else []),
+        "method": method, "steps": n, "sigmas": rounded, "guidance_scale": guidance_scale, "scheduler": sched_name,
+        "lora": lora_file, "ema": ema,
+    }
+    if steps_info:
+        front["training"] = json.loads(json.dumps(dict(steps_info), default=str))
+    guided = ("the embedded guidance the student was trained with (FLUX.1-dev's guidance embedding); there is no "
+              "classifier-free guidance pass" if family == "flux" else
+              "`guidance_scale=1.0` disables classifier-free guidance in the SD3 pipeline (one transformer evaluation "
+              "per step): the student already embeds the teacher's guidance")
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+        f"# {method} student of `{base_model}` ({n} step{'s' if n > 1 else ''})", "",
+        f"A {'one' if n == 1 else str(n)}-step text-to-image generator distilled with **{method}** by stepdistill from "
+        f"the flow-matching teacher `{base_model}`. It samples at σ = {rounded}: the transformer's velocity v̂ gives "
+        "x̂₀ = x − σ·v̂" + (", re-noised with fresh noise to the next σ between steps." if n > 1 else " in one step."),
+        "", "## Usage", "", "```python", f"from diffusers import {pipeline_class}", "",
+        f'pipe = {pipeline_class}.from_pretrained("{folder}"{absent_kw})', call, 'image.save("sample.png")', "```", "",
+        f"- `guidance_scale={guidance_scale}`: {guided}.",
+        f"- The scheduler is `{sched_name}` without timestep shift"
+        + (f"; `num_inference_steps={n}` gives exactly σ = {rounded} (its `shift_terminal` is the last σ)."
+           if plan.default_call_ok and sched_name == "FlowMatchLCMScheduler" else
+           (f": pass `sigmas={rounded}` (no `num_inference_steps` reproduces that list)."
+            if not plan.default_call_ok else ": the teacher's own, at its default σ list.")),
+    ]
+    if n > 1:
+        lines.append("- The fresh noise between steps comes from torch's global generator (the SD3 and FLUX pipelines "
+                     "give the scheduler's step no `generator`): call `torch.manual_seed(...)` first to reproduce a "
+                     "sample.")
+    if absent:
+        lines.append(f"- {', '.join(f'`{a}`' for a in absent)}: absent from the teacher, so passed as None.")
+    if lora_file:
+        lines += [
+            "", "## As a LoRA on the base model", "",
+            f"`{LORA_WEIGHT_NAME}` holds the student's transformer LoRA (the pipeline above has it merged):", "",
+            "```python", f"from diffusers import {pipeline_class}, {sched_name}", "",
+            f'pipe = {pipeline_class}.from_pretrained("{base_path or "<folder of the base model>"}"{absent_kw})',
+            f'pipe.scheduler = {sched_name}.from_pretrained("{folder}", subfolder="scheduler")',
+            f'pipe.load_lora_weights("{folder}")', call, "```",
+        ]
+    lines += ["", "## Provenance", "", f"- method: `{method}`; σ list: `{rounded}`; weights: "
+              f"{'EMA' if ema else 'raw (no EMA)'}"]
+    for k, v in (steps_info or {}).items():
+        lines.append(f"- {k}: `{v}`")
+    return "\n".join(lines) + "\n"
+
+
 GENERIC_EXAMPLE_PROMPT = "a photograph of an astronaut riding a horse"

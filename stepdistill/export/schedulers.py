@@ -103,6 +103,34 @@ def student_scheduler(teacher_scheduler: Any, timesteps: list[int], scaled_input
                          custom_module=SCALED_LCM_MODULE if scaled_input_noise else None)
 
 
+def flow_student_scheduler(teacher_scheduler: Any, sigmas: list[float]) -> SchedulerPlan:
+    """The scheduler of a flow-matching student (SD3 / FLUX) whose steps are at ``sigmas`` (σ of each step, from 1
+    down) and re-noise with fresh noise: ``FlowMatchLCMScheduler``, whose step is x̂₀ = x − σ·v̂,
+    x' = (1 − σ')·x̂₀ + σ'·ξ (x̂₀ itself after the last step), with no shift (``shift=1``, dynamic shifting off) and
+    ``shift_terminal`` = the last σ: both pipelines' lists then become ``linspace(1, σ_last, K)`` at
+    ``num_inference_steps=K`` (SD3's default grid and FLUX's ``linspace(1, 1/K, K)`` are both linear from 1, and the
+    terminal stretch is affine in 1 − σ), which reproduces a uniform σ list exactly. Any other list is reproduced by
+    passing ``sigmas=[...]`` to the pipeline (``default_call_ok`` False; without a shift the list is used as given).
+    A one-step student at σ = 1 is ``[1]`` at K = 1 under either rule."""
+    from diffusers import FlowMatchLCMScheduler
+
+    sigmas = [float(s) for s in sigmas]
+    k = len(sigmas)
+    if not sigmas or any(a <= b for a, b in zip(sigmas, sigmas[1:])) or not 0 < sigmas[-1] <= sigmas[0] <= 1:
+        raise ExportError(f"a flow student's σ list must be strictly decreasing within (0, 1], got {sigmas}")
+    uniform = abs(sigmas[0] - 1.0) < 1e-6 and all(
+        abs(s - (1 + (sigmas[-1] - 1) * i / max(k - 1, 1))) < 1e-6 for i, s in enumerate(sigmas))
+    config = dict(num_train_timesteps=int(teacher_scheduler.config.num_train_timesteps), shift=1.0,
+                  use_dynamic_shifting=False, shift_terminal=sigmas[-1] if uniform and k > 1 else None)
+    scheduler = FlowMatchLCMScheduler(**config)
+    default_ok = False
+    if uniform:
+        probe = FlowMatchLCMScheduler(**config)
+        probe.set_timesteps(k)
+        default_ok = torch.allclose(probe.sigmas[:-1].double(), torch.tensor(sigmas, dtype=torch.float64), atol=1e-5)
+    return SchedulerPlan(scheduler, default_call_ok=default_ok)
+
+
 def ship_custom_scheduler(folder: Path, module: str, class_name: str) -> None:
     """Copy the custom scheduler's source into ``folder/scheduler/<module>.py`` and point model_index.json at it,
     so that diffusers' custom-component loading (``trust_remote_code=True``) finds it without stepdistill."""

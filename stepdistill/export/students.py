@@ -56,6 +56,7 @@ from stepdistill.export.model_card import (
     NASA_MODULE,
     model_card,
 )
+from stepdistill.export.flow import export_flow_student
 from stepdistill.export.phased import export_phased_student
 from stepdistill.export.schedulers import (
     SchedulerPlan,
@@ -102,13 +103,16 @@ def export_student(
                           f"exporters exist for: {', '.join(EXPORTERS)}")
     ema_obj = ema if isinstance(ema, GeneratorEMA) else (get_ema(generator) if ema else None)
     return EXPORTERS[generator.kind](teacher, generator, out_dir, method, steps_info, ema_obj,
-                                     dtype or module_dtype(teacher.pipeline.unet), example_prompt)
+                                     dtype or module_dtype(teacher.unet), example_prompt)
 
 
 def export_pipeline_student(teacher, generator, out_dir: Path, method: str, steps_info: dict[str, Any],
                             ema_obj: GeneratorEMA | None, dtype: torch.dtype, example_prompt: str) -> Path:
     """The exporter of the ``few_step`` and ``teacher_sampler`` kinds: a standard SD / SDXL pipeline folder whose
-    scheduler reproduces the student's sampling (see the module docstring); ``out_dir`` already checked."""
+    scheduler reproduces the student's sampling (see the module docstring), or for an SD3 / FLUX teacher the
+    flow pipeline folder of :func:`stepdistill.export.flow.export_flow_student`; ``out_dir`` already checked."""
+    if teacher.is_flow:
+        return export_flow_student(teacher, generator, out_dir, method, steps_info, ema_obj, dtype, example_prompt)
     timesteps = [int(t) for t in generator.timesteps]
     if "timesteps" in steps_info and [int(t) for t in steps_info["timesteps"]] != timesteps:
         raise ExportError(f"steps_info timesteps {steps_info['timesteps']} differ from the generator's {timesteps}")

@@ -1,0 +1,128 @@
+"""Export a student of a flow-matching teacher (SD3 / SD3.5, FLUX.1) as a plain ``StableDiffusion3Pipeline`` /
+``FluxPipeline`` folder, loadable without stepdistill.
+
+The folder holds the teacher's VAE, text encoders and tokenizers, the student transformer (LoRA merged into the
+weights for a LoRA student, which also gets ``pytorch_lora_weights.safetensors`` with ``transformer.``-prefixed keys
+for ``pipe.load_lora_weights(folder)`` on the teacher pipeline, as diffusers' ``train_dreambooth_lora_sd3.py`` /
+``..._flux.py`` save them), a scheduler under which the pipeline reproduces the student's sampling, a model card and
+``stepdistill_export.json``.
+
+Scheduler (:func:`~stepdistill.export.schedulers.flow_student_scheduler`): students that re-noise with fresh noise
+between steps (the ``few_step`` kind: DMD2's backward simulation, SiD) get ``FlowMatchLCMScheduler`` (x̂₀ = x − σ·v̂,
+x' = (1 − σ')·x̂₀ + σ'·ξ), with no shift and ``shift_terminal`` = the last σ, so that ``num_inference_steps=K``
+reproduces a uniform σ list ``linspace(1, σ_K, K)``; any other list is passed as ``sigmas=[...]``. The
+guidance-distilled ``teacher_sampler`` kind keeps the teacher's own FlowMatchEulerDiscreteScheduler (its Euler steps
+on the pipeline's default list). For FLUX, the σ list does not depend on the resolution any more (dynamic shifting
+off), and the student's ``guidance_scale`` is the embedded guidance it was trained with (FLUX.1-dev) or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stepdistill.core.outputs import staged_folder
+from stepdistill.export.common import (
+    EXPORT_INFO_FILE,
+    LORA_WEIGHT_NAME,
+    ExportError,
+    base_model_name,
+    cast_module,
+    has_lora,
+    merged_unet,
+    teacher_folder,
+)
+from stepdistill.export.common import lora_layers as adapter_layers
+from stepdistill.export.model_card import flow_model_card
+from stepdistill.export.schedulers import SchedulerPlan, flow_student_scheduler
+from stepdistill.models.ema import GeneratorEMA
+
+#: The components a flow pipeline folder copies from the teacher.
+TEXT_AND_VAE = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def student_sigmas(teacher, timesteps: list[int]) -> list[float]:
+    """σ of each of the student's table indices (rounded to float32, as the scheduler stores them)."""
+    return [float(torch.tensor(float(s), dtype=torch.float32)) for s in teacher.schedule.sigmas[timesteps]]
+
+
+def plain_loading_kwargs(teacher) -> dict[str, None]:
+    """The components the teacher pipeline lacks (e.g. SD3 without T5): diffusers loads such a folder only when they
+    are passed as None, so the model card's call names them."""
+    return {name: None for name in ("text_encoder_3", "tokenizer_3")
+            if name in teacher.pipeline.components and teacher.pipeline.components[name] is None}
+
+
+def export_flow_student(teacher, generator, out_dir: Path, method: str, steps_info: dict[str, Any],
+                        ema_obj: GeneratorEMA | None, dtype: torch.dtype, example_prompt: str) -> Path:
+    """The exporter of the ``few_step`` and ``teacher_sampler`` kinds on an SD3 / FLUX teacher (see the module
+    docstring); ``out_dir`` already checked."""
+    timesteps = [int(t) for t in generator.timesteps]
+    if "timesteps" in steps_info and [int(t) for t in steps_info["timesteps"]] != timesteps:
+        raise ExportError(f"steps_info timesteps {steps_info['timesteps']} differ from the generator's {timesteps}")
+    pipeline = teacher.pipeline
+    sigmas = student_sigmas(teacher, timesteps)
+    if generator.kind == "teacher_sampler":
+        plan = SchedulerPlan(type(pipeline.scheduler).from_config(pipeline.scheduler.config), default_call_ok=True)
+    else:
+        if generator.scaled_input_noise and sigmas[0] != 1.0:
+            raise ExportError("a flow student with scaled input noise must start at σ = 1 (its input is then z)")
+        plan = flow_student_scheduler(pipeline.scheduler, sigmas)
+    network = generator.unet
+    is_lora = generator.is_lora or has_lora(network)
+    use_ema = ema_obj is not None
+    with staged_folder(out_dir, "the student") as tmp:
+        with ema_obj.applied() if use_ema else contextlib.nullcontext(), torch.no_grad():
+            if is_lora:
+                transformer = merged_unet(network, dtype=dtype)
+                layers, meta = adapter_layers(generator, network)
+                layers = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in layers.items()}
+            else:
+                base = network.get_base_model() if hasattr(network, "get_base_model") else network
+                transformer = cast_module(base, dtype)
+                layers, meta = None, None
+            components: dict[str, Any] = {"transformer": transformer, "scheduler": plan.scheduler}
+            for name in TEXT_AND_VAE:
+                module = getattr(pipeline, name, None)
+                if module is not None:
+                    components[name] = cast_module(module, dtype)
+            extra = {name: None for name in ("image_encoder", "feature_extractor") if name in pipeline.components}
+            pipe = type(pipeline).from_pipe(pipeline, **components, **extra)
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+            if layers is not None:
+                kwargs = {"transformer_lora_adapter_metadata": meta} if meta else {}
+                type(pipeline).save_lora_weights(str(tmp), transformer_lora_layers=layers, weight_name=LORA_WEIGHT_NAME,
+                                                 safe_serialization=True, **kwargs)
+        info = {
+            "method": method,
+            "timesteps": timesteps,
+            "sigmas": sigmas,
+            "steps": len(timesteps),
+            "base_model": base_model_name(str(teacher.source)),
+            "family": teacher.family,
+            "prediction_type": teacher.prediction_type,
+            "lora": is_lora,
+            "lora_file": LORA_WEIGHT_NAME if layers is not None else None,
+            "ema": use_ema,
+            "guidance_scale": teacher.embedded_guidance if teacher.embedded_guidance is not None else 1.0,
+            "num_inference_steps_reproduces_timesteps": plan.default_call_ok,
+            "scheduler": type(plan.scheduler).__name__,
+            "scaled_input_noise": bool(generator.scaled_input_noise),
+            "trust_remote_code": False,
+            "image_size": list(teacher.image_size),
+            "loading_kwargs": sorted(plain_loading_kwargs(teacher)),
+            "dtype": str(dtype).replace("torch.", ""),
+            "steps_info": steps_info,
+        }
+        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+        (tmp / "README.md").write_text(flow_model_card(
+            folder=str(out_dir), base_model=info["base_model"], base_path=teacher_folder(teacher), method=method,
+            pipeline_class=type(pipeline).__name__, sigmas=sigmas, plan=plan, lora_file=layers is not None,
+            ema=use_ema, family=teacher.family, guidance_scale=info["guidance_scale"],
+            image_size=teacher.image_size, absent=sorted(plain_loading_kwargs(teacher)), steps_info=steps_info,
+            example_prompt=example_prompt), encoding="utf-8")
+    return out_dir
