@@ -25,6 +25,8 @@ METHODS = {  # recipe, overrides
     "sid-4step": ("toy-sid-4step.yaml", []),
     "cfg-distill": ("toy-cfg-distill.yaml", []),
     "lora-cfg-distill": ("toy-lora-cfg-distill.yaml", []),
+    "dmd2-gan": ("toy-dmd2.yaml", PAIRS),  # DMD2's GAN head on the fake transformer's middle block
+    "sida-gan": ("toy-sid.yaml", ["objective_config.gan_enabled=true"]),
 }
 
 
@@ -33,13 +35,27 @@ def specs(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow-specs")
     make_tiny_sd3_pipeline(root / "sd3")
     make_tiny_flux_pipeline(root / "flux")
-    (root / "sd3.yaml").write_text(f"teacher: {root / 'sd3'}\ndtype: float32\n")
-    (root / "flux.yaml").write_text(f"teacher: {root / 'flux'}\ndtype: float32\nresolution: 16\n")
+    (root / "sd3.yaml").write_text(f"teacher: {root / 'sd3'}\ndtype: float32\nreal_images: toy\n")
+    (root / "flux.yaml").write_text(f"teacher: {root / 'flux'}\ndtype: float32\nresolution: 16\nreal_images: toy\n")
     return root
 
 
+@pytest.fixture(autouse=True)
+def random_real_latents(monkeypatch):
+    """The GAN terms' real images: random latents of the tiny teachers' shape (the toy world renders 32 px images)."""
+    import stepdistill.workflows.single_run as run_module
+
+    def fake_real_latents(teacher, seed=0, prompts=None):
+        def source(n, generator):
+            chosen = prompts.sample(n, generator) if prompts is not None else ["a red circle"] * n
+            return torch.randn((n, *teacher.latent_shape), generator=generator), chosen
+        return source
+
+    monkeypatch.setattr(run_module, "toy_real_latents", fake_real_latents)
+
+
 @pytest.mark.parametrize("teacher_kind,method", [("sd3", m) for m in METHODS] + [("flux", "dmd2-4step"),
-                                                                                 ("flux", "sid")])
+                                                                                 ("flux", "sid"), ("flux", "dmd2-gan")])
 def test_every_method_trains_on_a_flow_teacher(specs, tmp_path, teacher_kind, method):
     recipe, extra = METHODS[method]
     reset_accelerate_state()
@@ -86,3 +102,66 @@ def test_teacher_sampler_student_runs_the_flow_pipelines_own_steps(sd3_teacher):
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             x = x + (s_next - s) * unet_forward(sd3_teacher.unet, x, torch.tensor(1000.0 * s), embeds)
         torch.testing.assert_close(gen.sample(z, embeds), x, atol=1e-5, rtol=0)
+
+
+def test_sid_on_a_flow_teacher_matches_the_ml_sid_dit_loss_by_hand(sd3_teacher):
+    """apple/ml-sid-dit's generator loss, written out on raw transformer velocities: x_t = (1 − σ)x + σε,
+    y = x_t − σ·v̂ (CFG on v̂), L = Σ (y_real − y_fake)·(y_fake − x)·(1 − σ) / B; its gradient in x equals ours."""
+    from stepdistill.objectives import build_objective
+
+    gen = Generator.from_teacher(sd3_teacher, timesteps=(999,))
+    k = 2.0
+    obj = build_objective("sid", sd3_teacher, gen, {"kappa1": k, "kappa2": k, "kappa3": k, "kappa4": k,
+                                                     "weighting": "1_minus_sigma", "sigma_sampling": "logit_normal"})
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in obj.fake_unet.parameters():
+            p.add_(0.03 * torch.randn(p.shape, generator=g))
+    embeds = sd3_teacher.encode_prompt(["a red circle", "a blue square"])
+    x = (0.5 * torch.randn(2, 4, 8, 8, generator=g)).requires_grad_(True)
+    obj.generate = lambda batch, grad=True: x  # noqa: ARG005 - the generator's output as a leaf
+    eps = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([300, 800])
+    from stepdistill.objectives import Batch
+
+    loss, _ = obj.generator_loss(Batch(embeds=embeds, noise=torch.zeros(2, 4, 8, 8)), timesteps=t, noise=eps)
+    loss.backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    sigma = sd3_teacher.schedule.sigmas[t].float().view(-1, 1, 1, 1)
+    x_t = (1 - sigma) * x_ref + sigma * eps
+
+    def y(net):
+        h = torch.cat([embeds.uncond, embeds.cond])
+        pooled = torch.cat([embeds.uncond_added["pooled_projections"], embeds.cond_added["pooled_projections"]])
+        v_u, v_c = net(hidden_states=torch.cat([x_t, x_t]), timestep=torch.cat([1000 * sigma.flatten()] * 2),
+                       encoder_hidden_states=h, pooled_projections=pooled).sample.chunk(2)
+        return x_t - sigma * (v_u + k * (v_c - v_u))
+
+    y_real, y_fake = y(sd3_teacher.unet), y(obj.fake_unet)
+    ref = ((y_real - y_fake) * (y_fake - x_ref) * (1 - sigma)).sum() / 2
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6 * float(x_ref.grad.abs().max()))
+    # the logit-normal sampler is the one used when no timesteps are given
+    drawn = obj._t(None, 20_000, "cpu")
+    assert abs(float(torch.logit(sd3_teacher.schedule.sigmas[drawn]).median()) - 0.693) < 0.05
+
+
+def test_gan_features_of_a_transformer_are_its_middle_block_tokens_on_their_grid(sd3_teacher):
+    from stepdistill.objectives.gan import bottleneck_features, bottleneck_shape
+
+    net = sd3_teacher.unet
+    embeds = sd3_teacher.encode_prompt(["a red circle"], with_uncond=False)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    t = sd3_teacher.schedule.model_timestep(torch.tensor([500]))
+    seen = []
+    block = net.transformer_blocks[len(net.transformer_blocks) // 2]
+    handle = block.register_forward_hook(lambda _m, _i, out: seen.append(out[1]))
+    with torch.no_grad():
+        unet_forward(net, x, t, embeds)
+        feats = bottleneck_features(net, x, t, embeds)
+    handle.remove()
+    tokens = seen[0]  # (1, 16, D): the 4×4 grid of 2×2 patches
+    assert feats.shape == (1, tokens.shape[2], 4, 4) == (1, *bottleneck_shape(net, sd3_teacher.latent_shape))
+    assert torch.equal(feats[0, :, 1, 2], tokens[0, 1 * 4 + 2])  # row-major: token r·w + c sits at (r, c)

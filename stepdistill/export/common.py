@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from stepdistill.core.outputs import STUDENT_MARKER
+from stepdistill.models.shared_base import AdapterView
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 EXPORT_INFO_FILE = STUDENT_MARKER
@@ -24,6 +25,13 @@ class ExportError(RuntimeError):
 
 
 # --- UNet ---------------------------------------------------------------------------------------------------------
+def student_network(generator) -> torch.nn.Module:
+    """The network to export: the generator's own, or for a student that is an adapter on the teacher's shared base
+    (:class:`~stepdistill.models.shared_base.AdapterView`) a copy of the base carrying that adapter only."""
+    unet = generator.unet
+    return unet.standalone() if isinstance(unet, AdapterView) else unet
+
+
 def has_lora(unet: torch.nn.Module) -> bool:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -34,6 +34,7 @@ from stepdistill.export.common import (
     cast_module,
     has_lora,
     merged_unet,
+    student_network,
     teacher_folder,
 )
 from stepdistill.export.common import lora_layers as adapter_layers
@@ -72,11 +73,11 @@ def export_flow_student(teacher, generator, out_dir: Path, method: str, steps_in
         if generator.scaled_input_noise and sigmas[0] != 1.0:
             raise ExportError("a flow student with scaled input noise must start at σ = 1 (its input is then z)")
         plan = flow_student_scheduler(pipeline.scheduler, sigmas)
-    network = generator.unet
-    is_lora = generator.is_lora or has_lora(network)
+    is_lora = generator.is_lora or has_lora(generator.unet)
     use_ema = ema_obj is not None
     with staged_folder(out_dir, "the student") as tmp:
         with ema_obj.applied() if use_ema else contextlib.nullcontext(), torch.no_grad():
+            network = student_network(generator)  # within the EMA swap: a shared-base student is copied here
             if is_lora:
                 transformer = merged_unet(network, dtype=dtype)
                 layers, meta = adapter_layers(generator, network)

@@ -46,6 +46,7 @@ from stepdistill.export.common import (
     has_lora,
     merged_unet,
     module_dtype,
+    student_network,
     teacher_folder,
 )
 from stepdistill.export.common import (
@@ -125,8 +126,7 @@ def export_pipeline_student(teacher, generator, out_dir: Path, method: str, step
     pipeline = teacher.pipeline
 
     use_ema = ema_obj is not None
-    unet = generator.unet
-    is_lora = generator.is_lora or has_lora(unet)
+    is_lora = generator.is_lora or has_lora(generator.unet)
 
     scaled = generator.scaled_input_noise
     guidance_distilled = generator.kind == "teacher_sampler"  # DDIM at guidance 1, N steps
@@ -145,6 +145,7 @@ def export_pipeline_student(teacher, generator, out_dir: Path, method: str, step
 
     with staged_folder(out_dir, "the student") as tmp:
         with ema_obj.applied() if use_ema else contextlib.nullcontext(), torch.no_grad():
+            unet = student_network(generator)  # within the EMA swap: a shared-base student is copied here
             if is_lora:
                 student_unet = merged_unet(unet, dtype=dtype)
                 lora_layers, lora_meta = adapter_layers(generator, unet)

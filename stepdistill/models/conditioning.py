@@ -11,6 +11,8 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
+from stepdistill.models.shared_base import AdapterView
+
 
 # --- prompt embeddings ---------------------------------------------------------------------------------------------
 def _rows(t: torch.Tensor | None, index: Any) -> torch.Tensor | None:
@@ -127,7 +129,7 @@ def _call_flux(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, hidden: t
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
     txt_ids = torch.zeros(hidden.shape[1], 3, device=x.device, dtype=x.dtype)
     guidance = None
-    if net.config.guidance_embeds:
+    if architecture(net).config.guidance_embeds:
         if "guidance" not in added:
             raise ValueError("this FLUX transformer embeds guidance: the prompt embeddings carry no 'guidance' value")
         guidance = added["guidance"].float()  # float32, as FluxPipeline passes it
@@ -143,14 +145,20 @@ NetworkCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tenso
 TRANSFORMER_CALLS: dict[type, NetworkCall] = {SD3Transformer2DModel: _call_sd3, FluxTransformer2DModel: _call_flux}
 
 
+def architecture(net: torch.nn.Module) -> torch.nn.Module:
+    """The diffusers model that decides how ``net`` is called: ``net`` itself, or the shared base of an
+    :class:`~stepdistill.models.shared_base.AdapterView` (which is called in its place, with its adapter active)."""
+    return net.base if isinstance(net, AdapterView) else net
+
+
 def is_transformer(net: torch.nn.Module) -> bool:
     """True for the flow-matching transformers (SD3, FLUX) that :func:`unet_forward` calls in their own way."""
-    return isinstance(net, tuple(TRANSFORMER_CALLS))
+    return isinstance(architecture(net), tuple(TRANSFORMER_CALLS))
 
 
 def _network_call(net: torch.nn.Module) -> NetworkCall:
     for cls, call in TRANSFORMER_CALLS.items():
-        if isinstance(net, cls):
+        if isinstance(architecture(net), cls):
             return call
     return _call_unet
 

@@ -31,6 +31,7 @@ import torch
 
 from stepdistill.core.schedule import NoiseSchedule, flux_mu
 from stepdistill.models.conditioning import unet_forward
+from stepdistill.models.shared_base import AdapterView
 
 #: LoRA targets of the generator: the attention projections (diffusers' SD LoRA convention).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -132,12 +133,20 @@ class Generator(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         scaled_input_noise: bool = False,
         init_unet: str | Path | None = None,
+        share_teacher_base: bool = False,
     ) -> "Generator":
         """Initialise from ``teacher.unet``: a full trainable copy (``lora_rank=None``) or a frozen copy with LoRA
         adapters of rank ``lora_rank`` (``lora_alpha`` defaults to the rank, i.e. scale 1). The teacher is untouched.
         ``scaled_input_noise``: the first step's input is σ_{t₀}·z (SiD-LSG), see the module docstring.
         ``init_unet``: start from the UNet saved in this diffusers folder instead (e.g. a smaller MSD student after
-        its TSM stage); it must take the teacher's latents and text embeddings."""
+        its TSM stage); it must take the teacher's latents and text embeddings.
+        ``share_teacher_base``: the LoRA adapters sit on the teacher's own network (an
+        :class:`~stepdistill.models.shared_base.AdapterView`, adapter "student"): no copy of the base is made."""
+        if share_teacher_base:
+            if lora_rank is None or init_unet is not None:
+                raise ValueError("share_teacher_base needs a LoRA student (lora_rank) that starts from the teacher")
+            view = AdapterView(teacher.unet, "student", lora_rank, lora_alpha, lora_targets)
+            return cls(view, teacher.schedule, timesteps, lora_rank, scaled_input_noise=scaled_input_noise)
         source = teacher.unet
         if init_unet is not None:
             folder = Path(init_unet)
@@ -159,7 +168,7 @@ class Generator(torch.nn.Module):
         describes, from ``teacher``."""
         return cls.from_teacher(teacher, timesteps=tuple(config.timesteps), lora_rank=config.lora_rank,
                                 lora_alpha=config.lora_alpha, scaled_input_noise=config.scaled_input_noise,
-                                init_unet=config.init_unet)
+                                init_unet=config.init_unet, share_teacher_base=config.share_teacher_base)
 
     @property
     def is_lora(self) -> bool:
@@ -180,6 +189,9 @@ class Generator(torch.nn.Module):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        if isinstance(self.unet, AdapterView):
+            return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet.base,
+                                                                             adapter_name=self.unet.adapter_name))
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
 
     # --- sampling -------------------------------------------------------------------------------------------------

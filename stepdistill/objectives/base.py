@@ -30,6 +30,7 @@ import torch
 
 from stepdistill.core.validation import bool_problem, int_problem, number_problem
 from stepdistill.models.conditioning import unet_forward
+from stepdistill.models.shared_base import AdapterView
 from stepdistill.models.generators import trainable_parameters  # noqa: F401 (re-exported for the objectives)
 
 
@@ -329,6 +330,12 @@ class Objective(torch.nn.Module):
             )
         with torch.no_grad():
             return unet_forward(self.real_score_unet(), x_t, self.teacher.schedule.model_timestep(t), embeds, guidance_scale)
+
+    @property
+    def shares_teacher_base(self) -> bool:
+        """True when the student is a LoRA adapter on the teacher's own network (``generator.share_teacher_base``);
+        a LoRA fake score then becomes a second adapter on that base (:func:`~.common.make_fake_score`)."""
+        return isinstance(self.generator.unet, AdapterView)
 
     def real_score_unet(self) -> torch.nn.Module:
         """The network that plays the real score: the frozen teacher's UNet (DisBack moves it along a recorded

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from stepdistill.models.generators import add_lora, copy_unet
+from stepdistill.models.shared_base import AdapterView
 from stepdistill.objectives.base import ObjectiveConfigError
 
 
@@ -123,10 +124,16 @@ def frozen(*modules: torch.nn.Module | None) -> Iterator[None]:
 
 
 def make_fake_score(
-    teacher, lora_rank: int | None = None, lora_alpha: float | None = None, lora_targets=None
+    teacher, lora_rank: int | None = None, lora_alpha: float | None = None, lora_targets=None,
+    share_base: bool = False,
 ) -> torch.nn.Module:
-    """A fake-score network initialised from the teacher's UNet: a full trainable float32 copy, or a frozen copy with
-    LoRA adapters (only those trainable). LoRA B matrices start at zero, so both start equal to the teacher."""
+    """A fake-score network initialised from the teacher's network: a full trainable float32 copy, or a frozen copy
+    with LoRA adapters (only those trainable), or with ``share_base`` (the student's adapters sit on the teacher's
+    network) a LoRA adapter "fake_score" on that same base. LoRA B matrices start at zero, so all start equal to the
+    teacher."""
+    if share_base and lora_rank is not None:
+        kwargs = {} if lora_targets is None else {"target_modules": list(lora_targets)}
+        return AdapterView(teacher.unet, "fake_score", lora_rank, lora_alpha, **kwargs)
     if lora_rank is None:
         return copy_unet(teacher.unet, dtype=torch.float32, trainable=True)
     unet = copy_unet(teacher.unet, dtype=torch.float32, trainable=False)

@@ -129,7 +129,8 @@ class DMD(DisBackOption, GeneratorFirstSchedule, ODEPairWarmup, DistributionMatc
         super().__init__(teacher, generator, config)
         cfg = self.config
         self.distance = resolve_distance(cfg["regression_distance"])
-        self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"])
+        self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"],
+                                         share_base=self.shares_teacher_base)
 
     @classmethod
     def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:

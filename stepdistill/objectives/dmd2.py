@@ -90,7 +90,8 @@ class DMD2(DisBackOption, GeneratorFirstSchedule, ODEPairWarmup, DistributionMat
     def __init__(self, teacher, generator, config=None) -> None:
         super().__init__(teacher, generator, config)
         cfg = self.config
-        self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"])
+        self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"],
+                                         share_base=self.shares_teacher_base)
         self.cls_head = None
         if cfg["gan_enabled"]:
             c, h, w = bottleneck_shape(self.fake_unet, tuple(teacher.latent_shape))
@@ -131,7 +132,7 @@ class DMD2(DisBackOption, GeneratorFirstSchedule, ODEPairWarmup, DistributionMat
             latents = self.schedule.add_noise(latents, torch.randn_like(latents), t)
         else:
             t = torch.zeros(n, dtype=torch.long, device=latents.device)
-        features = bottleneck_features(self.fake_unet, latents, t, embeds)
+        features = bottleneck_features(self.fake_unet, latents, self.schedule.model_timestep(t), embeds)
         return self.cls_head(features)
 
     # --- losses ---------------------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ class PhasedDMD(DistributionMatching, Objective):
             raise ObjectiveConfigError(self.name, "num_phases", problem)
         if generator.kind != "phase_experts":
             raise ObjectiveConfigError(self.name, "num_phases", "needs a PhasedGenerator (generator.experts: true)")
-        self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"])
+        self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"],
+                                         share_base=self.shares_teacher_base)
         # the phase the fake score was (re-)initialised for; saved with the objective so a resume keeps it
         self.register_buffer("fake_phase", torch.zeros((), dtype=torch.long))
 

@@ -46,6 +46,14 @@ L_GAN = Σ_b mean_b′ BCE(D(x_t), 1)_b′·C·H·W / w_b / B at the SiD loss's 
 SiDA also freezes G for its first 100k images; not reproduced. Every difference from the official code, with its
 reason and cost: docs/methods/sid.md.
 
+Flow-matching teachers (SD3, FLUX; apple/ml-sid-dit ``training/sid_dit_training_loop.py``, ``sid_dit_sd3_util.py``):
+the same losses on x̂₀ = x_t − σ·v̂ (``NoiseSchedule.to_x0``), the fake score regressed onto the flow target ε − x
+(``NoiseSchedule.target``, no weight). Two keys give ml-sid-dit's choices: ``sigma_sampling: logit_normal`` draws
+σ = sigmoid(N(``logit_mean``, ``logit_std``²)) (ln 2 and 1.6 there, unshifted) for both losses, placed on the nearest
+level of the teacher's σ table (ml-sid-dit uses the continuous σ; the table's spacing is 1/1000 unshifted), and
+``weighting`` replaces the division by w = mean|x − y_real| (``sid_legacy``) by a factor of σ (``1_minus_sigma``,
+ml-sid-dit's default, and the other schemes of :data:`SIGMA_WEIGHTINGS`), which also weighs SiDA's generator GAN term.
+
 Optional ODE-pair warm-up (``ode_warmup_steps``, default 0 = the paper; ``objectives.regression.ODEPairWarmup``): the
 first N generator updates regress G onto the teacher's ODE outputs and skip the fake-score updates, as the toy DMD
 recipes do — not part of SiD, offered so that SiD and DMD can be compared from the same warmed-up generator.
@@ -81,13 +89,38 @@ GAN_WEIGHTINGS = ("batch_mean", "per_sample")
 
 
 def sid_generator_loss(x: torch.Tensor, y_real: torch.Tensor, y_fake2: torch.Tensor, y_fake3: torch.Tensor,
-                       alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       alpha: float, sigma_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-element SiD generator loss ``(y_real − y_fake₂)·((y_real − x) − α·(y_real − y_fake₃)) / w`` and the
-    per-sample weight ``w = clip(mean_{C,H,W}|x − y_real|, 1e−5)`` (detached). Nothing is detached but ``w``."""
+    per-sample weight ``w = clip(mean_{C,H,W}|x − y_real|, 1e−5)`` (detached). Nothing is detached but ``w``.
+    With ``sigma_weight`` (per sample, detached: :func:`sigma_weighting`) the loss is multiplied by it instead of
+    divided by w, as apple/ml-sid-dit's ``weighting_scheme`` other than ``sid_legacy``; ``w`` is still returned."""
     with torch.no_grad():
         w = (x.float() - y_real.float()).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True).clamp(min=1e-5)
-    loss = (y_real - y_fake2) * ((y_real - x) - alpha * (y_real - y_fake3)) / w
-    return loss, w
+    loss = (y_real - y_fake2) * ((y_real - x) - alpha * (y_real - y_fake3))
+    if sigma_weight is None:
+        return loss / w, w
+    return loss * sigma_weight.reshape(-1, *([1] * (x.ndim - 1))).to(loss), w
+
+
+#: apple/ml-sid-dit's ``weighting_scheme`` of the generator loss on flow teachers (σ: the schedule's σ_t; every
+#: denominator clipped at 1e−5); ``sid_legacy`` is 1/mean|x − y_real| (the SD code's division by w).
+SIGMA_WEIGHTINGS = {
+    "1_minus_sigma": lambda s: 1 - s,
+    "1_minus_sigma_squared": lambda s: (1 - s) ** 2,
+    "1_over_sigma": lambda s: 1 / s.clamp(min=1e-5),
+    "1_over_sigma2": lambda s: 1 / (s ** 2).clamp(min=1e-5),
+    "snr_sqrt": lambda s: (1 - s) / s.clamp(min=1e-5),
+    "snr": lambda s: ((1 - s) / s.clamp(min=1e-5)) ** 2,
+}
+WEIGHTINGS = ("sid_legacy", *SIGMA_WEIGHTINGS)
+SIGMA_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sigma_weighting(scheme: str, sigma: torch.Tensor) -> torch.Tensor | None:
+    """The per-sample factor of ``weighting`` ``scheme`` at noise levels ``sigma`` (None for ``sid_legacy``)."""
+    if scheme == "sid_legacy":
+        return None
+    return SIGMA_WEIGHTINGS[scheme](sigma.double()).float()
 
 
 def discriminator_logits(bottleneck: torch.Tensor) -> torch.Tensor:
@@ -125,6 +158,10 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
         "gan_warmup_steps": 0,
         "gan_weighting": "batch_mean",
         "fake_grad_clip_value": None,
+        "sigma_sampling": "uniform",
+        "logit_mean": 0.6931471805599453,
+        "logit_std": 1.6,
+        "weighting": "sid_legacy",
         **ODEPairWarmup.REGRESSION_DEFAULTS,
         **DisBackOption.DISBACK_DEFAULTS,
     }
@@ -132,7 +169,8 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
     def __init__(self, teacher, generator, config=None) -> None:
         super().__init__(teacher, generator, config)
         cfg = self.config
-        self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"])
+        self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"],
+                                         share_base=self.shares_teacher_base)
         self.mixture_step = 0
 
     @classmethod
@@ -174,6 +212,14 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
                                        f"{cfg['gan_weighting']!r}")
         if cfg["fake_grad_clip_value"] is not None:
             check_number(name, "fake_grad_clip_value", cfg["fake_grad_clip_value"], low=0.0)
+        if cfg["sigma_sampling"] not in SIGMA_SAMPLINGS:
+            raise ObjectiveConfigError(name, "sigma_sampling", f"must be one of {', '.join(SIGMA_SAMPLINGS)}, got "
+                                       f"{cfg['sigma_sampling']!r}")
+        check_number(name, "logit_mean", cfg["logit_mean"])
+        check_number(name, "logit_std", cfg["logit_std"], low=1e-6)
+        if cfg["weighting"] not in WEIGHTINGS:
+            raise ObjectiveConfigError(name, "weighting", f"must be one of {', '.join(WEIGHTINGS)}, got "
+                                       f"{cfg['weighting']!r}")
 
     # --- declarations read by the trainer / distill -------------------------------------------------------------------
     @classmethod
@@ -236,6 +282,9 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
 
     def _t(self, timesteps, n: int, device) -> torch.Tensor:
         cfg = self.config
+        if cfg["sigma_sampling"] == "logit_normal":  # ml-sid-dit: σ = sigmoid(N(mean, std²)), on the σ table
+            return self._timesteps_or(timesteps, n, device, lambda: self.schedule.sample_timesteps_logit_normal(
+                n, float(cfg["logit_mean"]), float(cfg["logit_std"]), device=device))
         return self._timesteps_or(timesteps, n, device,
                                   lambda: torch.randint(cfg["min_t"], cfg["max_t"], (n,)).to(device))
 
@@ -280,7 +329,9 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
         y_real = self._x0(self.real_score_unet(), x_t, t, batch.embeds, k["kappa4"])
 
         keep = ~(torch.isnan(x) | torch.isnan(y_real) | torch.isnan(y_fake2) | torch.isnan(y_fake3)).flatten(1).any(1)
-        per_elem, w = sid_generator_loss(x[keep], y_real[keep], y_fake2[keep], y_fake3[keep], float(cfg["alpha"]))
+        factor = sigma_weighting(cfg["weighting"], self.schedule.sigma(t.cpu(), x.float())[keep])
+        per_elem, w = sid_generator_loss(x[keep], y_real[keep], y_fake2[keep], y_fake3[keep], float(cfg["alpha"]),
+                                         sigma_weight=factor)
         loss_sid = per_elem.sum() * cfg["loss_scaling"] / n
         loss = loss_sid
         logs = {"loss_sid": float(loss_sid.detach()), "sid_t_mean": float(t.float().mean()),
@@ -293,7 +344,8 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
             if cfg["gan_weighting"] == "batch_mean":  # SiDA: the batch's mean BCE (a scalar) over each sample's w
                 bce = bce.mean().expand_as(bce)
             elems = x[0].numel()
-            loss_gan = (bce * elems / w.reshape(-1)).sum() / n
+            per_sample = bce * elems / w.reshape(-1) if factor is None else bce * elems * factor.reshape(-1)
+            loss_gan = per_sample.sum() / n
             loss = 0.5 * loss_sid + 0.5 * cfg["gan_weight"] * loss_gan
             logs["loss_gen_gan"] = float(loss_gan.detach())
         logs.update(self.x0_stats(x))
@@ -337,7 +389,8 @@ class SiD(DisBackOption, ODEPairWarmup, Objective):
             real_embeds = batch.real.embeds if batch.real.embeds is not None else batch.embeds
             if cfg["guidance_mode"] == "zero_cfg":  # the empty prompt (the same for every row)
                 real_embeds = self.fake_embeds(batch.embeds)
-            logits_real = discriminator_logits(bottleneck_features(self.fake_unet, real_t, t, real_embeds))
+            logits_real = discriminator_logits(bottleneck_features(self.fake_unet, real_t, self.schedule.model_timestep(t),
+                                                                     real_embeds))
             logits_fake = discriminator_logits(fake_feats)
             elems = x[0].numel()
             loss_disc = (0.5 * (per_sample_bce(logits_real, 1.0) + per_sample_bce(logits_fake, 0.0))).sum() * elems / n

@@ -72,7 +72,8 @@ class VSD(DisBackOption, GeneratorFirstSchedule, Objective):
     def __init__(self, teacher, generator, config=None) -> None:
         super().__init__(teacher, generator, config)
         cfg = self.config
-        self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"], cfg["fake_lora_targets"])
+        self.fake_unet = make_fake_score(teacher, cfg["fake_lora_rank"], cfg["fake_lora_alpha"], cfg["fake_lora_targets"],
+                                         share_base=self.shares_teacher_base)
 
     @classmethod
     def validate_config(cls, cfg, num_train_timesteps: int = 1000) -> None:

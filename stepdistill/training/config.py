@@ -78,7 +78,8 @@ class GeneratorConfig:
     experts: bool = False  # one expert per step (Phased DMD): full UNet copies, or LoRA adapters with lora_rank
     init_unet: str | None = None  # a diffusers UNet folder to start from instead of the teacher's (MSD after TSM)
     teacher_sampler_steps: int | None = None  # guidance-distilled denoiser sampled by DDIM in N steps (cfg_distill)
-    share_teacher_base: bool = False  # LoRA on the teacher's own UNet (LoRA-enhanced distillation): one UNet in memory
+    share_teacher_base: bool = False  # LoRA on the teacher's own network: one base in memory (LoRA-CFG distillation;
+    # with a score-distillation method the student and a LoRA fake score are two adapters on that base)
 
 
 @dataclass
@@ -301,9 +302,9 @@ def validate(config: RunConfig, file: str | None = None) -> RunConfig:
         if g.experts or g.init_unet is not None or g.scaled_input_noise:
             fail("generator.teacher_sampler_steps", "a guidance-distilled student starts from the teacher and is "
                  "sampled by DDIM: set experts: false, init_unet: null, scaled_input_noise: false")
-    if g.share_teacher_base and (g.lora_rank is None or g.teacher_sampler_steps is None):
-        fail("generator.share_teacher_base", "shares the teacher's UNet under LoRA adapters: it needs lora_rank and "
-             "teacher_sampler_steps (objective cfg_distill)")
+    if g.share_teacher_base and (g.lora_rank is None or g.experts or g.init_unet is not None):
+        fail("generator.share_teacher_base", "shares the teacher's network under LoRA adapters: it needs lora_rank "
+             "(and experts: false, init_unet: null)")
     if g.init_unet is not None:
         if g.experts:
             fail("generator.init_unet", "phase experts start from the teacher; set init_unet: null")
