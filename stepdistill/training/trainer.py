@@ -55,6 +55,7 @@ from stepdistill.training.checkpoint import (
     save_checkpoint,
 )
 from stepdistill.training.config import RunConfig
+from stepdistill.training.fsdp import enable_fsdp_on_cpu, full_tensor, owning_modules, wrap_classes_present
 from stepdistill.training.progress import (
     CSVLogger,
     PhaseETA,
@@ -160,6 +161,7 @@ class Trainer:
         self.run_identity = dict(run_identity or {})
         self.batch_fn = batch_fn or build_batch
 
+        own_accelerator = accelerator is None
         if accelerator is None:
             accelerator = Accelerator(
                 mixed_precision=tc.mixed_precision,
@@ -168,6 +170,8 @@ class Trainer:
                 project_config=ProjectConfiguration(project_dir=str(self.out_dir), logging_dir=str(self.log_dir)),
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
             )
+        if own_accelerator:
+            enable_fsdp_on_cpu(accelerator)  # accelerate leaves an FSDP launch on CPU at DDP (see .fsdp)
         self.accelerator = accelerator
         set_seed(tc.seed, device_specific=True)
         device = accelerator.device
@@ -204,11 +208,17 @@ class Trainer:
 
         from accelerate.utils import DistributedType
 
-        if aux_groups and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        self.fsdp = accelerator.distributed_type == DistributedType.FSDP
+        if aux_groups and accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise NotImplementedError(
-                f"{accelerator.distributed_type.value} is not supported for objectives with auxiliary networks "
-                f"({', '.join(aux_groups)}): they need several optimizers over one prepared module. Use DDP "
-                "(training/accelerate/ddp.yaml) or a single GPU."
+                f"DeepSpeed is not supported for objectives with auxiliary networks ({', '.join(aux_groups)}): "
+                "accelerate drives one DeepSpeed engine per model and optimizer. Use FSDP2 "
+                "(training/accelerate/fsdp.yaml), DDP (training/accelerate/ddp.yaml) or a single GPU."
+            )
+        if self.fsdp and not accelerator.is_fsdp2:
+            raise NotImplementedError(
+                "FSDP1 is not supported: the trainer shards each trainable network as its own FSDP2 module "
+                "(fully_shard). Set fsdp_version: 2 in the accelerate config (training/accelerate/fsdp.yaml)."
             )
 
         def adamw(params, lr):
@@ -217,10 +227,13 @@ class Trainer:
         self.module = _TrainModule(objective, generator)
         gen_opt = adamw(gen_params, oc.generator_lr)
         aux_opts = [adamw(params, oc.aux_lr) for params in aux_groups.values()]
-        prepared = accelerator.prepare(self.module, gen_opt, *aux_opts)
-        self.model = prepared[0]
-        self.gen_opt = prepared[1]
-        self.aux_opts = dict(zip(aux_groups, prepared[2:]))
+        if self.fsdp:
+            gen_params, aux_groups = self._prepare_sharded(generator, gen_opt, aux_groups, aux_opts)
+        else:
+            prepared = accelerator.prepare(self.module, gen_opt, *aux_opts)
+            self.model = prepared[0]
+            self.gen_opt = prepared[1]
+            self.aux_opts = dict(zip(aux_groups, prepared[2:]))
         self.gen_params = gen_params
         self.aux_groups = aux_groups
         self._all_params = gen_params + [p for ps in aux_groups.values() for p in ps]
@@ -243,6 +256,27 @@ class Trainer:
         self._generator_calls = 0
         self._calls_per_update: list[int] = []
         generator.register_forward_hook(self._count_generator_call)
+
+    def _prepare_sharded(self, generator, gen_opt, aux_groups, aux_opts):
+        """FSDP2: each trainable network prepared on its own with its own optimizer, generator first, then the
+        auxiliary networks in ``auxiliary_parameters()`` order (accelerate's FSDP checkpoints pair optimizer *i* with
+        model *i*). ``fully_shard`` replaces the parameters by sharded ones (DTensors) and accelerate moves the
+        optimizers onto them, so the parameter lists are read again afterwards."""
+        acc = self.accelerator
+        plugin = acc.state.fsdp_plugin
+        wanted = plugin.transformer_cls_names_to_wrap
+        wanted = list(wanted) if wanted is not None else None
+        modules = owning_modules(self.objective, aux_groups)
+        wrap_classes_present(plugin, generator, wanted)
+        self.model, self.gen_opt = acc.prepare(generator, gen_opt)
+        self.aux_opts = {}
+        for (name, module), opt in zip(modules.items(), aux_opts):
+            wrap_classes_present(plugin, module, wanted)
+            _, self.aux_opts[name] = acc.prepare(module, opt)
+        self.sharded_models = {"generator": generator, **modules}
+        gen_params = list(generator.trainable_parameters())
+        groups = {name: [p for p in module.parameters() if p.requires_grad] for name, module in modules.items()}
+        return gen_params, groups
 
     def _count_generator_call(self, module, args, output) -> None:
         self._generator_calls += 1
@@ -343,6 +377,8 @@ class Trainer:
                 continue
             if scaler is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            elif self.fsdp:  # DTensor gradients; the norm of the whole group, the same on every process
+                norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))
             else:
                 norm = acc.clip_grad_norm_(params, clip)
             if norm is None:  # DeepSpeed clips inside its engine
@@ -372,13 +408,13 @@ class Trainer:
         losses, logs_sum = [], {}
         for micro in range(tc.grad_accum):
             batch = self.make_batch(self.state.step, turn, update, micro)
-            with acc.accumulate(self.model):
+            with acc.accumulate(*self._accumulated()):
                 phase = self._activation_phase(turn, micro)
                 if phase is None:
-                    loss, logs = self.model(batch, turn)
+                    loss, logs = self._loss(batch, turn)
                 else:
                     with SavedTensorBytes(self._frozen_and_trained_modules()) as saved:
-                        loss, logs = self.model(batch, turn)
+                        loss, logs = self._loss(batch, turn)
                     self.saved_activation_bytes[phase] = saved.bytes
                 self._check_finite(loss, f"the {turn} loss" if turn == "generator" else "the auxiliary loss")
                 acc.backward(loss)
@@ -393,10 +429,22 @@ class Trainer:
         logs = {k: (v if k.startswith("grad_norm/") else v / n) for k, v in logs_sum.items()}
         return sum(losses) / len(losses), logs
 
+    def _loss(self, batch, turn: str):
+        """One of the two losses: through the prepared module's forward (DDP), or, under FSDP, the objective's
+        method directly (each sharded network gathers its weights in its own forward)."""
+        if not self.fsdp:
+            return self.model(batch, turn)
+        if turn == "generator":
+            return self.objective.generator_loss(batch)
+        return self.objective.auxiliary_loss(batch)
+
+    def _accumulated(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(self.sharded_models.values()) if self.fsdp else (self.model,)
+
     def _activation_phase(self, turn: str, micro: int) -> str | None:
         """The phase ("ode_warmup" or "main") whose generator step is to be measured now, or None: the first
         micro-batch of the first generator update of each phase is measured (see :mod:`.activations`)."""
-        if turn != "generator" or micro != 0:
+        if turn != "generator" or micro != 0 or self.fsdp:  # FSDP: gathered weights would count as activations
             return None
         phase = "ode_warmup" if self.plan.ode_warmup else "main"
         return None if phase in self.saved_activation_bytes else phase
@@ -456,8 +504,8 @@ class Trainer:
 
     # --- sampling -----------------------------------------------------------------------------------------------------
     def _sample(self) -> None:
-        if self.sample_fn is None or not self.accelerator.is_main_process:
-            return
+        if self.sample_fn is None or (not self.accelerator.is_main_process and not self.fsdp):
+            return  # under FSDP every process runs the sharded generator; the main one writes
         step = self.state.step
         gen = self.generator
         was_training = gen.training
@@ -475,6 +523,8 @@ class Trainer:
                         images["_ema"] = self.sample_fn(gen, step)
         finally:
             gen.train(was_training)
+        if not self.accelerator.is_main_process:
+            return
         pnginfo = None
         if self.sample_prompt_list is not None:
             from PIL.PngImagePlugin import PngInfo
