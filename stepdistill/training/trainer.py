@@ -15,6 +15,20 @@ through the prepared module's forward is what lets DistributedDataParallel synch
 objective touches (``find_unused_parameters=True``: each turn only trains a subset). The teacher is frozen and moved
 to ``accelerator.device``; it is not part of the prepared module.
 
+Under FSDP (FSDP2 only, ``training/accelerate/fsdp.yaml``) each trainable network is prepared on its own with its
+own optimizer: the generator first, then the module owning each ``objective.auxiliary_parameters()`` group (DMD2's
+fake score, its discriminator head; :func:`.fsdp.owning_modules`), because accelerate's FSDP2 ``prepare`` takes one
+model per call and its FSDP ``save_state``/``load_state`` pair optimizer *i* with model *i*. ``fully_shard`` hooks
+each network's own forward, so the losses are the objective's methods called directly (no wrapper module), and
+the parameter lists are read again after ``prepare`` (they are DTensors then). Checkpoints are accelerate's sharded
+ones (``pytorch_model_fsdp_<i>/``, ``optimizer_<i>/``: torch.distributed.checkpoint folders, one file per process;
+the EMA is saved whole, gathered, and re-sharded on load) and resume exactly with the same number of processes.
+The frozen teacher stays unsharded, a full copy on every process and outside every optimizer; sharding it too is
+feasible (``fully_shard`` accepts a module without trainable parameters and without an optimizer, gathering its
+weights in each forward) but is not done. Not under FSDP: the saved-activation measurement, and the in-process
+export of the student (``distill`` refuses it; run with ``--no-export``). accelerate does not enable FSDP on CPU; a
+Trainer that builds its own accelerator does (:func:`.fsdp.enable_fsdp_on_cpu`), which is how the tests run it.
+
 Reproducibility: ``accelerate.utils.set_seed(train.seed, device_specific=True)`` for the global RNGs (objectives
 draw timesteps from them) and, per micro-batch, a ``torch.Generator`` seeded from (seed, step, turn, update,
 micro-batch, process) for the prompts, the generator noise and the real latents, so a batch depends only on where it
@@ -117,7 +131,8 @@ class Trainer:
     training run. ``batch_fn`` replaces :func:`build_batch` (same signature). ``accelerator``: reuse an existing
     one (else one is built from the config).
 
-    Not supported: FSDP / DeepSpeed with objectives that have auxiliary networks (refused with a clear error).
+    Not supported: DeepSpeed with objectives that have auxiliary networks, and FSDP1 (refused with a clear error);
+    FSDP2 is (see the module docstring).
     """
 
     def __init__(
