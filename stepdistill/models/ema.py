@@ -91,9 +91,13 @@ class GeneratorEMA:
             if s.shape != p.shape:
                 raise ValueError(f"EMA checkpoint tensor of shape {tuple(s.shape)} does not match parameter {tuple(p.shape)}")
         if any(hasattr(p, "device_mesh") for p in self.parameters):  # FSDP: each process keeps its shard again
-            from stepdistill.training.fsdp import shard_like
+            from torch.distributed.tensor import distribute_tensor
 
-            self.ema.shadow_params = [shard_like(s, p) for s, p in zip(self.ema.shadow_params, self.parameters)]
+            self.ema.shadow_params = [
+                distribute_tensor(s.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements)
+                if hasattr(p, "device_mesh") else s.to(device=p.device, dtype=p.dtype)
+                for s, p in zip(self.ema.shadow_params, self.parameters)
+            ]
             return
         self.ema.shadow_params = [s.to(device=p.device, dtype=p.dtype) for s, p in zip(self.ema.shadow_params, self.parameters)]
 

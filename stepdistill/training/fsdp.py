@@ -95,11 +95,3 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded DTensor (a collective: every process must call it), else ``t``."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-
-def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out as ``param`` (a DTensor: its mesh and placements; a collective), else ``full`` itself."""
-    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full.to(device=param.device, dtype=param.dtype), param.device_mesh, param.placements)
-    return full
