@@ -71,7 +71,13 @@ class GeneratorEMA:
 
     # --- checkpointing (accelerate custom object protocol) ------------------------------------------------------------
     def state_dict(self) -> dict:
-        return self.ema.state_dict()
+        state = self.ema.state_dict()
+        if any(hasattr(s, "full_tensor") for s in state.get("shadow_params") or []):
+            # FSDP: the shadows are shards (DTensors); the checkpoint holds whole tensors (every process gathers,
+            # accelerate writes the main process's copy)
+            state = dict(state, shadow_params=[s.full_tensor() if hasattr(s, "full_tensor") else s
+                                               for s in state["shadow_params"]])
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         shadow = state_dict.get("shadow_params")
@@ -84,6 +90,15 @@ class GeneratorEMA:
         for s, p in zip(self.ema.shadow_params, self.parameters):
             if s.shape != p.shape:
                 raise ValueError(f"EMA checkpoint tensor of shape {tuple(s.shape)} does not match parameter {tuple(p.shape)}")
+        if any(hasattr(p, "device_mesh") for p in self.parameters):  # FSDP: each process keeps its shard again
+            from torch.distributed.tensor import distribute_tensor
+
+            self.ema.shadow_params = [
+                distribute_tensor(s.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements)
+                if hasattr(p, "device_mesh") else s.to(device=p.device, dtype=p.dtype)
+                for s, p in zip(self.ema.shadow_params, self.parameters)
+            ]
+            return
         self.ema.shadow_params = [s.to(device=p.device, dtype=p.dtype) for s, p in zip(self.ema.shadow_params, self.parameters)]
 
 

@@ -14,7 +14,9 @@ A folder without the marker, or a ``.tmp_`` folder, is never resumed from. Only 
 Model weights: the trainer prepares one module (the objective's auxiliary networks plus the generator). Saving it
 whole would copy every frozen weight (the LoRA base UNet, frozen teacher copies) into each checkpoint, so the
 :class:`TrainableStateHooks` save only its trainable parameters and its buffers (``trainable_state.pt``) and restore
-them on load; frozen weights are rebuilt from the teacher when the run is reconstructed.
+them on load; frozen weights are rebuilt from the teacher when the run is reconstructed. Under FSDP the hooks step
+aside: accelerate writes each sharded network and optimizer as a torch.distributed.checkpoint folder
+(``pytorch_model_fsdp_<i>/``, ``optimizer_<i>/``), frozen weights of those networks included.
 """
 
 from __future__ import annotations

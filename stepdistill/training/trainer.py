@@ -15,6 +15,20 @@ through the prepared module's forward is what lets DistributedDataParallel synch
 objective touches (``find_unused_parameters=True``: each turn only trains a subset). The teacher is frozen and moved
 to ``accelerator.device``; it is not part of the prepared module.
 
+Under FSDP (FSDP2 only, ``training/accelerate/fsdp.yaml``) each trainable network is prepared on its own with its
+own optimizer: the generator first, then the module owning each ``objective.auxiliary_parameters()`` group (DMD2's
+fake score, its discriminator head; :func:`.fsdp.owning_modules`), because accelerate's FSDP2 ``prepare`` takes one
+model per call and its FSDP ``save_state``/``load_state`` pair optimizer *i* with model *i*. ``fully_shard`` hooks
+each network's own forward, so the losses are the objective's methods called directly (no wrapper module), and
+the parameter lists are read again after ``prepare`` (they are DTensors then). Checkpoints are accelerate's sharded
+ones (``pytorch_model_fsdp_<i>/``, ``optimizer_<i>/``: torch.distributed.checkpoint folders, one file per process;
+the EMA is saved whole, gathered, and re-sharded on load) and resume exactly with the same number of processes.
+The frozen teacher stays unsharded, a full copy on every process and outside every optimizer; sharding it too is
+feasible (``fully_shard`` accepts a module without trainable parameters and without an optimizer, gathering its
+weights in each forward) but is not done. Not under FSDP: the saved-activation measurement, and the in-process
+export of the student (``distill`` refuses it; run with ``--no-export``). accelerate does not enable FSDP on CPU; a
+Trainer that builds its own accelerator does (:func:`.fsdp.enable_fsdp_on_cpu`), which is how the tests run it.
+
 Reproducibility: ``accelerate.utils.set_seed(train.seed, device_specific=True)`` for the global RNGs (objectives
 draw timesteps from them) and, per micro-batch, a ``torch.Generator`` seeded from (seed, step, turn, update,
 micro-batch, process) for the prompts, the generator noise and the real latents, so a batch depends only on where it
@@ -55,6 +69,7 @@ from stepdistill.training.checkpoint import (
     save_checkpoint,
 )
 from stepdistill.training.config import RunConfig
+from stepdistill.training.fsdp import enable_fsdp_on_cpu, full_tensor, owning_modules, wrap_classes_present
 from stepdistill.training.progress import (
     CSVLogger,
     PhaseETA,
@@ -116,7 +131,8 @@ class Trainer:
     training run. ``batch_fn`` replaces :func:`build_batch` (same signature). ``accelerator``: reuse an existing
     one (else one is built from the config).
 
-    Not supported: FSDP / DeepSpeed with objectives that have auxiliary networks (refused with a clear error).
+    Not supported: DeepSpeed with objectives that have auxiliary networks, and FSDP1 (refused with a clear error);
+    FSDP2 is (see the module docstring).
     """
 
     def __init__(
@@ -160,6 +176,7 @@ class Trainer:
         self.run_identity = dict(run_identity or {})
         self.batch_fn = batch_fn or build_batch
 
+        own_accelerator = accelerator is None
         if accelerator is None:
             accelerator = Accelerator(
                 mixed_precision=tc.mixed_precision,
@@ -168,6 +185,8 @@ class Trainer:
                 project_config=ProjectConfiguration(project_dir=str(self.out_dir), logging_dir=str(self.log_dir)),
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
             )
+        if own_accelerator:
+            enable_fsdp_on_cpu(accelerator)  # accelerate leaves an FSDP launch on CPU at DDP (see .fsdp)
         self.accelerator = accelerator
         set_seed(tc.seed, device_specific=True)
         device = accelerator.device
@@ -204,11 +223,17 @@ class Trainer:
 
         from accelerate.utils import DistributedType
 
-        if aux_groups and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        self.fsdp = accelerator.distributed_type == DistributedType.FSDP
+        if aux_groups and accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise NotImplementedError(
-                f"{accelerator.distributed_type.value} is not supported for objectives with auxiliary networks "
-                f"({', '.join(aux_groups)}): they need several optimizers over one prepared module. Use DDP "
-                "(training/accelerate/ddp.yaml) or a single GPU."
+                f"DeepSpeed is not supported for objectives with auxiliary networks ({', '.join(aux_groups)}): "
+                "accelerate drives one DeepSpeed engine per model and optimizer. Use FSDP2 "
+                "(training/accelerate/fsdp.yaml), DDP (training/accelerate/ddp.yaml) or a single GPU."
+            )
+        if self.fsdp and not accelerator.is_fsdp2:
+            raise NotImplementedError(
+                "FSDP1 is not supported: the trainer shards each trainable network as its own FSDP2 module "
+                "(fully_shard). Set fsdp_version: 2 in the accelerate config (training/accelerate/fsdp.yaml)."
             )
 
         def adamw(params, lr):
@@ -217,10 +242,13 @@ class Trainer:
         self.module = _TrainModule(objective, generator)
         gen_opt = adamw(gen_params, oc.generator_lr)
         aux_opts = [adamw(params, oc.aux_lr) for params in aux_groups.values()]
-        prepared = accelerator.prepare(self.module, gen_opt, *aux_opts)
-        self.model = prepared[0]
-        self.gen_opt = prepared[1]
-        self.aux_opts = dict(zip(aux_groups, prepared[2:]))
+        if self.fsdp:
+            gen_params, aux_groups = self._prepare_sharded(generator, gen_opt, aux_groups, aux_opts)
+        else:
+            prepared = accelerator.prepare(self.module, gen_opt, *aux_opts)
+            self.model = prepared[0]
+            self.gen_opt = prepared[1]
+            self.aux_opts = dict(zip(aux_groups, prepared[2:]))
         self.gen_params = gen_params
         self.aux_groups = aux_groups
         self._all_params = gen_params + [p for ps in aux_groups.values() for p in ps]
@@ -243,6 +271,27 @@ class Trainer:
         self._generator_calls = 0
         self._calls_per_update: list[int] = []
         generator.register_forward_hook(self._count_generator_call)
+
+    def _prepare_sharded(self, generator, gen_opt, aux_groups, aux_opts):
+        """FSDP2: each trainable network prepared on its own with its own optimizer, generator first, then the
+        auxiliary networks in ``auxiliary_parameters()`` order (accelerate's FSDP checkpoints pair optimizer *i* with
+        model *i*). ``fully_shard`` replaces the parameters by sharded ones (DTensors) and accelerate moves the
+        optimizers onto them, so the parameter lists are read again afterwards."""
+        acc = self.accelerator
+        plugin = acc.state.fsdp_plugin
+        wanted = plugin.transformer_cls_names_to_wrap
+        wanted = list(wanted) if wanted is not None else None
+        modules = owning_modules(self.objective, aux_groups)
+        wrap_classes_present(plugin, generator, wanted)
+        self.model, self.gen_opt = acc.prepare(generator, gen_opt)
+        self.aux_opts = {}
+        for (name, module), opt in zip(modules.items(), aux_opts):
+            wrap_classes_present(plugin, module, wanted)
+            _, self.aux_opts[name] = acc.prepare(module, opt)
+        self.sharded_models = {"generator": generator, **modules}
+        gen_params = list(generator.trainable_parameters())
+        groups = {name: [p for p in module.parameters() if p.requires_grad] for name, module in modules.items()}
+        return gen_params, groups
 
     def _count_generator_call(self, module, args, output) -> None:
         self._generator_calls += 1
@@ -343,6 +392,8 @@ class Trainer:
                 continue
             if scaler is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            elif self.fsdp:  # DTensor gradients; the norm of the whole group, the same on every process
+                norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))
             else:
                 norm = acc.clip_grad_norm_(params, clip)
             if norm is None:  # DeepSpeed clips inside its engine
@@ -372,13 +423,13 @@ class Trainer:
         losses, logs_sum = [], {}
         for micro in range(tc.grad_accum):
             batch = self.make_batch(self.state.step, turn, update, micro)
-            with acc.accumulate(self.model):
+            with acc.accumulate(*self._accumulated()):
                 phase = self._activation_phase(turn, micro)
                 if phase is None:
-                    loss, logs = self.model(batch, turn)
+                    loss, logs = self._loss(batch, turn)
                 else:
                     with SavedTensorBytes(self._frozen_and_trained_modules()) as saved:
-                        loss, logs = self.model(batch, turn)
+                        loss, logs = self._loss(batch, turn)
                     self.saved_activation_bytes[phase] = saved.bytes
                 self._check_finite(loss, f"the {turn} loss" if turn == "generator" else "the auxiliary loss")
                 acc.backward(loss)
@@ -393,10 +444,22 @@ class Trainer:
         logs = {k: (v if k.startswith("grad_norm/") else v / n) for k, v in logs_sum.items()}
         return sum(losses) / len(losses), logs
 
+    def _loss(self, batch, turn: str):
+        """One of the two losses: through the prepared module's forward (DDP), or, under FSDP, the objective's
+        method directly (each sharded network gathers its weights in its own forward)."""
+        if not self.fsdp:
+            return self.model(batch, turn)
+        if turn == "generator":
+            return self.objective.generator_loss(batch)
+        return self.objective.auxiliary_loss(batch)
+
+    def _accumulated(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(self.sharded_models.values()) if self.fsdp else (self.model,)
+
     def _activation_phase(self, turn: str, micro: int) -> str | None:
         """The phase ("ode_warmup" or "main") whose generator step is to be measured now, or None: the first
         micro-batch of the first generator update of each phase is measured (see :mod:`.activations`)."""
-        if turn != "generator" or micro != 0:
+        if turn != "generator" or micro != 0 or self.fsdp:  # FSDP: gathered weights would count as activations
             return None
         phase = "ode_warmup" if self.plan.ode_warmup else "main"
         return None if phase in self.saved_activation_bytes else phase
@@ -456,8 +519,8 @@ class Trainer:
 
     # --- sampling -----------------------------------------------------------------------------------------------------
     def _sample(self) -> None:
-        if self.sample_fn is None or not self.accelerator.is_main_process:
-            return
+        if self.sample_fn is None or (not self.accelerator.is_main_process and not self.fsdp):
+            return  # under FSDP every process runs the sharded generator; the main one writes
         step = self.state.step
         gen = self.generator
         was_training = gen.training
@@ -475,6 +538,8 @@ class Trainer:
                         images["_ema"] = self.sample_fn(gen, step)
         finally:
             gen.train(was_training)
+        if not self.accelerator.is_main_process:
+            return
         pnginfo = None
         if self.sample_prompt_list is not None:
             from PIL.PngImagePlugin import PngInfo

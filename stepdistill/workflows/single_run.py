@@ -399,6 +399,9 @@ def distill_single(
                       sample_fn=make_sample_fn(teacher, sample_prompts), batch_fn=batch_fn,
                       run_identity={"fingerprint": plan.fingerprint, "identity": plan.identity},
                       sample_prompts=sample_prompts)
+    if export and trainer.fsdp:
+        raise NotImplementedError("exporting a student trained under FSDP is not supported (its weights are sharded "
+                                  "across the processes); run distill with --no-export")
     if plan.resume_from is not None:
         log(f"[distill] resumed from {plan.resume_from.name} (step {plan.start_step}; run fingerprint "
             f"{plan.fingerprint})")
