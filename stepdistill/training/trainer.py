@@ -55,6 +55,7 @@ import torch
 
 from stepdistill.core.outputs import write_text_atomic
 from stepdistill.models.ema import GeneratorEMA, HalflifeEMA, attach_ema
+from stepdistill.models.shared_base import AdapterView, adapter_checkpointing
 from stepdistill.objectives.base import UpdatePlan
 from stepdistill.training.activations import SavedTensorBytes
 from stepdistill.training.batches import TURNS, batch_seed, build_batch
@@ -230,6 +231,12 @@ class Trainer:
                 "accelerate drives one DeepSpeed engine per model and optimizer. Use FSDP2 "
                 "(training/accelerate/fsdp.yaml), DDP (training/accelerate/ddp.yaml) or a single GPU."
             )
+        if self.fsdp and self._shared_bases():
+            raise NotImplementedError(
+                "FSDP with generator.share_teacher_base is not supported: the adapters live inside the teacher's "
+                "unsharded base. Use DDP (training/accelerate/ddp.yaml) or a single GPU for a shared base, or "
+                "separate LoRA copies (share_teacher_base: false) under FSDP."
+            )
         if self.fsdp and not accelerator.is_fsdp2:
             raise NotImplementedError(
                 "FSDP1 is not supported: the trainer shards each trainable network as its own FSDP2 module "
@@ -303,6 +310,7 @@ class Trainer:
         roots: list[torch.nn.Module] = [self.generator, self.objective]
         if include_teacher and isinstance(getattr(self.teacher, "unet", None), torch.nn.Module):
             roots.append(self.teacher.unet)
+        roots += self._shared_bases()  # a student / fake score that is an adapter on the teacher's base trains it
         found, seen = [], set()
         for root in roots:
             for m in root.modules():
@@ -311,15 +319,28 @@ class Trainer:
                     found.append(m)
         return found
 
+    def _shared_bases(self) -> list[torch.nn.Module]:
+        """The bases that adapter views (:class:`~stepdistill.models.shared_base.AdapterView`) of the generator or the
+        objective run on (not their submodules: the frozen base is the teacher's)."""
+        bases: list[torch.nn.Module] = []
+        for root in (self.generator, self.objective):
+            for m in root.modules():
+                if isinstance(m, AdapterView) and all(m.base is not b for b in bases):
+                    bases.append(m.base)
+        return bases
+
     def _configure_modules(self) -> None:
         tc = self.config.train
         if tc.gradient_checkpointing:
             enabled = 0
             # an objective that backpropagates through the frozen teacher UNet's input (SiD) checkpoints it too
             through_teacher = "unet" in self.requirements.teacher_in_gradient
+            shared = self._shared_bases()
             for m in self._diffusers_models(include_teacher=through_teacher):
                 if getattr(m, "_supports_gradient_checkpointing", False):
-                    m.enable_gradient_checkpointing()
+                    # a shared base recomputes each block with the adapter that was active in its forward
+                    shared_base = any(m is b for b in shared)
+                    m.enable_gradient_checkpointing(adapter_checkpointing(m) if shared_base else None)
                     enabled += 1
             if not enabled:
                 logger.warning("train.gradient_checkpointing is on but no model supports it")
