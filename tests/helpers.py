@@ -22,6 +22,42 @@ QUICK = ["train.batch_size=2", "train.sample_every=0", "train.log_every=1", "obj
 PAIRS = ["objective_config.regression_pairs=4", "objective_config.regression_steps=2", "objective_config.ode_warmup_steps=1"]
 
 
+# every recipe family, each with whatever it builds at random (LoRA, GAN head, ...): recipe, overrides
+RECIPE_FAMILIES = {
+    "dmd": ("toy-dmd.yaml", PAIRS),
+    "dmd2-gan": ("toy-dmd2.yaml", PAIRS),
+    "dmd2-4step-gan": ("toy-dmd2-4step.yaml", []),
+    "vsd-lora-fake-score": ("toy-vsd.yaml", []),
+    "pgsb": ("toy-pgsb.yaml", []),
+    "sid": ("toy-sid.yaml", []),
+    "sid-4step": ("toy-sid-4step.yaml", []),
+    "sida-gan": ("toy-sid.yaml", ["objective_config.gan_enabled=true"]),
+    "phased-dmd": ("toy-phased-dmd.yaml", ["objective_config.updates_per_phase=1"]),
+    "cfg-distill": ("toy-cfg-distill.yaml", []),
+    "lora-cfg-distill": ("toy-lora-cfg-distill.yaml", []),
+    "disback": ("toy-dmd2.yaml", ["objective_config.gan_enabled=false", "objective_config.ode_warmup_steps=0",
+                                  "objective_config.disback=true", "objective_config.disback_nodes=2",
+                                  "objective_config.disback_record_updates=2", "objective_config.disback_interval=1"]),
+    "msd": ("toy-msd.yaml", PAIRS),
+}
+
+
+def use_random_real_latents(monkeypatch) -> None:
+    """A stand-in for the toy world's real images in GAN recipes on tiny teachers (whose VAEs take 16 px images; the
+    world draws 32 px ones): seeded random latents of the teacher's latent shape."""
+    import torch
+
+    import stepdistill.workflows.single_run as run_module
+
+    def fake_real_latents(teacher, seed=0, prompts=None):
+        def source(n, generator):
+            chosen = prompts.sample(n, generator) if prompts is not None else ["a red circle"] * n
+            return torch.randn((n, *teacher.latent_shape), generator=generator), chosen
+        return source
+
+    monkeypatch.setattr(run_module, "toy_real_latents", fake_real_latents)
+
+
 def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m stepdistill.cli ARGS`` in a subprocess (offline, without STEPDISTILL_DEBUG), from the repository."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")

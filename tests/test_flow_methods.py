@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import PAIRS, QUICK, REPO, reset_accelerate_state, trainable_states
+from helpers import QUICK, RECIPE_FAMILIES, REPO, reset_accelerate_state, trainable_states, use_random_real_latents
 from tiny_models import make_tiny_flux_pipeline, make_tiny_sd3_pipeline
 
 from stepdistill.models.conditioning import unet_forward
@@ -16,18 +16,9 @@ from stepdistill.models.teacher import Teacher
 from stepdistill.workflows.distill import distill
 
 RECIPES = REPO / "training"
-NO_GAN = ["objective_config.gan_enabled=false"]
-METHODS = {  # recipe, overrides
-    "dmd2-4step": ("toy-dmd2-4step.yaml", NO_GAN),
-    "dmd": ("toy-dmd.yaml", PAIRS),
-    "vsd": ("toy-vsd.yaml", []),
-    "sid": ("toy-sid.yaml", []),
-    "sid-4step": ("toy-sid-4step.yaml", []),
-    "cfg-distill": ("toy-cfg-distill.yaml", []),
-    "lora-cfg-distill": ("toy-lora-cfg-distill.yaml", []),
-    "dmd2-gan": ("toy-dmd2.yaml", PAIRS),  # DMD2's GAN head on the fake transformer's middle block
-    "sida-gan": ("toy-sid.yaml", ["objective_config.gan_enabled=true"]),
-}
+METHODS = {k: RECIPE_FAMILIES[k] for k in ("dmd", "vsd-lora-fake-score", "sid", "sid-4step", "cfg-distill",
+                                          "lora-cfg-distill", "dmd2-gan", "sida-gan")}
+METHODS["dmd2-4step"] = ("toy-dmd2-4step.yaml", ["objective_config.gan_enabled=false"])
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +33,7 @@ def specs(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def random_real_latents(monkeypatch):
-    """The GAN terms' real images: random latents of the tiny teachers' shape (the toy world renders 32 px images)."""
-    import stepdistill.workflows.single_run as run_module
-
-    def fake_real_latents(teacher, seed=0, prompts=None):
-        def source(n, generator):
-            chosen = prompts.sample(n, generator) if prompts is not None else ["a red circle"] * n
-            return torch.randn((n, *teacher.latent_shape), generator=generator), chosen
-        return source
-
-    monkeypatch.setattr(run_module, "toy_real_latents", fake_real_latents)
+    use_random_real_latents(monkeypatch)
 
 
 @pytest.mark.parametrize("teacher_kind,method", [("sd3", m) for m in METHODS] + [("flux", "dmd2-4step"),

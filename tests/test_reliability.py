@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, PAIRS, QUICK, RECIPE, REPO, cli, one_error_line, trainable_states
+from helpers import (FAST, PAIRS, QUICK, RECIPE, RECIPE_FAMILIES, REPO, cli, one_error_line, trainable_states,
+                     use_random_real_latents)
 
 from stepdistill.training.config import ConfigError, load_recipe
 from stepdistill.core.yaml_io import parse_yaml_value
@@ -100,40 +101,14 @@ def test_export_refuses_its_own_run_and_foreign_folders(spec, tmp_path):
 
 
 # --- two runs of one recipe are bit-identical ----------------------------------------------------------------------
-FAMILIES = {  # recipe, overrides: every recipe family, each with whatever it builds at random (LoRA, GAN head, ...)
-    "dmd": ("toy-dmd.yaml", PAIRS),
-    "dmd2-gan": ("toy-dmd2.yaml", PAIRS),
-    "dmd2-4step-gan": ("toy-dmd2-4step.yaml", []),
-    "vsd-lora-fake-score": ("toy-vsd.yaml", []),
-    "pgsb": ("toy-pgsb.yaml", []),
-    "sid": ("toy-sid.yaml", []),
-    "sid-4step": ("toy-sid-4step.yaml", []),
-    "sida-gan": ("toy-sid.yaml", ["objective_config.gan_enabled=true"]),
-    "phased-dmd": ("toy-phased-dmd.yaml", ["objective_config.updates_per_phase=1"]),
-    "cfg-distill": ("toy-cfg-distill.yaml", []),
-    "lora-cfg-distill": ("toy-lora-cfg-distill.yaml", []),
-    "disback": ("toy-dmd2.yaml", ["objective_config.gan_enabled=false", "objective_config.ode_warmup_steps=0",
-                                  "objective_config.disback=true", "objective_config.disback_nodes=2",
-                                  "objective_config.disback_record_updates=2", "objective_config.disback_interval=1"]),
-    "msd": ("toy-msd.yaml", PAIRS),
-}
+FAMILIES = RECIPE_FAMILIES
 
 
 @pytest.fixture
 def gan_ready_spec(spec, tmp_path, monkeypatch):
     """The tiny teacher with a stand-in for the toy world's real images (the tiny VAE takes 16 px images, the world
     draws 32 px ones): seeded random latents of the teacher's shape, so GAN recipes build and train their head."""
-    import torch
-
-    import stepdistill.workflows.single_run as run_module
-
-    def fake_real_latents(teacher, seed=0, prompts=None):
-        def source(n, generator):
-            chosen = prompts.sample(n, generator) if prompts is not None else ["a red circle"] * n
-            return torch.randn((n, *teacher.latent_shape), generator=generator), chosen
-        return source
-
-    monkeypatch.setattr(run_module, "toy_real_latents", fake_real_latents)
+    use_random_real_latents(monkeypatch)
     path = tmp_path / "pipe-real.yaml"
     path.write_text(spec.read_text() + "real_images: toy\n")
     return path

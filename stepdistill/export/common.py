@@ -32,6 +32,20 @@ def student_network(generator) -> torch.nn.Module:
     return unet.standalone() if isinstance(unet, AdapterView) else unet
 
 
+def saved_network(generator, is_lora: bool, dtype: torch.dtype
+                  ) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    """What an exporter saves of the student's network, computed within the EMA swap: ``(network, lora layers, lora
+    metadata)`` — the network with any LoRA merged in (cast to ``dtype``) and the adapter weights in diffusers' LoRA
+    format (None for a fully fine-tuned student)."""
+    network = student_network(generator)
+    if is_lora:
+        layers, meta = lora_layers(generator, network)
+        layers = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in layers.items()}
+        return merged_unet(network, dtype=dtype), layers, meta
+    base = network.get_base_model() if hasattr(network, "get_base_model") else network
+    return cast_module(base, dtype), None, None
+
+
 def has_lora(unet: torch.nn.Module) -> bool:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -33,11 +33,9 @@ from stepdistill.export.common import (
     base_model_name,
     cast_module,
     has_lora,
-    merged_unet,
-    student_network,
+    saved_network,
     teacher_folder,
 )
-from stepdistill.export.common import lora_layers as adapter_layers
 from stepdistill.export.model_card import flow_model_card
 from stepdistill.export.schedulers import SchedulerPlan, flow_student_scheduler
 from stepdistill.models.ema import GeneratorEMA
@@ -77,15 +75,7 @@ def export_flow_student(teacher, generator, out_dir: Path, method: str, steps_in
     use_ema = ema_obj is not None
     with staged_folder(out_dir, "the student") as tmp:
         with ema_obj.applied() if use_ema else contextlib.nullcontext(), torch.no_grad():
-            network = student_network(generator)  # within the EMA swap: a shared-base student is copied here
-            if is_lora:
-                transformer = merged_unet(network, dtype=dtype)
-                layers, meta = adapter_layers(generator, network)
-                layers = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in layers.items()}
-            else:
-                base = network.get_base_model() if hasattr(network, "get_base_model") else network
-                transformer = cast_module(base, dtype)
-                layers, meta = None, None
+            transformer, layers, meta = saved_network(generator, is_lora, dtype)
             components: dict[str, Any] = {"transformer": transformer, "scheduler": plan.scheduler}
             for name in TEXT_AND_VAE:
                 module = getattr(pipeline, name, None)

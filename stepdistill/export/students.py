@@ -44,13 +44,9 @@ from stepdistill.export.common import (
     base_model_name,
     cast_module,
     has_lora,
-    merged_unet,
+    saved_network,
     module_dtype,
-    student_network,
     teacher_folder,
-)
-from stepdistill.export.common import (
-    lora_layers as adapter_layers,
 )
 from stepdistill.export.model_card import (
     GENERIC_EXAMPLE_PROMPT,
@@ -145,15 +141,8 @@ def export_pipeline_student(teacher, generator, out_dir: Path, method: str, step
 
     with staged_folder(out_dir, "the student") as tmp:
         with ema_obj.applied() if use_ema else contextlib.nullcontext(), torch.no_grad():
-            unet = student_network(generator)  # within the EMA swap: a shared-base student is copied here
-            if is_lora:
-                student_unet = merged_unet(unet, dtype=dtype)
-                lora_layers, lora_meta = adapter_layers(generator, unet)
-                lora_layers = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in lora_layers.items()}
-            else:
-                base = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
-                student_unet = cast_module(base, dtype)  # saved below, while the EMA weights are still swapped in
-                lora_layers, lora_meta = None, None
+            # saved below, while the EMA weights are still swapped in (a shared-base student is copied here)
+            student_unet, lora_layers, lora_meta = saved_network(generator, is_lora, dtype)
 
             components: dict[str, Any] = {"unet": student_unet, "scheduler": scheduler}
             for name in ("vae", "text_encoder", "text_encoder_2"):
