@@ -126,3 +126,20 @@ def test_dmd2_with_a_shared_base_trains_and_exports(tmp_path):
     assert any("__student__" in k for k in nets) and any("__fake_score__" in k for k in nets)
     info = json.loads((tmp_path / "run" / "student" / "stepdistill_export.json").read_text())
     assert info["lora"] and info["lora_file"] == "pytorch_lora_weights.safetensors"
+
+
+def test_a_standalone_copy_computes_what_its_view_computes(teacher):
+    """What export saves of a shared-base student: a copy of the base with that adapter only, active."""
+    x, t, embeds = _inputs(teacher)
+    with torch.no_grad():
+        before = unet_forward(teacher.unet, x, t, embeds)
+    student = AdapterView(teacher.unet, "student", 4)
+    fake = AdapterView(teacher.unet, "fake_score", 4)
+    _randomise(student, 2)
+    _randomise(fake, 3)
+    copy = student.standalone()
+    assert set(copy.peft_config) == {"student"}
+    with torch.no_grad():
+        torch.testing.assert_close(unet_forward(copy, x, t, embeds), unet_forward(student, x, t, embeds))
+        # the shared base itself is left as it was: adapters off
+        assert torch.equal(unet_forward(teacher.unet, x, t, embeds), before)
