@@ -125,15 +125,15 @@ def make_flow_transformer(**overrides) -> "SD3Transformer2DModel":
 
 
 def make_flow_scheduler() -> "FlowMatchEulerDiscreteScheduler":
-    """The rectified-flow scheduler, shift :data:`FLOW_SHIFT` = 1.
+    """The rectified-flow scheduler, shift :data:`FLOW_SHIFT` = 1 (no shift; not compared with other values).
 
     SD3 shifts its σ grid by 3.0 at 1024 px because, at a fixed σ, a large image keeps more of its signal than a small
-    one (more pixels average out the same noise), so the timesteps must be pushed towards the noisy end to spend the
-    same effort on global structure (Esser et al. 2024, sec. 5.3.2, "resolution-dependent shifting"). Their own rule,
-    σ shifted by sqrt(m/n) when going from n to m pixels, gives 1 for the 256 px base resolution they trained with
-    before shifting; the toy's 8x8 latents have 64 positions against SD3's 128x128 = 16,384 at 1024 px, far below
-    that base, so no shift (s = 1) is the value the rule gives, and the logit-normal density already concentrates
-    training on the middle σ."""
+    one (more pixels average out the same noise), so the timesteps must move towards the noisy end to spend the same
+    effort on global structure (Esser et al. 2024, sec. 5.3.2, "resolution-dependent shifting": σ shifted by
+    sqrt(m/n) from n to m pixels, from the 256 px they first trained at). The toy's 32 px images are far below any
+    resolution that needs a shift towards noise (the rule would give sqrt(32²/256²) = 1/8, a shift towards clean
+    σ that flat shapes on plain backgrounds have no use for), so the toy keeps the neutral 1; the logit-normal
+    density already concentrates training on the middle σ."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
