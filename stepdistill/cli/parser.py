@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--num-latents", type=int, default=20_000, help="toy-world images encoded by the VAE once")
     tf.add_argument("--train-text-encoders", action="store_true",
                     help="train the two CLIP text encoders jointly (default: frozen, as loaded from the toy teacher)")
+    tf.add_argument("--init-from", default=None,
+                    help="continue from a folder this command wrote (its transformer; pass another --seed for a "
+                         "fresh data draw)")
     tf.set_defaults(func="stepdistill.cli.toy:cmd_toy_train_flow_teacher")
     te = toy.add_parser("train-evaluator", help="train the toy evaluator (attribute predictor)")
     te.add_argument("--out", default="assets/toy-evaluator")

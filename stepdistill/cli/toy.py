@@ -18,7 +18,8 @@ def cmd_toy_train_teacher(args: argparse.Namespace) -> int:
 
 def cmd_toy_train_flow_teacher(args: argparse.Namespace) -> int:
     info = train_flow_teacher(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              num_latents=args.num_latents, train_text_encoders=args.train_text_encoders)
+                              num_latents=args.num_latents, train_text_encoders=args.train_text_encoders,
+                              init_from=args.init_from)
     print(json.dumps(info, indent=2))
     return 0
 

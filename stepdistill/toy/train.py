@@ -331,6 +331,7 @@ def train_flow_teacher(
     transformer_overrides: dict | None = None,
     half_precision_storage: bool = True,
     teacher_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
 ) -> dict:
     """Train the toy flow-matching teacher and save it as a diffusers ``StableDiffusion3Pipeline`` folder.
 
@@ -339,10 +340,28 @@ def train_flow_teacher(
     scheduler's table, ``x_σ = (1 − σ)x₀ + σε`` and the flow target ``ε − x₀`` (:func:`flow_matching_loss`), the
     prompt replaced by "" with probability ``cond_dropout`` (for classifier-free guidance), an EMA of the weights
     saved. The text encoders stay frozen unless ``train_text_encoders`` (then trained jointly, with their own EMA).
-    The transformer is stored in float16 when ``half_precision_storage`` (to keep the repository small)."""
+    The transformer is stored in float16 when ``half_precision_storage`` (to keep the repository small).
+    ``init_from``: a folder this function wrote; its transformer (and, if it trained them, its text encoders) is the
+    starting point instead of a fresh one, and its ``training_info.json`` is kept in the new one's ``init_from``
+    (training continued with a fresh optimizer, learning-rate cycle and data draw: pass another ``seed``)."""
     torch.manual_seed(seed)
     t_start = time.time()
-    pipe = build_flow_pipeline(teacher_dir=teacher_dir, **(transformer_overrides or {}))
+    init_info = None
+    if init_from is not None:
+        from diffusers import SD3Transformer2DModel
+
+        init_dir = Path(init_from)
+        init_info = json.loads((init_dir / "training_info.json").read_text())
+        start = SD3Transformer2DModel.from_pretrained(init_dir / "transformer", local_files_only=True,
+                                                      torch_dtype=torch.float32)
+        pipe = build_flow_pipeline(transformer=start, teacher_dir=teacher_dir)
+        if init_info.get("train_text_encoders"):
+            from transformers import CLIPTextModelWithProjection
+
+            pipe.text_encoder, pipe.text_encoder_2 = (CLIPTextModelWithProjection.from_pretrained(
+                init_dir / name, local_files_only=True, dtype=torch.float32) for name in ("text_encoder", "text_encoder_2"))
+    else:
+        pipe = build_flow_pipeline(teacher_dir=teacher_dir, **(transformer_overrides or {}))
     transformer, vae = pipe.transformer, pipe.vae
     encoders = [pipe.text_encoder, pipe.text_encoder_2]
     for encoder in encoders:
@@ -405,6 +424,7 @@ def train_flow_teacher(
         "scaling_factor": float(vae.config.scaling_factor), "shift_factor": 0.0,
         "transformer_storage_dtype": "float16" if half_precision_storage else "float32",
         "final_loss_ema": running, "total_seconds": round(time.time() - t_start, 1),
+        "init_from": None if init_info is None else {"folder": Path(init_from).name, "training_info": init_info},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     with staged_folder(Path(out_dir), "the toy flow teacher") as tmp:
