@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(recorded in the report)")
     bn.set_defaults(func="stepdistill.cli.bench:cmd_bench")
 
-    toy = sub.add_parser("toy", help="train the embedded toy teacher / evaluator").add_subparsers(dest="toy_cmd", required=True)
+    toy = sub.add_parser("toy", help="train the embedded toy teachers / evaluator").add_subparsers(dest="toy_cmd", required=True)
     tt = toy.add_parser("train-teacher", help="train the toy SD teacher and save it as a diffusers folder")
     tt.add_argument("--out", default="assets/toy-teacher")
     tt.add_argument("--seed", type=int, default=0)
@@ -198,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vae-cache", default=None,
                     help="folder that keeps the trained VAE: reused if it holds one (a rerun skips the VAE stage)")
     tt.set_defaults(func="stepdistill.cli.toy:cmd_toy_train_teacher")
+    tf = toy.add_parser("train-flow-teacher", help="train the toy flow-matching teacher (an SD3 pipeline on the toy "
+                                                   "teacher's VAE and text encoder) and save it as a diffusers folder")
+    tf.add_argument("--out", default="assets/toy-flow-teacher")
+    tf.add_argument("--seed", type=int, default=0)
+    tf.add_argument("--steps", type=int, default=2600)
+    tf.add_argument("--batch-size", type=int, default=64)
+    tf.add_argument("--lr", type=finite_float, default=5e-4)
+    tf.add_argument("--num-latents", type=int, default=20_000, help="toy-world images encoded by the VAE once")
+    tf.add_argument("--train-text-encoders", action="store_true",
+                    help="train the two CLIP text encoders jointly (default: frozen, as loaded from the toy teacher)")
+    tf.add_argument("--init-from", default=None,
+                    help="continue from a folder this command wrote (its transformer; pass another --seed for a "
+                         "fresh data draw)")
+    tf.set_defaults(func="stepdistill.cli.toy:cmd_toy_train_flow_teacher")
     te = toy.add_parser("train-evaluator", help="train the toy evaluator (attribute predictor)")
     te.add_argument("--out", default="assets/toy-evaluator")
     te.add_argument("--seed", type=int, default=0)

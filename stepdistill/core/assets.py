@@ -9,6 +9,10 @@ from pathlib import Path
 ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
 TOY_TEACHER = ASSETS_DIR / "toy-teacher"
 TOY_EVALUATOR = ASSETS_DIR / "toy-evaluator"
+TOY_FLOW_TEACHER = ASSETS_DIR / "toy-flow-teacher"
+#: A pipeline folder's own call arguments (``{"call_kwargs": {...}}``), passed on every call of the pipeline; the toy
+#: flow teacher records its ``max_sequence_length`` there.
+PIPELINE_CALL_FILE = "stepdistill_pipeline.json"
 
 
 def require(path: Path, what: str, command: str) -> Path:
@@ -22,6 +26,10 @@ def require(path: Path, what: str, command: str) -> Path:
 
 def toy_teacher_path() -> Path:
     return require(TOY_TEACHER, "toy teacher", "stepdistill toy train-teacher")
+
+
+def toy_flow_teacher_path() -> Path:
+    return require(TOY_FLOW_TEACHER, "toy flow teacher", "stepdistill toy train-flow-teacher")
 
 
 def toy_evaluator_path() -> Path:

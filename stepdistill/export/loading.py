@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from stepdistill.core.assets import toy_teacher_path
+from stepdistill.core.assets import PIPELINE_CALL_FILE, toy_flow_teacher_path, toy_teacher_path
 from stepdistill.export.common import GUIDANCE_DISTILLED_METHODS
-from stepdistill.models.teacher import _dtype_kwarg
+from stepdistill.models.teacher import _dtype_kwarg, absent_components
 
 
 class PipelineLoadError(ValueError):
@@ -19,11 +19,15 @@ class PipelineLoadError(ValueError):
 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """``DiffusionPipeline.from_pretrained`` on a local folder, offline; ``"toy"`` names the shipped toy teacher."""
+    """``DiffusionPipeline.from_pretrained`` on a local folder, offline; ``"toy"`` names the shipped toy teacher and
+    ``"toy-flow"`` the shipped toy flow teacher. Components the folder records as absent (an SD3 pipeline without
+    T5) are passed as None, as diffusers requires."""
     from diffusers import DiffusionPipeline
 
     if str(path) == "toy":
         path = toy_teacher_path()
+    elif str(path) == "toy-flow":
+        path = toy_flow_teacher_path()
     path = Path(path)
     if not path.exists():
         raise PipelineLoadError(f"pipeline path {path} does not exist: pass a diffusers pipeline folder or 'toy'")
@@ -35,6 +39,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     kwargs: dict[str, Any] = {"local_files_only": True, _dtype_kwarg(): dtype}
     if "safety_checker" in (path / "model_index.json").read_text():
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs.update(absent_components(path))
     if export_info(path).get("trust_remote_code"):  # a stepdistill export shipping its own scheduler file
         kwargs["trust_remote_code"] = True
     try:
@@ -58,6 +63,20 @@ def export_info(folder: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise PipelineLoadError(f"{path} is not valid JSON ({e}); re-export the student") from e
+
+
+def pipeline_call_kwargs(pipe: Any) -> dict[str, Any]:
+    """The call arguments the folder a loaded pipeline came from records for every call of it
+    (``stepdistill_pipeline.json``'s ``call_kwargs``, e.g. the toy flow teacher's ``max_sequence_length``; {} for any
+    other pipeline)."""
+    folder = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    path = Path(folder) / PIPELINE_CALL_FILE if folder else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")).get("call_kwargs") or {})
+    except (ValueError, AttributeError, TypeError) as e:
+        raise PipelineLoadError(f"{path} is not valid JSON with a 'call_kwargs' object ({e})") from e
 
 
 def pipeline_export_info(pipe: Any) -> dict[str, Any]:
@@ -95,21 +114,23 @@ def check_student_call(info: dict[str, Any], steps: int, guidance: float, folder
 
 
 def step_kwargs(pipe: Any, steps: int) -> dict[str, Any]:
-    """The step arguments of a pipeline call for ``steps`` steps: ``num_inference_steps=steps``, except for an
+    """The step arguments of a pipeline call for ``steps`` steps, plus the folder's own call arguments
+    (:func:`pipeline_call_kwargs`): ``num_inference_steps=steps``, except for an
     exported stepdistill student whose timesteps that call does not reproduce (``stepdistill_export.json`` says
     ``num_inference_steps_reproduces_timesteps: false``, e.g. a one-step student conditioned at t = 399), which is
     called with its own ``timesteps=[...]`` as its model card recommends. Asking such a student for another step
     count than it was trained for is an error."""
     folder = getattr(getattr(pipe, "config", None), "_name_or_path", None)
     info = pipeline_export_info(pipe)
+    own = pipeline_call_kwargs(pipe)
     if not info:
-        return {"num_inference_steps": steps}
+        return {"num_inference_steps": steps, **own}
     timesteps = [int(t) for t in info.get("timesteps") or []]
     if info.get("num_inference_steps_reproduces_timesteps", True) or not timesteps:
-        return {"num_inference_steps": steps}
+        return {"num_inference_steps": steps, **own}
     if steps != len(timesteps):
         raise ValueError(
             f"{folder} is a {len(timesteps)}-step student trained at timesteps {timesteps}, which "
             f"num_inference_steps cannot reproduce; it can only be sampled in {len(timesteps)} step(s), not {steps}"
         )
-    return {"timesteps": timesteps}
+    return {"timesteps": timesteps, **own}

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from stepdistill.core.assets import TOY_TEACHER
+from stepdistill.core.assets import PIPELINE_CALL_FILE, TOY_FLOW_TEACHER, TOY_TEACHER
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.models.conditioning import PromptEmbeds, network_dtype, unet_forward
 
@@ -132,15 +132,30 @@ def absent_components(folder: Path) -> dict[str, None]:
             if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
 
 
+def call_kwargs(folder: Path) -> dict[str, Any]:
+    """``call_kwargs`` of ``folder/stepdistill_pipeline.json``: arguments every call of the folder's pipeline takes
+    (the toy flow teacher's ``max_sequence_length``); {} when the folder has none."""
+    path = folder / PIPELINE_CALL_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")).get("call_kwargs") or {})
+    except (ValueError, AttributeError, TypeError) as e:
+        raise TeacherLoadError(f"cannot load teacher from {folder}: {path} is not valid JSON with a 'call_kwargs' "
+                               f"object ({e})") from e
+
+
 def _resolve_source(source: str | Path) -> Path:
-    if isinstance(source, str) and source == "toy":
-        if not (TOY_TEACHER_DIR / "model_index.json").is_file():
+    shortcuts = {"toy": (TOY_TEACHER_DIR, "train-teacher"), "toy-flow": (TOY_FLOW_TEACHER, "train-flow-teacher")}
+    if isinstance(source, str) and source in shortcuts:
+        folder, command = shortcuts[source]
+        if not (folder / "model_index.json").is_file():
             raise TeacherLoadError(
-                f"cannot load the toy teacher: {TOY_TEACHER_DIR} does not exist or has no model_index.json. "
-                "Create it with `stepdistill toy train-teacher` (it trains and writes that folder), or pass the "
-                "path of a diffusers folder / .safetensors file instead of 'toy'."
+                f"cannot load the {source} teacher: {folder} does not exist or has no model_index.json. "
+                f"Create it with `stepdistill toy {command}` (it trains and writes that folder), or pass the "
+                f"path of a diffusers folder / .safetensors file instead of {source!r}."
             )
-        return TOY_TEACHER_DIR
+        return folder
     path = Path(source).expanduser()
     if not path.exists():
         hint = ""
@@ -200,6 +215,9 @@ class Teacher:
         self.schedule = NoiseSchedule.from_scheduler(pipeline.scheduler)
         self.prediction_type = self.schedule.prediction_type
         self.embedded_guidance = self._embedded_guidance(embedded_guidance)
+        #: Arguments every pipeline call takes (a folder's ``stepdistill_pipeline.json``; set by :meth:`load`): the
+        #: SD3 ``max_sequence_length`` (zero T5 tokens) also applies to :meth:`encode_prompt`.
+        self.call_kwargs: dict[str, Any] = {}
 
         scale = int(getattr(pipeline, "vae_scale_factor", 2 ** (len(self.vae.config.block_out_channels) - 1)))
         channels, (h, w) = self._latent_geometry(scale, resolution)
@@ -276,7 +294,8 @@ class Teacher:
     ) -> "Teacher":
         """Load a frozen teacher from a local diffusers pipeline folder, a single-file checkpoint
         (``.safetensors`` / ``.ckpt``, original SD key layout; needs ``config=`` a local diffusers folder of the same
-        architecture, since no original config can be fetched) or ``"toy"`` (``assets/toy-teacher``).
+        architecture, since no original config can be fetched), ``"toy"`` (``assets/toy-teacher``) or ``"toy-flow"``
+        (``assets/toy-flow-teacher``, the SD3-style toy flow teacher).
         ``config`` is only used for single files. ``resolution`` (pixels; SD3/FLUX only) and ``embedded_guidance``
         (FLUX.1-dev only, default 3.5) are described on the class. Never touches the network; bad input raises one
         :class:`TeacherLoadError` naming the path."""
@@ -292,7 +311,10 @@ class Teacher:
                 f"folder (with model_index.json) or a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})."
             )
         pipeline = pipeline.to(device)
-        return cls(pipeline, source=str(path), resolution=resolution, embedded_guidance=embedded_guidance)
+        teacher = cls(pipeline, source=str(path), resolution=resolution, embedded_guidance=embedded_guidance)
+        if path.is_dir():
+            teacher.call_kwargs = call_kwargs(path)
+        return teacher
 
     @staticmethod
     def _from_pretrained(folder: Path, class_name: str, family: str, dtype: torch.dtype) -> Any:
@@ -386,6 +408,7 @@ class Teacher:
                 cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
                     prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
                     do_classifier_free_guidance=with_uncond, negative_prompt=negatives,
+                    **{k: v for k, v in self.call_kwargs.items() if k == "max_sequence_length"},
                 )
                 embeds = PromptEmbeds(cond=cond, cond_added={"pooled_projections": pooled})
                 if with_uncond:
@@ -522,6 +545,7 @@ class Teacher:
         negatives = self._negatives(negative_prompt, len(prompts))
         kwargs: dict[str, Any] = dict(prompt=prompts, negative_prompt=negatives,
                                       num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale))
+        kwargs.update(self.call_kwargs)
         if self.family == "sd3":
             kwargs.update(height=self.image_size[0], width=self.image_size[1])
         elif self.family == "flux":

@@ -9,25 +9,28 @@ from pathlib import Path
 from stepdistill.core.assets import (  # noqa: F401 (re-exported)
     ASSETS_DIR,
     TOY_EVALUATOR,
+    TOY_FLOW_TEACHER,
     TOY_TEACHER,
     require,
     toy_evaluator_path,
+    toy_flow_teacher_path,
     toy_teacher_path,
 )
 from stepdistill.toy import world
 
 
 def is_toy_model(source: str | Path) -> bool:
-    """Whether ``source`` names the toy teacher (``"toy"`` or its folder) or a student exported from it: models
-    whose tokenizer knows only the toy world's closed vocabulary."""
-    if str(source) == "toy":
+    """Whether ``source`` names a toy teacher (``"toy"``, ``"toy-flow"`` or their folders) or a student exported from
+    one: models whose tokenizer knows only the toy world's closed vocabulary."""
+    if str(source) in ("toy", "toy-flow"):
         return True
     path = Path(source).expanduser()
     try:
-        if path.resolve() == TOY_TEACHER.resolve():
+        if path.resolve() in (TOY_TEACHER.resolve(), TOY_FLOW_TEACHER.resolve()):
             return True
         info = path / "stepdistill_export.json"
-        return info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("base_model") == "toy-teacher"
+        return info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("base_model") in (
+            "toy-teacher", "toy-flow-teacher")
     except (OSError, ValueError):
         return False
 

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -80,3 +83,74 @@ def make_unet() -> UNet2DConditionModel:
 
 def make_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SCHEDULER_CONFIG)
+
+
+# --- the toy flow-matching teacher: a StableDiffusion3Pipeline scaled down to the toy world ---------------------------
+#: Shift of the flow teacher's FlowMatchEulerDiscreteScheduler (see :func:`make_flow_scheduler`).
+FLOW_SHIFT = 1.0
+#: Zero "T5" tokens the toy flow teacher is trained and sampled with. It has no T5 encoder (``text_encoder_3=None``),
+#: so ``StableDiffusion3Pipeline.encode_prompt`` appends ``max_sequence_length`` all-zero tokens to the CLIP tokens;
+#: the pipeline's default of 256 would make the 64-token image stream attend over 272 text tokens and cost 6x more per
+#: call (measured: 1.78 s against 0.29 s per 144 latents). SD3 itself was trained with 77 CLIP + 77 T5 positions
+#: (Esser et al. 2024, sec. 5.1); the toy keeps that layout at its own length, 16 + 16. Callers pass
+#: ``max_sequence_length=FLOW_T5_TOKENS``; the asset records it in ``stepdistill_pipeline.json``.
+FLOW_T5_TOKENS = 16
+#: The flow teacher's transformer (2.33M parameters): patch 1 on 8x8 latents (64 image tokens; a 2x2 patch would leave
+#: a 4x4 grid, coarser than the shapes' corners), width 128 = 4 heads x 32, 4 joint blocks. Sized by the repository
+#: budget (stored in float16: 4.65 MB) and by cost on 2 CPU cores (measured at batch 128: 0.61 s per training step;
+#: 0.25 s per call on 144 latents, against 0.50 s for the toy SD teacher's UNet); 5 blocks cost 0.76 s / 0.31 s and
+#: the SD3-like width 192 x 8 blocks 2.35 s / 1.11 s.
+FLOW_TRANSFORMER_CONFIG = dict(
+    sample_size=LATENT_SIZE,
+    patch_size=1,
+    in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    num_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=2 * TEXT_DIM,  # the two CLIP encoders' hidden states side by side, as SD3 concatenates them
+    caption_projection_dim=128,
+    pooled_projection_dim=2 * TEXT_DIM,  # both encoders' pooled projections, concatenated
+    pos_embed_max_size=LATENT_SIZE,
+)
+
+
+def make_flow_transformer(**overrides) -> "SD3Transformer2DModel":
+    """An SD3 MMDiT (Esser et al. 2024) for 8x8x4 latents: joint attention between the image tokens and the text
+    tokens (the CLIP hidden states projected by ``context_embedder``), timestep and pooled-text embedding through
+    adaptive layer norm. ``overrides`` replace entries of :data:`FLOW_TRANSFORMER_CONFIG` (tests build tiny ones)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(**{**FLOW_TRANSFORMER_CONFIG, **overrides})
+
+
+def make_flow_scheduler() -> "FlowMatchEulerDiscreteScheduler":
+    """The rectified-flow scheduler, shift :data:`FLOW_SHIFT` = 1 (no shift; not compared with other values).
+
+    SD3 shifts its σ grid by 3.0 at 1024 px because, at a fixed σ, a large image keeps more of its signal than a small
+    one (more pixels average out the same noise), so the timesteps must move towards the noisy end to spend the same
+    effort on global structure (Esser et al. 2024, sec. 5.3.2, "resolution-dependent shifting": σ shifted by
+    sqrt(m/n) from n to m pixels, from the 256 px they first trained at). The toy's 32 px images are far below any
+    resolution that needs a shift towards noise (the rule would give sqrt(32²/256²) = 1/8, a shift towards clean
+    σ that flat shapes on plain backgrounds have no use for), so the toy keeps the neutral 1; the logit-normal
+    density already concentrates training on the middle σ."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
+
+
+def text_encoder_with_projection(text_encoder: CLIPTextModel) -> "CLIPTextModelWithProjection":
+    """The SD3 pipeline's CLIP encoder type built from a ``CLIPTextModel``: the same encoder weights and a new
+    ``text_projection`` (hidden -> projection_dim, no bias) initialised to the identity, so the pooled projection
+    starts as the encoder's own pooled (end-of-text) state."""
+    from transformers import CLIPTextModelWithProjection
+
+    config = copy.deepcopy(text_encoder.config)
+    config.architectures = ["CLIPTextModelWithProjection"]
+    config.projection_dim = config.hidden_size
+    out = CLIPTextModelWithProjection(config)
+    source = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 keeps the encoder at the top level
+    out.text_model.load_state_dict(source.state_dict(), strict=True)
+    with torch.no_grad():
+        out.text_projection.weight.copy_(torch.eye(config.hidden_size))
+    return out.eval()

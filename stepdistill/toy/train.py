@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stepdistill.core.assets import PIPELINE_CALL_FILE as FLOW_CALL_FILE
+from stepdistill.core.assets import toy_teacher_path
 from stepdistill.core.outputs import staged_folder
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.toy import models, world
@@ -253,3 +255,188 @@ def evaluate_evaluator(model: ToyEvaluator, n: int, seed: int, blur_sigma: float
         "mae": {k: float(e / n) for k, e in zip(world.CONTINUOUS_ATTRIBUTES, abs_err)},
         "num_samples": n,
     }
+
+
+# --- the toy flow-matching teacher ------------------------------------------------------------------------------------
+def build_flow_pipeline(transformer=None, teacher_dir: str | Path | None = None, **transformer_overrides):
+    """A ``StableDiffusion3Pipeline`` for the toy world around ``transformer`` (default: a fresh
+    :func:`models.make_flow_transformer` with ``transformer_overrides``): the shipped toy teacher's VAE (its weights
+    and scaling factor, with ``shift_factor=0`` registered so that the SD3 pipeline's decode
+    ``latents/scaling_factor + shift_factor`` works), its tokenizer twice and its CLIP text encoder twice as
+    ``CLIPTextModelWithProjection`` (:func:`models.text_encoder_with_projection`), no T5 (``text_encoder_3=None``;
+    the pipeline then pads with zeros, see :data:`models.FLOW_T5_TOKENS`) and the rectified-flow scheduler."""
+    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(teacher_dir) if teacher_dir is not None else toy_teacher_path()
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval()
+    vae.register_to_config(shift_factor=0.0)
+    clip = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, dtype=torch.float32)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer if transformer is not None else models.make_flow_transformer(**transformer_overrides),
+        scheduler=models.make_flow_scheduler(), vae=vae,
+        text_encoder=models.text_encoder_with_projection(clip), tokenizer=tokenizer,
+        text_encoder_2=models.text_encoder_with_projection(clip), tokenizer_2=copy.deepcopy(tokenizer),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode_flow_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(encoder_hidden_states, pooled_projections) of ``prompts`` exactly as the SD3 pipeline conditions the
+    transformer when sampled with ``max_sequence_length=FLOW_T5_TOKENS`` (``StableDiffusion3Pipeline.encode_prompt``:
+    both CLIP encoders' penultimate hidden states side by side, then the zero T5 tokens; the pooled projections
+    concatenated). Differentiable in the text encoders' weights unless called under ``torch.no_grad()``."""
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, prompt_3=None, device=torch.device("cpu"), num_images_per_prompt=1,
+        do_classifier_free_guidance=False, max_sequence_length=models.FLOW_T5_TOKENS)
+    return embeds, pooled
+
+
+def flow_matching_loss(transformer, schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                       encoder_hidden_states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow loss of SD3 training (Esser et al. 2024, eq. 6 with the logit-normal density placed in
+    ``t``; diffusers ``examples/dreambooth/train_dreambooth_sd3.py`` with ``--weighting_scheme logit_normal`` and no
+    output preconditioning): ``‖v_θ(x_σ, 1000σ, c) − (ε − x₀)‖²`` with ``x_σ = (1 − σ)x₀ + σε``, all through the
+    schedule's own functions (``add_noise``, ``model_timestep``, ``target``)."""
+    x_t = schedule.add_noise(x0, noise, t)
+    pred = transformer(hidden_states=x_t, timestep=schedule.model_timestep(t), encoder_hidden_states=encoder_hidden_states,
+                       pooled_projections=pooled, return_dict=False)[0]
+    return F.mse_loss(pred.float(), schedule.target(x0, noise, t).float())
+
+
+def _store_half(folder: Path) -> None:
+    """Rewrite every float32 tensor of ``folder/*.safetensors`` as float16 (the stored form; loading with
+    ``dtype=torch.float32`` upcasts it)."""
+    from safetensors.torch import load_file, save_file
+
+    for file in folder.glob("*.safetensors"):
+        tensors = load_file(file)
+        save_file({k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}, file,
+                  metadata={"format": "pt"})
+
+
+def train_flow_teacher(
+    out_dir: str | Path,
+    seed: int = 0,
+    steps: int = 2600,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    num_latents: int = 20_000,
+    ema_decay: float = 0.999,
+    cond_dropout: float = 0.1,
+    train_text_encoders: bool = False,
+    transformer_overrides: dict | None = None,
+    half_precision_storage: bool = True,
+    teacher_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
+) -> dict:
+    """Train the toy flow-matching teacher and save it as a diffusers ``StableDiffusion3Pipeline`` folder.
+
+    As diffusers' ``train_dreambooth_sd3.py`` trains SD3: latents of the toy world from the shipped VAE
+    (:func:`encode_dataset`, scaled by its ``scaling_factor``), σ from the logit-normal density (mean 0, std 1) on the
+    scheduler's table, ``x_σ = (1 − σ)x₀ + σε`` and the flow target ``ε − x₀`` (:func:`flow_matching_loss`), the
+    prompt replaced by "" with probability ``cond_dropout`` (for classifier-free guidance), an EMA of the weights
+    saved. The text encoders stay frozen unless ``train_text_encoders`` (then trained jointly, with their own EMA).
+    The transformer is stored in float16 when ``half_precision_storage`` (to keep the repository small).
+    ``init_from``: a folder this function wrote; its transformer (and, if it trained them, its text encoders) is the
+    starting point instead of a fresh one, and its ``training_info.json`` is kept in the new one's ``init_from``
+    (training continued with a fresh optimizer, learning-rate cycle and data draw: pass another ``seed``)."""
+    torch.manual_seed(seed)
+    t_start = time.time()
+    init_info = None
+    if init_from is not None:
+        from diffusers import SD3Transformer2DModel
+
+        init_dir = Path(init_from)
+        init_info = json.loads((init_dir / "training_info.json").read_text())
+        start = SD3Transformer2DModel.from_pretrained(init_dir / "transformer", local_files_only=True,
+                                                      torch_dtype=torch.float32)
+        pipe = build_flow_pipeline(transformer=start, teacher_dir=teacher_dir)
+        if init_info.get("train_text_encoders"):
+            from transformers import CLIPTextModelWithProjection
+
+            pipe.text_encoder, pipe.text_encoder_2 = (CLIPTextModelWithProjection.from_pretrained(
+                init_dir / name, local_files_only=True, dtype=torch.float32) for name in ("text_encoder", "text_encoder_2"))
+    else:
+        pipe = build_flow_pipeline(teacher_dir=teacher_dir, **(transformer_overrides or {}))
+    transformer, vae = pipe.transformer, pipe.vae
+    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    for encoder in encoders:
+        encoder.requires_grad_(train_text_encoders).train(train_text_encoders)
+    raw_latents, prompts = encode_dataset(vae, num_latents, seed + 1)
+    latents = raw_latents * float(vae.config.scaling_factor)  # the shipped VAE's factor, shift 0
+
+    table = sorted(set(prompts)) + [""]  # the prompts met in training; "" last (the dropped prompt)
+    row = {p: i for i, p in enumerate(table)}
+    prompt_rows = torch.tensor([row[p] for p in prompts])
+    if not train_text_encoders:
+        with torch.no_grad():
+            table_embeds, table_pooled = encode_flow_prompts(pipe, table)
+
+    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    params = list(transformer.parameters()) + ([p for e in encoders for p in e.parameters()] if train_text_encoders else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
+    trained = [transformer] + (encoders if train_text_encoders else [])
+    emas = [copy.deepcopy(m).requires_grad_(False) for m in trained]
+    transformer.train()
+    gen = torch.Generator().manual_seed(seed + 2)
+    bar = tqdm(range(steps), desc="toy flow teacher")
+    running = None
+    for step in bar:
+        idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+        x0 = latents[idx]
+        rows = prompt_rows[idx].clone()
+        rows[torch.rand(batch_size, generator=gen) < cond_dropout] = len(table) - 1
+        noise = torch.randn(x0.shape, generator=gen)
+        t = schedule.sample_timesteps_logit_normal(batch_size, mean=0.0, std=1.0, generator=gen)
+        if train_text_encoders:
+            cond, pooled = encode_flow_prompts(pipe, [table[int(r)] for r in rows])
+        else:
+            cond, pooled = table_embeds[rows], table_pooled[rows]
+        loss = flow_matching_loss(transformer, schedule, x0, noise, t, cond, pooled)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        for ema, model in zip(emas, trained):
+            _ema_update(ema, model, decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{running:.4f}")
+
+    pipe.transformer = emas[0].eval()
+    if train_text_encoders:
+        pipe.text_encoder, pipe.text_encoder_2 = emas[1].eval(), emas[2].eval()
+    info = {
+        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "num_latents": num_latents,
+        "ema_decay": ema_decay, "cond_dropout": cond_dropout, "train_text_encoders": train_text_encoders,
+        "timestep_density": "logit-normal (mean 0, std 1) on the scheduler's sigma table",
+        "loss": "MSE of the flow prediction to eps - x0 (no weighting, no output preconditioning)",
+        "transformer_config": {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")},
+        "transformer_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+        "scheduler_shift": float(pipe.scheduler.config.shift), "max_sequence_length": models.FLOW_T5_TOKENS,
+        "scaling_factor": float(vae.config.scaling_factor), "shift_factor": 0.0,
+        "transformer_storage_dtype": "float16" if half_precision_storage else "float32",
+        "final_loss_ema": running, "total_seconds": round(time.time() - t_start, 1),
+        "init_from": None if init_info is None else {"folder": Path(init_from).name, "training_info": init_info},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    with staged_folder(Path(out_dir), "the toy flow teacher") as tmp:
+        tmp.mkdir(parents=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if half_precision_storage:
+            _store_half(tmp / "transformer")
+        for config_file in tmp.glob("*/config.json"):  # no local paths in the shipped configs
+            config = json.loads(config_file.read_text())
+            if config.pop("_name_or_path", None) is not None:
+                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / FLOW_CALL_FILE).write_text(json.dumps(
+            {"call_kwargs": {"max_sequence_length": models.FLOW_T5_TOKENS}}, indent=2) + "\n")
+        (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info

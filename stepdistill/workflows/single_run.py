@@ -30,7 +30,7 @@ from stepdistill.objectives import (
 )
 from stepdistill.objectives.regression import make_regression_pairs
 from stepdistill.toy import world
-from stepdistill.toy.assets import TOY_TEACHER, check_toy_vocabulary, is_toy_model
+from stepdistill.toy.assets import TOY_FLOW_TEACHER, TOY_TEACHER, check_toy_vocabulary, is_toy_model
 from stepdistill.toy.embedder import ToyEmbedder
 from stepdistill.training.batches import build_batch
 from stepdistill.training.config import ConfigError, load_recipe
@@ -299,7 +299,8 @@ def default_example_prompt(teacher) -> str:
     """A prompt the teacher's text encoder can read: a toy-world prompt for the shipped toy teacher (its tokenizer
     knows only the toy vocabulary), else a generic one."""
     source = str(getattr(teacher, "source", ""))
-    if source == "toy" or (source and Path(source).resolve() == Path(TOY_TEACHER).resolve()):
+    if source == "toy" or (source and Path(source).resolve() in (Path(TOY_TEACHER).resolve(),
+                                                                   Path(TOY_FLOW_TEACHER).resolve())):
         return world.make_prompt("cross", "blue", "large", "white")
     return GENERIC_EXAMPLE_PROMPT
 
