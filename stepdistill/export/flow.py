@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from stepdistill.core.assets import PIPELINE_CALL_FILE
 from stepdistill.core.outputs import staged_folder
 from stepdistill.export.common import (
     EXPORT_INFO_FILE,
@@ -109,11 +110,15 @@ def export_flow_student(teacher, generator, out_dir: Path, method: str, steps_in
             "dtype": str(dtype).replace("torch.", ""),
             "steps_info": steps_info,
         }
+        if teacher.call_kwargs:  # e.g. the toy flow teacher's max_sequence_length: the student needs it too
+            info["call_kwargs"] = dict(teacher.call_kwargs)
+            (tmp / PIPELINE_CALL_FILE).write_text(json.dumps({"call_kwargs": info["call_kwargs"]}, indent=2) + "\n",
+                                                  encoding="utf-8")
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
         (tmp / "README.md").write_text(flow_model_card(
             folder=str(out_dir), base_model=info["base_model"], base_path=teacher_folder(teacher), method=method,
             pipeline_class=type(pipeline).__name__, sigmas=sigmas, plan=plan, lora_file=layers is not None,
             ema=use_ema, family=teacher.family, guidance_scale=info["guidance_scale"],
             image_size=teacher.image_size, absent=sorted(plain_loading_kwargs(teacher)), steps_info=steps_info,
-            example_prompt=example_prompt), encoding="utf-8")
+            example_prompt=example_prompt, call_kwargs=teacher.call_kwargs), encoding="utf-8")
     return out_dir

@@ -209,6 +209,7 @@ def flow_model_card(
     steps_info: Mapping[str, Any],
     example_prompt: str,
     base_path: str | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
 ) -> str:
     """The model card of a flow-matching student (SD3 / FLUX pipeline folder): the plain diffusers call with the
     student's steps (``num_inference_steps`` or its σ list), guidance and, for FLUX, its resolution."""
@@ -219,6 +220,7 @@ def flow_model_card(
     rounded = [round(s, 6) for s in sigmas]
     steps_kw = f"num_inference_steps={n}" if plan.default_call_ok else f"sigmas={rounded}"
     size_kw = f", height={image_size[0]}, width={image_size[1]}" if family == "flux" else ""
+    size_kw += "".join(f", {k}={v!r}" for k, v in sorted((call_kwargs or {}).items()))
     call = f'image = pipe("{example_prompt}", {steps_kw}, guidance_scale={guidance_scale}{size_kw}).images[0]'
     absent_kw = "".join(f", {name}=None" for name in absent)
     front = {
@@ -255,6 +257,9 @@ def flow_model_card(
                      "sample.")
     if absent:
         lines.append(f"- {', '.join(f'`{a}`' for a in absent)}: absent from the teacher, so passed as None.")
+    for k, v in sorted((call_kwargs or {}).items()):
+        lines.append(f"- `{k}={v!r}`: the teacher was trained and is called with it (its `stepdistill_pipeline.json`, "
+                     "copied here); the student needs it too.")
     if lora_file:
         lines += [
             "", "## As a LoRA on the base model", "",
