@@ -159,3 +159,15 @@ def test_flow_model_card_prints_the_call(exported):
     assert "sigmas=[1.0, 0.9, 0.75, 0.5]" in card and "guidance_scale=1.0" in card
     card = (exported["root"] / "flux_1" / "README.md").read_text()
     assert "FluxPipeline.from_pretrained(" in card and "num_inference_steps=1, guidance_scale=3.5, height=16, width=16" in card
+
+
+def test_a_teachers_call_arguments_reach_the_student_folder_and_card(tmp_path):
+    """A teacher folder's recorded call arguments (the toy flow teacher's max_sequence_length) are the student's too."""
+    make_tiny_sd3_pipeline(tmp_path / "teacher")
+    (tmp_path / "teacher" / "stepdistill_pipeline.json").write_text(json.dumps({"call_kwargs": {"max_sequence_length": 16}}))
+    teacher = Teacher.load(tmp_path / "teacher")
+    assert teacher.call_kwargs == {"max_sequence_length": 16}
+    folder = export_student(teacher, Generator.from_teacher(teacher, timesteps=[999]), tmp_path / "student",
+                            method="sid", example_prompt=PROMPT)
+    assert json.loads((folder / "stepdistill_pipeline.json").read_text()) == {"call_kwargs": {"max_sequence_length": 16}}
+    assert "guidance_scale=1.0, max_sequence_length=16)" in (folder / "README.md").read_text()
