@@ -34,6 +34,15 @@ def _randomise(view: AdapterView, seed: int) -> None:
             p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
+def _two_views(teacher, fake_rank: int = 4, fake_alpha: float | None = None) -> tuple[AdapterView, AdapterView]:
+    """The student (rank 4) and the fake score as adapters on the teacher's base, with non-zero random weights."""
+    student = AdapterView(teacher.unet, "student", 4)
+    fake = AdapterView(teacher.unet, "fake_score", fake_rank, alpha=fake_alpha)
+    _randomise(student, 2)
+    _randomise(fake, 3)
+    return student, fake
+
+
 def _inputs(teacher):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, *teacher.latent_shape, generator=g)
@@ -45,10 +54,7 @@ def test_views_compute_independent_lora_copies_and_leave_the_teacher_alone(teach
     x, t, embeds = _inputs(teacher)
     with torch.no_grad():
         before = unet_forward(teacher.unet, x, t, embeds)
-    student = AdapterView(teacher.unet, "student", 4)
-    fake = AdapterView(teacher.unet, "fake_score", 2, alpha=4.0)
-    _randomise(student, 2)
-    _randomise(fake, 3)
+    student, fake = _two_views(teacher, fake_rank=2, fake_alpha=4.0)
     assert {n for n, _ in teacher.unet.named_parameters() if "lora" in n} and not list(teacher.unet.parameters())[0].requires_grad
     with torch.no_grad():
         assert torch.equal(unet_forward(teacher.unet, x, t, embeds), before)  # adapters off outside a view
@@ -68,10 +74,7 @@ def test_views_compute_independent_lora_copies_and_leave_the_teacher_alone(teach
 
 def test_one_graph_through_both_views_trains_both_and_a_frozen_view_stays_frozen(teacher):
     x, t, embeds = _inputs(teacher)
-    student = AdapterView(teacher.unet, "student", 4)
-    fake = AdapterView(teacher.unet, "fake_score", 4)
-    _randomise(student, 2)
-    _randomise(fake, 3)
+    student, fake = _two_views(teacher)
     y = unet_forward(student, x, t, embeds)
     loss = unet_forward(fake, y, t, embeds).square().mean()
     loss.backward()
@@ -89,10 +92,7 @@ def test_one_graph_through_both_views_trains_both_and_a_frozen_view_stays_frozen
 
 def test_gradient_checkpointing_recomputes_with_the_adapter_of_the_forward(teacher):
     x, t, embeds = _inputs(teacher)
-    student = AdapterView(teacher.unet, "student", 4)
-    fake = AdapterView(teacher.unet, "fake_score", 4)
-    _randomise(student, 2)
-    _randomise(fake, 3)
+    student, fake = _two_views(teacher)
 
     def grads():
         y = unet_forward(student, x, t, embeds)
@@ -133,13 +133,31 @@ def test_a_standalone_copy_computes_what_its_view_computes(teacher):
     x, t, embeds = _inputs(teacher)
     with torch.no_grad():
         before = unet_forward(teacher.unet, x, t, embeds)
-    student = AdapterView(teacher.unet, "student", 4)
-    fake = AdapterView(teacher.unet, "fake_score", 4)
-    _randomise(student, 2)
-    _randomise(fake, 3)
+    student, fake = _two_views(teacher)
     copy = student.standalone()
     assert set(copy.peft_config) == {"student"}
     with torch.no_grad():
         torch.testing.assert_close(unet_forward(copy, x, t, embeds), unet_forward(student, x, t, embeds))
         # the shared base itself is left as it was: adapters off
+        assert torch.equal(unet_forward(teacher.unet, x, t, embeds), before)
+
+
+def test_export_of_a_shared_base_student_merges_its_adapter_only(teacher, tmp_path):
+    """The exported transformer (the student's adapter merged into a copy of the base) computes what the student's
+    view computes, and the teacher's base is left without any merged weights."""
+    from diffusers import SD3Transformer2DModel
+
+    from stepdistill.models.generators import Generator
+
+    x, t, embeds = _inputs(teacher)
+    with torch.no_grad():
+        before = unet_forward(teacher.unet, x, t, embeds)
+    gen = Generator.from_teacher(teacher, timesteps=[999], lora_rank=4, share_teacher_base=True)
+    _randomise(gen.unet, 2)
+    AdapterView(teacher.unet, "fake_score", 4)  # a second adapter on the same base, as a run has
+    folder = export_student(teacher, gen, tmp_path / "student", method="dmd2", example_prompt="a red circle")
+    exported = SD3Transformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(unet_forward(exported, x, t, embeds), unet_forward(gen.unet, x, t, embeds),
+                                   rtol=1e-4, atol=1e-5)
         assert torch.equal(unet_forward(teacher.unet, x, t, embeds), before)

@@ -24,8 +24,6 @@ import math
 import torch
 from diffusers import DDPMScheduler
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
-SCHEDULE_FAMILIES = ("ddpm", "rectified_flow")
 #: The prediction types each schedule family supports.
 FAMILY_PREDICTION_TYPES = {"ddpm": ("epsilon", "v_prediction", "sample"), "rectified_flow": ("flow", "sample")}
 
@@ -137,6 +135,14 @@ class NoiseSchedule:
         idx = t.long().cpu()
         self._check_index(idx)
         return (self._sigma_table[idx] * self.num_train_timesteps).to(torch.float32).to(t.device)
+
+    def resolution_mu(self, image_seq_len: int) -> float | None:
+        """The dynamic-shift exponent of this schedule's config (:func:`flux_mu` with its base/max shift and sequence
+        lengths) for ``image_seq_len`` packed tokens; None for a schedule without dynamic shifting."""
+        if self.dynamic_shifting is None:
+            return None
+        d = self.dynamic_shifting
+        return flux_mu(image_seq_len, d["base_image_seq_len"], d["max_image_seq_len"], d["base_shift"], d["max_shift"])
 
     def inference_sigmas(self, num_steps: int, mu: float | None = None,
                          sigmas: torch.Tensor | list[float] | None = None) -> torch.Tensor:

@@ -41,7 +41,8 @@ def saved_network(generator, is_lora: bool, dtype: torch.dtype
     if is_lora:
         layers, meta = lora_layers(generator, network)
         layers = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in layers.items()}
-        return merged_unet(network, dtype=dtype), layers, meta
+        # a shared-base student's network is already a standalone copy: merge it without copying the base again
+        return merged_unet(network, dtype=dtype, in_place=network is not generator.unet), layers, meta
     base = network.get_base_model() if hasattr(network, "get_base_model") else network
     return cast_module(base, dtype), None, None
 
@@ -54,14 +55,15 @@ def has_lora(unet: torch.nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
 
 
-def merged_unet(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+def merged_unet(unet: torch.nn.Module, dtype: torch.dtype | None = None, in_place: bool = False) -> torch.nn.Module:
     """A plain copy of ``unet`` (same class and config) with every LoRA adapter merged into the base weights;
-    ``unet`` itself is not modified. Works for diffusers' ``add_adapter`` LoRA and for a peft ``PeftModel``."""
+    ``unet`` itself is not modified unless ``in_place`` (for a throw-away copy: no second copy of the base is made).
+    Works for diffusers' ``add_adapter`` LoRA and for a peft ``PeftModel``."""
     from accelerate import init_empty_weights
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
-    work = copy.deepcopy(base)
+    work = base if in_place else copy.deepcopy(base)
     for m in work.modules():
         if isinstance(m, BaseTunerLayer) and not m.merged:
             m.merge(safe_merge=True)

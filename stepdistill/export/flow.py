@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from stepdistill.core.assets import PIPELINE_CALL_FILE
+from stepdistill.core.assets import write_call_kwargs
 from stepdistill.core.outputs import staged_folder
 from stepdistill.export.common import (
     EXPORT_INFO_FILE,
@@ -47,7 +47,7 @@ TEXT_AND_VAE = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 def student_sigmas(teacher, timesteps: list[int]) -> list[float]:
     """σ of each of the student's table indices (rounded to float32, as the scheduler stores them)."""
-    return [float(torch.tensor(float(s), dtype=torch.float32)) for s in teacher.schedule.sigmas[timesteps]]
+    return teacher.schedule.sigmas[timesteps].float().tolist()
 
 
 def plain_loading_kwargs(teacher) -> dict[str, None]:
@@ -112,8 +112,7 @@ def export_flow_student(teacher, generator, out_dir: Path, method: str, steps_in
         }
         if teacher.call_kwargs:  # e.g. the toy flow teacher's max_sequence_length: the student needs it too
             info["call_kwargs"] = dict(teacher.call_kwargs)
-            (tmp / PIPELINE_CALL_FILE).write_text(json.dumps({"call_kwargs": info["call_kwargs"]}, indent=2) + "\n",
-                                                  encoding="utf-8")
+            write_call_kwargs(tmp, info["call_kwargs"])
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
         (tmp / "README.md").write_text(flow_model_card(
             folder=str(out_dir), base_model=info["base_model"], base_path=teacher_folder(teacher), method=method,

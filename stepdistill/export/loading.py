@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from stepdistill.core.assets import PIPELINE_CALL_FILE, toy_flow_teacher_path, toy_teacher_path
+from stepdistill.core.assets import read_call_kwargs, toy_flow_teacher_path, toy_teacher_path
 from stepdistill.export.common import GUIDANCE_DISTILLED_METHODS
 from stepdistill.models.teacher import _dtype_kwarg, absent_components
 
@@ -70,13 +70,12 @@ def pipeline_call_kwargs(pipe: Any) -> dict[str, Any]:
     (``stepdistill_pipeline.json``'s ``call_kwargs``, e.g. the toy flow teacher's ``max_sequence_length``; {} for any
     other pipeline)."""
     folder = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    path = Path(folder) / PIPELINE_CALL_FILE if folder else None
-    if path is None or not path.is_file():
+    if not folder:
         return {}
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8")).get("call_kwargs") or {})
-    except (ValueError, AttributeError, TypeError) as e:
-        raise PipelineLoadError(f"{path} is not valid JSON with a 'call_kwargs' object ({e})") from e
+        return read_call_kwargs(folder)
+    except ValueError as e:
+        raise PipelineLoadError(str(e)) from e
 
 
 def pipeline_export_info(pipe: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 
-from stepdistill.core.schedule import NoiseSchedule, flux_mu
+from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.models.conditioning import unet_forward
 from stepdistill.models.shared_base import AdapterView
 
@@ -429,11 +429,8 @@ class TeacherSamplerGenerator(Generator):
             unet = copy_unet(teacher.unet, dtype=dtype, trainable=False)
             add_lora(unet, lora_rank, lora_alpha, lora_targets)
             unet.train()
-        mu = None
-        if teacher.schedule.dynamic_shifting is not None:  # FLUX: the shift of the teacher's resolution
-            _, h, w = teacher.latent_shape
-            mu = flux_mu((h // 2) * (w // 2), *(teacher.schedule.dynamic_shifting[k] for k in (
-                "base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")))
+        _, h, w = teacher.latent_shape  # FLUX: the dynamic shift of the teacher's resolution (2×2-packed tokens)
+        mu = teacher.schedule.resolution_mu((h // 2) * (w // 2))
         return cls(unet, teacher.schedule, teacher.pipeline.scheduler, num_inference_steps, lora_rank, share_base, mu)
 
     def _fresh_scheduler(self, num_inference_steps: int | None = None):

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from stepdistill.core.assets import PIPELINE_CALL_FILE, TOY_FLOW_TEACHER, TOY_TEACHER
+from stepdistill.core.assets import TOY_FLOW_TEACHER, TOY_TEACHER, read_call_kwargs
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.models.conditioning import PromptEmbeds, network_dtype, unet_forward
 
@@ -135,14 +135,10 @@ def absent_components(folder: Path) -> dict[str, None]:
 def call_kwargs(folder: Path) -> dict[str, Any]:
     """``call_kwargs`` of ``folder/stepdistill_pipeline.json``: arguments every call of the folder's pipeline takes
     (the toy flow teacher's ``max_sequence_length``); {} when the folder has none."""
-    path = folder / PIPELINE_CALL_FILE
-    if not path.is_file():
-        return {}
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8")).get("call_kwargs") or {})
-    except (ValueError, AttributeError, TypeError) as e:
-        raise TeacherLoadError(f"cannot load teacher from {folder}: {path} is not valid JSON with a 'call_kwargs' "
-                               f"object ({e})") from e
+        return read_call_kwargs(folder)
+    except ValueError as e:
+        raise TeacherLoadError(f"cannot load teacher from {folder}: {e}") from e
 
 
 def _resolve_source(source: str | Path) -> Path:
@@ -407,8 +403,7 @@ class Teacher:
             if self.family == "sd3":
                 cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
                     prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-                    do_classifier_free_guidance=with_uncond, negative_prompt=negatives,
-                    **{k: v for k, v in self.call_kwargs.items() if k == "max_sequence_length"},
+                    do_classifier_free_guidance=with_uncond, negative_prompt=negatives, **self._sequence_length(),
                 )
                 embeds = PromptEmbeds(cond=cond, cond_added={"pooled_projections": pooled})
                 if with_uncond:
@@ -434,10 +429,15 @@ class Teacher:
                 embeds.uncond_added = {"text_embeds": uncond_pooled, "time_ids": time_ids.clone()}
             return embeds
 
+    def _sequence_length(self) -> dict[str, Any]:
+        """The folder's recorded ``max_sequence_length`` (T5 tokens), which prompt encoding must use as its sampling
+        calls do; {} for the pipeline's default."""
+        return {k: v for k, v in self.call_kwargs.items() if k == "max_sequence_length"}
+
     def _flux_embeds(self, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """FLUX's T5 sequence and CLIP pooled output (``FluxPipeline.encode_prompt``) plus the embedded guidance."""
         hidden, pooled, _text_ids = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1)
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1, **self._sequence_length())
         added = {"pooled_projections": pooled}
         if self.embedded_guidance is not None:
             added["guidance"] = torch.full((len(prompts),), self.embedded_guidance, device=self.device)

@@ -6,8 +6,14 @@ from __future__ import annotations
 import copy
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 RESOLUTION = 32
 LATENT_CHANNELS = 4
@@ -115,16 +121,14 @@ FLOW_TRANSFORMER_CONFIG = dict(
 )
 
 
-def make_flow_transformer(**overrides) -> "SD3Transformer2DModel":
+def make_flow_transformer(**overrides) -> SD3Transformer2DModel:
     """An SD3 MMDiT (Esser et al. 2024) for 8x8x4 latents: joint attention between the image tokens and the text
     tokens (the CLIP hidden states projected by ``context_embedder``), timestep and pooled-text embedding through
     adaptive layer norm. ``overrides`` replace entries of :data:`FLOW_TRANSFORMER_CONFIG` (tests build tiny ones)."""
-    from diffusers import SD3Transformer2DModel
-
     return SD3Transformer2DModel(**{**FLOW_TRANSFORMER_CONFIG, **overrides})
 
 
-def make_flow_scheduler() -> "FlowMatchEulerDiscreteScheduler":
+def make_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """The rectified-flow scheduler, shift :data:`FLOW_SHIFT` = 1 (no shift; not compared with other values).
 
     SD3 shifts its σ grid by 3.0 at 1024 px because, at a fixed σ, a large image keeps more of its signal than a small
@@ -134,17 +138,13 @@ def make_flow_scheduler() -> "FlowMatchEulerDiscreteScheduler":
     resolution that needs a shift towards noise (the rule would give sqrt(32²/256²) = 1/8, a shift towards clean
     σ that flat shapes on plain backgrounds have no use for), so the toy keeps the neutral 1; the logit-normal
     density already concentrates training on the middle σ."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
 
 
-def text_encoder_with_projection(text_encoder: CLIPTextModel) -> "CLIPTextModelWithProjection":
+def text_encoder_with_projection(text_encoder: CLIPTextModel) -> CLIPTextModelWithProjection:
     """The SD3 pipeline's CLIP encoder type built from a ``CLIPTextModel``: the same encoder weights and a new
     ``text_projection`` (hidden -> projection_dim, no bias) initialised to the identity, so the pooled projection
     starts as the encoder's own pooled (end-of-text) state."""
-    from transformers import CLIPTextModelWithProjection
-
     config = copy.deepcopy(text_encoder.config)
     config.architectures = ["CLIPTextModelWithProjection"]
     config.projection_dim = config.hidden_size

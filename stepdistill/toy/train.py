@@ -17,13 +17,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stepdistill.core.assets import PIPELINE_CALL_FILE as FLOW_CALL_FILE
-from stepdistill.core.assets import toy_teacher_path
+from stepdistill.core.assets import toy_teacher_path, write_call_kwargs
 from stepdistill.core.outputs import staged_folder
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.toy import models, world
 from stepdistill.toy.evaluator import ToyEvaluator, evaluator_loss
 from stepdistill.toy.tokenizer import build_tokenizer_files
+
+
+def _drop_local_paths(folder: Path) -> None:
+    """Remove ``_name_or_path`` (the machine's local path a component was loaded from) from every component config
+    of a pipeline folder about to be shipped."""
+    for config_file in folder.glob("*/config.json"):
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()
@@ -159,10 +167,7 @@ def train_teacher(
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.save_pretrained(tok_dir, safe_serialization=True)
-        for config_file in tok_dir.glob("*/config.json"):  # a cached VAE would record its local cache path
-            config = json.loads(config_file.read_text())
-            if config.pop("_name_or_path", None) is not None:
-                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _drop_local_paths(tok_dir)  # a cached VAE would record its local cache path
         info = {
             "seed": seed, "vae_steps": vae_steps, "vae_batch_size": vae_batch_size, "vae_reconstruction_mse": vae_rec,
             "unet_steps": unet_steps, "batch_size": batch_size,
@@ -432,11 +437,7 @@ def train_flow_teacher(
         pipe.save_pretrained(tmp, safe_serialization=True)
         if half_precision_storage:
             _store_half(tmp / "transformer")
-        for config_file in tmp.glob("*/config.json"):  # no local paths in the shipped configs
-            config = json.loads(config_file.read_text())
-            if config.pop("_name_or_path", None) is not None:
-                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / FLOW_CALL_FILE).write_text(json.dumps(
-            {"call_kwargs": {"max_sequence_length": models.FLOW_T5_TOKENS}}, indent=2) + "\n")
+        _drop_local_paths(tmp)
+        write_call_kwargs(tmp, {"max_sequence_length": models.FLOW_T5_TOKENS})
         (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
