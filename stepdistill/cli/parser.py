@@ -206,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--batch-size", type=int, default=64)
     tf.add_argument("--lr", type=finite_float, default=5e-4)
     tf.add_argument("--num-latents", type=int, default=20_000, help="toy-world images encoded by the VAE once")
+    tf.add_argument("--width", type=int, default=128, help="the transformer's width (attention heads of 32 channels)")
+    tf.add_argument("--num-layers", type=int, default=4, help="the transformer's joint (MMDiT) blocks")
+    tf.add_argument("--link-shared", action="store_true",
+                    help="store the VAE and the second text encoder, byte-identical copies, as relative symbolic links "
+                         "(to the toy teacher's VAE and to text_encoder); used for the folder shipped under assets/")
     tf.add_argument("--train-text-encoders", action="store_true",
                     help="train the two CLIP text encoders jointly (default: frozen, as loaded from the toy teacher)")
     tf.add_argument("--init-from", default=None,

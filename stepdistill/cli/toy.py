@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from stepdistill.toy.models import flow_transformer_size
 from stepdistill.toy.train import train_evaluator, train_flow_teacher, train_teacher
 
 
@@ -19,7 +20,8 @@ def cmd_toy_train_teacher(args: argparse.Namespace) -> int:
 def cmd_toy_train_flow_teacher(args: argparse.Namespace) -> int:
     info = train_flow_teacher(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               num_latents=args.num_latents, train_text_encoders=args.train_text_encoders,
-                              init_from=args.init_from)
+                              init_from=args.init_from, link_shared=args.link_shared,
+                              transformer_overrides=flow_transformer_size(args.width, args.num_layers))
     print(json.dumps(info, indent=2))
     return 0
 

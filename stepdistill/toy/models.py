@@ -121,6 +121,16 @@ FLOW_TRANSFORMER_CONFIG = dict(
 )
 
 
+def flow_transformer_size(width: int, num_layers: int) -> dict:
+    """The :data:`FLOW_TRANSFORMER_CONFIG` entries of a transformer ``width`` channels wide (attention heads of 32
+    channels) with ``num_layers`` joint blocks."""
+    head_dim = FLOW_TRANSFORMER_CONFIG["attention_head_dim"]
+    if width <= 0 or width % head_dim or num_layers <= 0:
+        raise ValueError(f"the flow transformer's width must be a positive multiple of {head_dim} and its layers "
+                         f"positive; got width {width}, {num_layers} layers")
+    return {"num_layers": num_layers, "num_attention_heads": width // head_dim, "caption_projection_dim": width}
+
+
 def make_flow_transformer(**overrides) -> SD3Transformer2DModel:
     """An SD3 MMDiT (Esser et al. 2024) for 8x8x4 latents: joint attention between the image tokens and the text
     tokens (the CLIP hidden states projected by ``context_embedder``), timestep and pooled-text embedding through

@@ -337,6 +337,7 @@ def train_flow_teacher(
     half_precision_storage: bool = True,
     teacher_dir: str | Path | None = None,
     init_from: str | Path | None = None,
+    link_shared: bool = False,
 ) -> dict:
     """Train the toy flow-matching teacher and save it as a diffusers ``StableDiffusion3Pipeline`` folder.
 
@@ -348,7 +349,10 @@ def train_flow_teacher(
     The transformer is stored in float16 when ``half_precision_storage`` (to keep the repository small).
     ``init_from``: a folder this function wrote; its transformer (and, if it trained them, its text encoders) is the
     starting point instead of a fresh one, and its ``training_info.json`` is kept in the new one's ``init_from``
-    (training continued with a fresh optimizer, learning-rate cycle and data draw: pass another ``seed``)."""
+    (training continued with a fresh optimizer, learning-rate cycle and data draw: pass another ``seed``).
+    ``link_shared``: store the components that are byte-identical copies (the VAE, equal to the toy teacher's; the
+    second text encoder, equal to the first while they are frozen) as relative symbolic links
+    (:func:`link_identical_components`), for the folder shipped in the repository."""
     torch.manual_seed(seed)
     t_start = time.time()
     init_info = None
@@ -359,6 +363,10 @@ def train_flow_teacher(
         init_info = json.loads((init_dir / "training_info.json").read_text())
         start = SD3Transformer2DModel.from_pretrained(init_dir / "transformer", local_files_only=True,
                                                       torch_dtype=torch.float32)
+        differing = {k: (start.config[k], v) for k, v in (transformer_overrides or {}).items() if start.config[k] != v}
+        if differing:
+            raise ValueError(f"--init-from {init_dir} holds another transformer size ({differing}: its value, "
+                             "asked); drop the size options or give the size it was trained with")
         pipe = build_flow_pipeline(transformer=start, teacher_dir=teacher_dir)
         if init_info.get("train_text_encoders"):
             from transformers import CLIPTextModelWithProjection
@@ -439,5 +447,32 @@ def train_flow_teacher(
             _store_half(tmp / "transformer")
         _drop_local_paths(tmp)
         write_call_kwargs(tmp, {"max_sequence_length": models.FLOW_T5_TOKENS})
+        if link_shared:
+            info["linked_components"] = link_identical_components(
+                tmp, {"vae": Path(teacher_dir) / "vae" if teacher_dir is not None else toy_teacher_path() / "vae",
+                      "text_encoder_2": tmp / "text_encoder"})
         (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def link_identical_components(folder: Path, sources: dict[str, Path]) -> dict[str, str]:
+    """Replace each component folder ``folder/name`` whose files are byte-identical to those of ``sources[name]`` by
+    a relative symbolic link to that source (diffusers and transformers load through it as through a copy). A
+    component that differs in any file is kept as it is. Returns {component: link target} of the links made."""
+    import filecmp
+    import os
+    import shutil
+
+    linked = {}
+    for name, source in sources.items():
+        own = folder / name
+        names = sorted(p.name for p in own.iterdir())
+        if names != sorted(p.name for p in Path(source).iterdir()):
+            continue
+        if not all(filecmp.cmp(own / n, Path(source) / n, shallow=False) for n in names):
+            continue
+        target = os.path.relpath(Path(source).resolve(), folder.resolve()) if source.parent != folder else source.name
+        shutil.rmtree(own)
+        own.symlink_to(target, target_is_directory=True)
+        linked[name] = target
+    return linked
