@@ -39,6 +39,11 @@ RECIPE_FAMILIES = {
                                   "objective_config.disback=true", "objective_config.disback_nodes=2",
                                   "objective_config.disback_record_updates=2", "objective_config.disback_interval=1"]),
     "msd": ("toy-msd.yaml", PAIRS),
+    "lcm": ("toy-lcm.yaml", []),
+    "lcm-lora": ("toy-lcm-lora.yaml", []),
+    "tcd": ("toy-tcd.yaml", []),
+    "lcm-data-free": ("toy-lcm.yaml", ["objective_config.states=teacher_samples", "objective_config.regression_pairs=4",
+                                       "objective_config.regression_steps=2"]),
 }
 
 

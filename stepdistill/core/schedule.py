@@ -335,6 +335,16 @@ class NoiseSchedule:
         lo, hi = self.timestep_range(min_ratio, max_ratio)
         return torch.randint(lo, hi + 1, (batch_size,), generator=generator).to(device)
 
+    def consistency_grid(self, num_solver_steps: int = 50) -> torch.Tensor:
+        """LCM's skipping-step grid: ``(1 … N)·k − 1`` with ``k = ⌊T/N⌋`` (N = 50, T = 1000: 19, 39, …, 999), the
+        solver timesteps of latent consistency distillation (diffusers ``train_lcm_distill_sd_wds.py``,
+        ``DDIMSolver``) and the grid ``LCMScheduler`` / ``TCDScheduler`` sample on (their
+        ``original_inference_steps``). A long tensor."""
+        T = self.num_train_timesteps
+        if not 1 <= num_solver_steps <= T:
+            raise ValueError(f"the consistency grid needs 1 to {T} solver steps, got {num_solver_steps}")
+        return torch.arange(1, num_solver_steps + 1, dtype=torch.long) * (T // num_solver_steps) - 1
+
     @staticmethod
     def sid_timesteps(t_init: int, num_steps: int) -> list[int]:
         """SiD's few-step timesteps ``t_i = ⌊t_init·(1 − i/K)⌋``, i = 0 … K−1, computed as the official code does

@@ -12,7 +12,8 @@ between steps (the ``few_step`` kind: DMD2's backward simulation, SiD) get ``Flo
 x' = (1 − σ')·x̂₀ + σ'·ξ), with no shift and ``shift_terminal`` = the last σ, so that ``num_inference_steps=K``
 reproduces a uniform σ list ``linspace(1, σ_K, K)``; any other list is passed as ``sigmas=[...]``. The
 guidance-distilled ``teacher_sampler`` kind keeps the teacher's own FlowMatchEulerDiscreteScheduler (its Euler steps
-on the pipeline's default list). For FLUX, the σ list does not depend on the resolution any more (dynamic shifting
+on the pipeline's default list), and the ``consistency`` kind (LCM on a flow teacher) ``FlowMatchLCMScheduler`` of the
+teacher's config, at any step count. For FLUX, the σ list does not depend on the resolution any more (dynamic shifting
 off), and the student's ``guidance_scale`` is the embedded guidance it was trained with (FLUX.1-dev) or none.
 """
 
@@ -59,8 +60,8 @@ def plain_loading_kwargs(teacher) -> dict[str, None]:
 
 def export_flow_student(teacher, generator, out_dir: Path, method: str, steps_info: dict[str, Any],
                         ema_obj: GeneratorEMA | None, dtype: torch.dtype, example_prompt: str) -> Path:
-    """The exporter of the ``few_step`` and ``teacher_sampler`` kinds on an SD3 / FLUX teacher (see the module
-    docstring); ``out_dir`` already checked."""
+    """The exporter of the ``few_step``, ``teacher_sampler`` and ``consistency`` kinds on an SD3 / FLUX teacher (see
+    the module docstring); ``out_dir`` already checked."""
     timesteps = [int(t) for t in generator.timesteps]
     if "timesteps" in steps_info and [int(t) for t in steps_info["timesteps"]] != timesteps:
         raise ExportError(f"steps_info timesteps {steps_info['timesteps']} differ from the generator's {timesteps}")
@@ -68,6 +69,9 @@ def export_flow_student(teacher, generator, out_dir: Path, method: str, steps_in
     sigmas = student_sigmas(teacher, timesteps)
     if generator.kind == "teacher_sampler":
         plan = SchedulerPlan(type(pipeline.scheduler).from_config(pipeline.scheduler.config), default_call_ok=True)
+    elif generator.kind == "consistency":  # FlowMatchLCMScheduler of the teacher's config: any step count
+        template = generator.scheduler_template
+        plan = SchedulerPlan(type(template).from_config(template.config), default_call_ok=True)
     else:
         if generator.scaled_input_noise and sigmas[0] != 1.0:
             raise ExportError("a flow student with scaled input noise must start at σ = 1 (its input is then z)")
@@ -94,6 +98,7 @@ def export_flow_student(teacher, generator, out_dir: Path, method: str, steps_in
             "timesteps": timesteps,
             "sigmas": sigmas,
             "steps": len(timesteps),
+            "any_step_count": generator.kind in ("consistency", "teacher_sampler"),
             "base_model": base_model_name(str(teacher.source)),
             "family": teacher.family,
             "prediction_type": teacher.prediction_type,

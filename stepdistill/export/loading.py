@@ -95,17 +95,18 @@ def student_call_defaults(info: dict[str, Any]) -> tuple[int, float]:
 
 def check_student_call(info: dict[str, Any], steps: int, guidance: float, folder: str | Path = "the student") -> None:
     """Refuse, in one line, a call an exported student cannot do: classifier-free guidance on top of the guidance
-    it already embeds (every student is called at guidance 1), or another step count than it was trained for
-    (except a guidance-distilled student, whose DDIM sampler takes any step count)."""
+    it already embeds (every student is called at guidance 1, except a consistency student with a guidance embedding,
+    which takes any scale as its embedded w), or another step count than it was trained for (except a
+    guidance-distilled student, whose DDIM sampler takes any step count, and a consistency student)."""
     if not info:
         return
     method = info.get("method", "distilled")
     own = float(info.get("guidance_scale", 1.0))
-    if guidance > 1.0 and guidance != own:
+    if guidance > 1.0 and guidance != own and not info.get("guidance_embedded"):
         raise ValueError(f"{folder} is a {method} student that already embeds the teacher's guidance: call it with "
                          f"guidance {own:g} (its default), not {guidance:g} (CFG on top would apply guidance twice)")
     trained = int(info.get("steps") or 0)
-    if trained and steps != trained and method not in GUIDANCE_DISTILLED_METHODS:
+    if trained and steps != trained and method not in GUIDANCE_DISTILLED_METHODS and not info.get("any_step_count"):
         timesteps = info.get("timesteps")
         raise ValueError(f"{folder} is a {trained}-step {method} student (timesteps {timesteps}): it samples in "
                          f"exactly {trained} step{'s' if trained != 1 else ''}, not {steps}; leave the step count out "

@@ -276,4 +276,73 @@ def flow_model_card(
     return "\n".join(lines) + "\n"
 
 
+def consistency_model_card(
+    folder: str,
+    base_model: str,
+    method: str,
+    pipeline_class: str,
+    scheduler_class: str,
+    steps: int,
+    timesteps: list[int],
+    guidance_scale: float,
+    guidance_embedded: bool,
+    gamma: float | None,
+    lora_file: bool,
+    ema: bool,
+    steps_info: Mapping[str, Any],
+    example_prompt: str,
+    base_path: str | None = None,
+) -> str:
+    """The model card of a consistency student (LCM, LCM-LoRA, TCD): the plain diffusers call with its own
+    ``LCMScheduler`` / ``TCDScheduler`` at any step count, its guidance (embedded, or none) and, for TCD, ``eta``."""
+    import yaml
+
+    eta_kw = f", eta={gamma}" if gamma is not None else ""
+    call = (f'image = pipe("{example_prompt}", num_inference_steps={steps}, guidance_scale={guidance_scale}{eta_kw}, '
+            "generator=torch.Generator().manual_seed(0)).images[0]")
+    front = {
+        "base_model": base_model, "library_name": "diffusers", "pipeline_tag": "text-to-image",
+        "tags": ["stepdistill", "text-to-image", "distillation", "consistency", method, "few-step"]
+        + (["lora"] if lora_file else []),
+        "method": method, "steps": steps, "guidance_scale": guidance_scale, "scheduler": scheduler_class,
+        "lora": lora_file, "ema": ema,
+    }
+    if gamma is not None:
+        front["eta"] = gamma
+    if steps_info:
+        front["training"] = json.loads(json.dumps(dict(steps_info), default=str))
+    guided = (f"`guidance_scale={guidance_scale}`: the UNet embeds w = guidance_scale − 1 (LCM's guidance embedding, "
+              "`time_cond_proj_dim`); the pipeline then runs no classifier-free guidance, one UNet pass per step, "
+              "and any guidance_scale the student was trained for can be passed"
+              if guidance_embedded else
+              f"`guidance_scale={guidance_scale}`: no classifier-free guidance (one UNet pass per step); the "
+              "student learnt the teacher's guided ODE")
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+        f"# {method} student of `{base_model}`", "",
+        f"A consistency model distilled with **{method}** by stepdistill from `{base_model}`: it samples in any number "
+        f"of steps with diffusers' `{scheduler_class}` ({steps} by default: timesteps {timesteps}).", "",
+        "## Usage", "", "```python", "import torch", f"from diffusers import {pipeline_class}", "",
+        f'pipe = {pipeline_class}.from_pretrained("{folder}")', call, 'image.save("sample.png")', "```", "",
+        f"- {guided}.",
+        f"- `{scheduler_class}` re-noises with fresh noise between steps, drawn from the call's `generator`.",
+    ]
+    if gamma is not None:
+        lines.append(f"- `eta={gamma}` is TCD's γ (strategic stochastic sampling; 0 is deterministic, 1 re-noises "
+                     "like LCM). The pipeline's own default is 0: pass it.")
+    if lora_file:
+        lines += [
+            "", "## As a LoRA on the base model", "",
+            f"`{LORA_WEIGHT_NAME}` holds the student's UNet LoRA (the pipeline above has it merged):", "",
+            "```python", "import torch", f"from diffusers import {pipeline_class}, {scheduler_class}", "",
+            f'pipe = {pipeline_class}.from_pretrained("{base_path or "<folder of the base model>"}")',
+            f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config)",
+            f'pipe.load_lora_weights("{folder}")', call, "```",
+        ]
+    lines += ["", "## Provenance", "", f"- method: `{method}`; weights: {'EMA' if ema else 'raw (no EMA)'}"]
+    for k, v in (steps_info or {}).items():
+        lines.append(f"- {k}: `{v}`")
+    return "\n".join(lines) + "\n"
+
+
 GENERIC_EXAMPLE_PROMPT = "a photograph of an astronaut riding a horse"

@@ -53,6 +53,7 @@ from stepdistill.export.model_card import (
     NASA_MODULE,
     model_card,
 )
+from stepdistill.export.consistency import export_consistency_student
 from stepdistill.export.flow import export_flow_student
 from stepdistill.export.phased import export_phased_student
 from stepdistill.export.schedulers import (
@@ -211,4 +212,4 @@ def export_pipeline_student(teacher, generator, out_dir: Path, method: str, step
 #: the exporter of each student kind (``Generator.kind``); the routed multi-student folder is written from finished
 #: student folders by :func:`stepdistill.export.multi_student.export_multi_student`
 EXPORTERS = {"few_step": export_pipeline_student, "teacher_sampler": export_pipeline_student,
-             "phase_experts": export_phased_student}
+             "phase_experts": export_phased_student, "consistency": export_consistency_student}

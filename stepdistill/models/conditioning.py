@@ -98,10 +98,12 @@ def network_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def _call_unet(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor,
-               added: dict[str, torch.Tensor] | None) -> torch.Tensor:
+               added: dict[str, torch.Tensor] | None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
     kwargs: dict[str, Any] = {"encoder_hidden_states": hidden}
     if added is not None:
         kwargs["added_cond_kwargs"] = added
+    if timestep_cond is not None:
+        kwargs["timestep_cond"] = timestep_cond
     return net(x, t, **kwargs, return_dict=False)[0]
 
 
@@ -163,6 +165,25 @@ def _network_call(net: torch.nn.Module) -> NetworkCall:
     return _call_unet
 
 
+# --- LCM's guidance embedding -------------------------------------------------------------------------------------
+def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The sinusoidal embedding of guidance scales ``w`` (B,) that an LCM student's UNet takes as ``timestep_cond``
+    (Luo et al. 2023, "Latent Consistency Models", sec. 4.2; VDM's Fourier features of the scaled scale): with
+    ``h = dim // 2`` and frequencies ``f_j = exp(−j·ln(10⁴)/(h − 1))``, ``j = 0 … h−1``,
+    ``emb(w) = [sin(1000·w·f_j)]_j ‖ [cos(1000·w·f_j)]_j``, zero-padded by one column when ``dim`` is odd.
+    ``w`` is in LCM's form, ``ε̂ᶜ + w·(ε̂ᶜ − ε̂ᵘ)``: diffusers' pipelines embed ``guidance_scale − 1``."""
+    if dim < 2:
+        raise ValueError(f"the guidance embedding needs at least 2 dimensions, got {dim}")
+    w = torch.as_tensor(w).reshape(-1).to(torch.float32) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(-torch.arange(half, dtype=torch.float32) * (torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w[:, None] * freqs.to(w.device)[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb.to(dtype)
+
+
 # --- guided call -------------------------------------------------------------------------------------------------------
 def _timesteps(t: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     """t as a (B,) tensor on ``device`` (ints become long)."""
@@ -204,12 +225,15 @@ def unet_forward(
     t: int | torch.Tensor,
     embeds: PromptEmbeds,
     guidance_scale: float = 1.0,
+    timestep_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Raw network output (in the schedule's prediction type) with classifier-free guidance
     ``out = out(∅) + w·(out(c) − out(∅))``; ``w == 1`` is a single conditional pass, otherwise uncond and cond run
     as one batched forward (uncond rows first). ``t`` is the value the network is called with,
     ``schedule.model_timestep(index)``: the index itself for a UNet (an int or a (B,) long tensor), ``1000·σ`` (float)
     for an SD3 or FLUX transformer. Inputs are cast to the network's dtype and the output back to ``x_t``'s dtype.
+    ``timestep_cond``: (B, D) rows added to a UNet's timestep embedding through its ``cond_proj``
+    (``time_cond_proj_dim``; LCM's guidance embedding, :func:`guidance_scale_embedding`); only with ``w == 1``.
     Gradients flow to ``x_t`` (wrap in ``torch.no_grad()`` when they are not needed)."""
     batch = x_t.shape[0]
     device = x_t.device
@@ -222,6 +246,14 @@ def unet_forward(
                          "not a table index: pass schedule.model_timestep(t)")
     x = x_t.to(dtype)
     w = float(guidance_scale)
+    if timestep_cond is not None:
+        if call is not _call_unet or w != 1.0:
+            raise ValueError("timestep_cond (a guidance embedding) is a UNet input and replaces classifier-free "
+                             "guidance: call a UNet with guidance_scale=1")
+        if timestep_cond.shape[0] != batch:
+            raise ValueError(f"timestep_cond has {timestep_cond.shape[0]} rows but x_t has batch size {batch}")
+        return _call_unet(unet, x, t, embeds.cond, embeds.cond_added,
+                          timestep_cond.to(device=device, dtype=dtype)).to(x_t.dtype)
     if w == 1.0:
         return call(unet, x, t, embeds.cond, embeds.cond_added).to(x_t.dtype)
     if embeds.uncond is None:

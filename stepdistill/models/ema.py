@@ -140,6 +140,17 @@ class HalflifeEMA(GeneratorEMA):
         self.ema.optimization_step += 1
 
 
+@torch.no_grad()
+def ema_update_(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], decay: float) -> None:
+    """``θ⁻ ← decay·θ⁻ + (1 − decay)·θ`` in place, tensor by tensor, with no warm-up (the target network of
+    consistency distillation: diffusers ``train_lcm_distill_sd_wds.py::update_ema``, called after every optimiser
+    step)."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+    for t, s in zip(target, source, strict=True):
+        t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1.0 - decay)
+
+
 def attach_ema(generator: torch.nn.Module, ema: GeneratorEMA | None) -> None:
     """Remember ``ema`` on ``generator`` (a plain attribute, not a submodule or state-dict entry)."""
     object.__setattr__(generator, _ATTR, ema)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Sequence
 import torch
 
 from stepdistill.core.schedule import NoiseSchedule
-from stepdistill.models.conditioning import unet_forward
+from stepdistill.models.conditioning import architecture, guidance_scale_embedding, unet_forward
 from stepdistill.models.shared_base import AdapterView
 
 #: LoRA targets of the generator: the attention projections (diffusers' SD LoRA convention).
@@ -75,6 +75,11 @@ def add_lora(
     )
     unet.add_adapter(config, adapter_name=adapter_name)
     return unet
+
+
+def lora_targets(config: Any) -> tuple[str, ...]:
+    """The LoRA target modules a recipe's ``generator`` section names (``lora_targets``; null: the default)."""
+    return tuple(getattr(config, "lora_targets", None) or DEFAULT_LORA_TARGETS)
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -167,7 +172,8 @@ class Generator(torch.nn.Module):
         """The generator a recipe's ``generator`` section (:class:`~stepdistill.training.config.GeneratorConfig`)
         describes, from ``teacher``."""
         return cls.from_teacher(teacher, timesteps=tuple(config.timesteps), lora_rank=config.lora_rank,
-                                lora_alpha=config.lora_alpha, scaled_input_noise=config.scaled_input_noise,
+                                lora_alpha=config.lora_alpha, lora_targets=lora_targets(config),
+                                scaled_input_noise=config.scaled_input_noise,
                                 init_unet=config.init_unet, share_teacher_base=config.share_teacher_base)
 
     @property
@@ -286,7 +292,7 @@ class PhasedGenerator(Generator):
     @classmethod
     def from_config(cls, teacher, config: Any) -> "PhasedGenerator":
         return cls.from_teacher(teacher, timesteps=tuple(config.timesteps), lora_rank=config.lora_rank,
-                                lora_alpha=config.lora_alpha)
+                                lora_alpha=config.lora_alpha, lora_targets=lora_targets(config))
 
     def __init__(
         self,
@@ -394,7 +400,8 @@ class TeacherSamplerGenerator(Generator):
     @classmethod
     def from_config(cls, teacher, config: Any) -> "TeacherSamplerGenerator":
         return cls.from_teacher(teacher, config.teacher_sampler_steps, lora_rank=config.lora_rank,
-                                lora_alpha=config.lora_alpha, share_base=config.share_teacher_base)
+                                lora_alpha=config.lora_alpha, lora_targets=lora_targets(config),
+                                share_base=config.share_teacher_base)
 
     def __init__(self, unet: torch.nn.Module, schedule: NoiseSchedule, scheduler, num_inference_steps: int,
                  lora_rank: int | None = None, share_base: bool = False, mu: float | None = None) -> None:
@@ -524,9 +531,208 @@ class TeacherSamplerGenerator(Generator):
         return x
 
 
+class ConsistencyGenerator(Generator):
+    """A latent consistency student (LCM, Luo et al. 2023, arXiv:2310.04378; LCM-LoRA, Luo et al. 2023,
+    arXiv:2311.05556; TCD, Zheng et al. 2024, arXiv:2402.19159): one network f_θ(x_t, t, c[, w]) that maps any state
+    of the teacher's guided ODE to its end, sampled by diffusers' own multistep consistency sampler — ``LCMScheduler``
+    (each step: ``denoised = c_skip·x + c_out·x̂₀``, then re-noised with fresh noise to the next timestep) or
+    ``TCDScheduler`` (strategic stochastic sampling with γ = ``gamma``: a DDIM jump to ``s = ⌊(1 − γ)·t_prev⌋``, then
+    re-noised from s to t_prev) — built from the teacher's scheduler config, on LCM's 50-point grid
+    ``(1 … 50)·⌊T/50⌋ − 1``. Any step count works; ``num_inference_steps`` is the default one.
+
+    The student is the teacher's UNet, full (with, when ``guidance_embedding_dim`` is set, a new ``cond_proj`` that adds
+    the embedding of LCM's guidance scale w to the timestep embedding: diffusers' ``time_cond_proj_dim``) or under LoRA
+    (a frozen copy, or adapter "student" on the teacher's own UNet). ``guidance_scale`` is the pipeline's value at
+    inference: a student with a guidance embedding is conditioned on w = ``guidance_scale`` − 1 (what diffusers'
+    pipelines embed); one without runs at guidance 1 (no CFG). ``timesteps`` are the sampler's at the default step
+    count (the base class's list; training draws its own)."""
+
+    kind: ClassVar[str] = "consistency"
+    SAMPLERS: ClassVar[tuple[str, ...]] = ("lcm", "tcd")
+
+    def __init__(self, unet: torch.nn.Module, schedule: NoiseSchedule, scheduler_config: Any, num_inference_steps: int,
+                 sampler: str = "lcm", gamma: float = 0.3, guidance_scale: float = 1.0,
+                 lora_rank: int | None = None, mu: float | None = None) -> None:
+        from diffusers import FlowMatchLCMScheduler, LCMScheduler, TCDScheduler
+
+        if sampler not in self.SAMPLERS:
+            raise ValueError(f"the consistency sampler must be one of {', '.join(self.SAMPLERS)}, got {sampler!r}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"the TCD sampler's gamma must lie in [0, 1], got {gamma}")
+        self.flow = schedule.family == "rectified_flow"
+        if self.flow and sampler != "lcm":
+            raise ValueError("a flow-matching teacher's consistency student samples with FlowMatchLCMScheduler: use "
+                             "scheduler: lcm (diffusers has no flow-matching TCD scheduler)")
+        if self.flow:
+            self.scheduler_template = FlowMatchLCMScheduler.from_config(scheduler_config)
+        else:
+            self.scheduler_template = (LCMScheduler if sampler == "lcm" else TCDScheduler).from_config(scheduler_config)
+        self.mu = mu
+        self.sampler = sampler
+        self.gamma = float(gamma)
+        self.num_inference_steps = int(num_inference_steps)
+        timesteps = self._timesteps_of(self.fresh_scheduler(self.num_inference_steps), schedule, self.flow)
+        super().__init__(unet, schedule, timesteps, lora_rank)
+        dim = self.guidance_embedding_dim
+        if dim is None and guidance_scale > 1.0:
+            raise ValueError(f"guidance_scale {guidance_scale} needs a guidance embedding (a full student with "
+                             "guidance_embedding_dim); a student without one samples at guidance 1")
+        self.guidance_scale = float(guidance_scale)
+
+    @classmethod
+    def from_config(cls, teacher, config: Any) -> "ConsistencyGenerator":
+        c = config.consistency
+        if c is None:
+            raise ValueError("a consistency student needs the recipe's generator.consistency section (steps, "
+                             "scheduler, guidance)")
+        return cls.from_teacher(teacher, c.steps, sampler=c.scheduler, gamma=c.gamma, guidance_scale=c.guidance_scale,
+                                guidance_embedding_dim=c.guidance_embedding_dim, lora_rank=config.lora_rank,
+                                lora_alpha=config.lora_alpha,
+                                lora_targets=lora_targets(config),
+                                share_teacher_base=config.share_teacher_base)
+
+    @classmethod
+    def from_teacher(cls, teacher, num_inference_steps: int = 4, *, sampler: str = "lcm",  # type: ignore[override]
+                     gamma: float = 0.3, guidance_scale: float = 1.0, guidance_embedding_dim: int | None = None,
+                     lora_rank: int | None = None, lora_alpha: float | None = None,
+                     lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS, share_teacher_base: bool = False,
+                     dtype: torch.dtype = torch.float32) -> "ConsistencyGenerator":
+        """The student from ``teacher.unet``: a full trainable copy — with ``guidance_embedding_dim``, a UNet of the
+        teacher's config plus ``time_cond_proj_dim`` holding the teacher's weights and a new ``cond_proj`` (Linear,
+        no bias, PyTorch's default init), as diffusers' ``train_lcm_distill_sd_wds.py`` builds it (a teacher that
+        already has ``time_cond_proj_dim`` keeps its own) — or LoRA of rank ``lora_rank`` on a frozen copy or
+        (``share_teacher_base``) on the teacher's own UNet."""
+        if lora_rank is not None:
+            if guidance_embedding_dim is not None:
+                raise ValueError("a LoRA consistency student has no guidance embedding (LCM-LoRA): set "
+                                 "guidance_embedding_dim to null, or train a full student")
+            if share_teacher_base:
+                unet = AdapterView(teacher.unet, "student", lora_rank, lora_alpha, lora_targets)
+            else:
+                unet = copy_unet(teacher.unet, dtype=dtype, trainable=False)
+                add_lora(unet, lora_rank, lora_alpha, lora_targets)
+                unet.train()
+        elif share_teacher_base:
+            raise ValueError("share_teacher_base needs a LoRA student (lora_rank)")
+        elif guidance_embedding_dim is not None and teacher.unet.config.get("time_cond_proj_dim") is None:
+            if teacher.is_flow:
+                raise ValueError("a guidance embedding (time_cond_proj_dim) is a UNet input: a flow transformer's "
+                                 "consistency student has none (set guidance_embedding_dim to null)")
+            unet = with_guidance_embedding(teacher.unet, int(guidance_embedding_dim), dtype)
+        else:
+            unet = copy_unet(teacher.unet, dtype=dtype, trainable=True)
+        mu = None
+        if teacher.is_flow:  # FLUX: the dynamic shift of the teacher's resolution (2×2-packed tokens)
+            _, h, w = teacher.latent_shape
+            mu = teacher.schedule.resolution_mu((h // 2) * (w // 2))
+        return cls(unet, teacher.schedule, teacher.pipeline.scheduler.config, num_inference_steps, sampler, gamma,
+                   guidance_scale, lora_rank, mu)
+
+    @property
+    def guidance_embedding_dim(self) -> int | None:
+        """The UNet's ``time_cond_proj_dim`` (None: the student takes no guidance embedding)."""
+        return architecture(self.unet).config.get("time_cond_proj_dim")
+
+    def guidance_condition(self, w: torch.Tensor | float, batch: int, device=None) -> torch.Tensor | None:
+        """``timestep_cond`` for LCM guidance scales ``w`` (a number or (B,)): their embedding
+        (:func:`~stepdistill.models.conditioning.guidance_scale_embedding`), None for a student without one."""
+        dim = self.guidance_embedding_dim
+        if dim is None:
+            return None
+        w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).expand(batch)
+        return guidance_scale_embedding(w, dim).to(device)
+
+    def fresh_scheduler(self, num_inference_steps: int | None = None):
+        """The sampler (a copy of the template) set to ``num_inference_steps`` (default: the student's) as the
+        exported pipeline sets it: FLUX passes ``sigmas = linspace(1, 1/K, K)`` and its resolution's ``mu``."""
+        steps = int(num_inference_steps or self.num_inference_steps)
+        scheduler = copy.deepcopy(self.scheduler_template)
+        if self.mu is not None:
+            scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], mu=self.mu)
+        else:
+            scheduler.set_timesteps(steps)
+        return scheduler
+
+    def sampler_timesteps(self, num_inference_steps: int) -> list[int]:
+        """The timesteps the sampler visits in ``num_inference_steps`` steps (LCM: 4 → [999, 759, 499, 259]); for a
+        flow sampler the schedule's table indices nearest its σ list."""
+        return self._timesteps_of(self.fresh_scheduler(num_inference_steps), self.schedule, self.flow)
+
+    @staticmethod
+    def _timesteps_of(scheduler, schedule: NoiseSchedule, flow: bool) -> list[int]:
+        if flow:
+            return [int(i) for i in schedule.timesteps_for_sigmas(scheduler.sigmas[:-1].double())]
+        return [int(t) for t in scheduler.timesteps]
+
+    def forward(self, noise: torch.Tensor, embeds, step_index: int = 0, x_t: torch.Tensor | None = None, *,
+                t: torch.Tensor | None = None, w: torch.Tensor | float | None = None) -> torch.Tensor:
+        """With ``t`` (training: the consistency objectives call the student through here, so the trainer counts its
+        evaluations): x̂₀ of the student at ``(x_t, t)`` and LCM guidance ``w`` (:meth:`predict_x0`). Without: the
+        consistency output ``c_skip·x + c_out·x̂₀`` of step ``step_index`` of the default sampler (the scheduler's own
+        boundary scalings), at the inference guidance."""
+        x = noise if x_t is None else x_t
+        if t is not None:
+            return self.predict_x0(x, t, embeds, w=w)
+        if not -self.num_steps <= step_index < self.num_steps:
+            raise IndexError(f"step_index {step_index} out of range for {self.num_steps} step(s)")
+        t = self.timesteps[step_index]
+        scheduler = self.fresh_scheduler()
+        lcm = self.sampler == "lcm" and not self.flow  # FlowMatchLCMScheduler's denoised is x̂₀ itself
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t) if lcm else (0.0, 1.0)
+        x0 = self.predict_x0(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), embeds)
+        return (c_skip * x.double() + c_out * x0.double()).to(x.dtype)
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, embeds, w: torch.Tensor | float | None = None,
+                   net: torch.nn.Module | None = None) -> torch.Tensor:
+        """x̂₀ of ``net`` (default: the student's UNet) at ``(x_t, t)`` conditioned on LCM guidance ``w`` (default: the
+        inference one, ``guidance_scale − 1``), converted by the schedule in float64."""
+        w = self.guidance_scale - 1.0 if w is None else w
+        cond = self.guidance_condition(w, x_t.shape[0], x_t.device)
+        out = unet_forward(self.unet if net is None else net, x_t, self.schedule.model_timestep(t), embeds,
+                           timestep_cond=cond)
+        return self.schedule.to_x0(out.double(), x_t.double(), t).to(x_t.dtype)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, embeds, generator: torch.Generator | None = None,
+               num_inference_steps: int | None = None) -> torch.Tensor:
+        """Inference as the exported pipeline runs it: the sampler's ``step`` on the student's raw output (its fresh
+        noise drawn from ``generator``), from ``noise`` (the scheduler's ``init_noise_sigma`` is 1)."""
+        scheduler = self.fresh_scheduler(num_inference_steps)
+        cond = self.guidance_condition(self.guidance_scale - 1.0, noise.shape[0], noise.device)
+        x, denoised = noise * getattr(scheduler, "init_noise_sigma", 1.0), noise
+        extra = {"eta": self.gamma} if self.sampler == "tcd" else {}
+        for t in scheduler.timesteps:
+            out = unet_forward(self.unet, x, t.float() if self.flow else int(t), embeds, timestep_cond=cond)
+            stepped = scheduler.step(out, t, x, generator=generator, return_dict=False, **extra)
+            # FlowMatchLCMScheduler returns the next state only; its last step's is x̂₀ (σ_next = 0)
+            x, denoised = (stepped[0], stepped[0]) if self.flow else stepped
+        return denoised
+
+    def backward_simulate(self, noise, embeds, generator=None, k=None):
+        raise NotImplementedError("a consistency student is trained on noised states of the teacher's ODE, not by "
+                                  "backward simulation")
+
+
+def with_guidance_embedding(unet: torch.nn.Module, dim: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A trainable UNet of ``unet``'s config with ``time_cond_proj_dim = dim``: ``unet``'s weights, plus the new
+    ``time_embedding.cond_proj`` (Linear dim → time-embedding input, no bias, default init) that LCM's guidance
+    embedding enters through. Nothing but ``cond_proj`` may be missing."""
+    # the private keys go: "_use_default_values" would reset time_cond_proj_dim to its default
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    config["time_cond_proj_dim"] = int(dim)
+    out = type(unet).from_config(config)
+    missing, unexpected = out.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time_embedding.cond_proj.") for k in missing):
+        raise ValueError(f"adding a guidance embedding to {type(unet).__name__} left weights unmatched (does the "
+                         f"teacher's UNet carry adapters?): missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if any(p.dtype != dtype for p in out.parameters()):
+        out = out.to(dtype=dtype)
+    return out.requires_grad_(True).train()
+
+
 #: every student kind a run can train, by ``Generator.kind`` (``Requirements.student`` names one)
 GENERATOR_KINDS: dict[str, type[Generator]] = {cls.kind: cls for cls in (Generator, PhasedGenerator,
-                                                                        TeacherSamplerGenerator)}
+                                                                        TeacherSamplerGenerator, ConsistencyGenerator)}
 
 
 def generator_class(kind: str) -> type[Generator]:

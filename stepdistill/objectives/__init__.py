@@ -21,17 +21,21 @@ from stepdistill.objectives.base import (  # noqa: F401
 from stepdistill.objectives.cfg_distill import CFGDistill
 from stepdistill.objectives.dmd import DMD
 from stepdistill.objectives.dmd2 import DMD2
+from stepdistill.objectives.lcm import LCM
 from stepdistill.objectives.phased_dmd import PhasedDMD
 from stepdistill.objectives.regression import make_regression_pairs
 from stepdistill.objectives.sid import SiD
+from stepdistill.objectives.tcd import TCD
 from stepdistill.objectives.vsd import VSD
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "cfg_distill": CFGDistill,
     "dmd": DMD,
     "dmd2": DMD2,
+    "lcm": LCM,
     "phased_dmd": PhasedDMD,
     "sid": SiD,
+    "tcd": TCD,
     "vsd": VSD,
 }
 
@@ -72,6 +76,8 @@ __all__ = [
     "objective_defaults",
     "DMD",
     "DMD2",
+    "LCM",
+    "TCD",
     "PhasedDMD",
     "SiD",
     "VSD",

@@ -86,7 +86,7 @@ class Requirements:
     """What a run with one objective config needs, declared before anything is built
     (:meth:`Objective.requirements`); ``distill`` provides it, the trainer reads it.
 
-    ``student``: the Generator kind (``"few_step"``, ``"phase_experts"``, ``"teacher_sampler"``).
+    ``student``: the Generator kind (``"few_step"``, ``"phase_experts"``, ``"teacher_sampler"``, ``"consistency"``).
     ``real_images``: encoded real images in ``Batch.real`` (a GAN term, noised real states).
     ``regression_pairs``: the teacher's ODE pairs in ``Batch.pairs`` at every update (DMD's regression);
     ``ode_warmup_steps``: the first N generator updates regress on them alone (they need the pairs too).
@@ -253,6 +253,16 @@ class Objective(torch.nn.Module):
         return UpdatePlan(generator_first=self.generator_update_first(), auxiliary=self.auxiliary_active(),
                           ode_warmup=self.in_ode_warmup(), reset_auxiliary_optimizers=self.take_auxiliary_reset(),
                           final_experts=self.take_final_experts())
+
+    def checkpoint_objects(self) -> list[Any]:
+        """State the trainer's checkpoints must hold besides the trainable weights (objects with ``state_dict`` /
+        ``load_state_dict``): a network that receives no gradient yet changes during training (LCM's target network).
+        None by default."""
+        return []
+
+    def after_generator_update(self) -> None:
+        """Called by the trainer after each generator optimizer step (LCM / TCD move their target network here);
+        nothing by default."""
 
     def take_final_experts(self) -> int:
         """The number of leading experts that became final at this update (0: none; Phased DMD at a phase start)."""

@@ -4,7 +4,9 @@ A recipe is a YAML mapping with the sections below; every key is optional except
 
     generator:        {timesteps: [999], lora_rank: null, lora_alpha: null, scaled_input_noise: false,
                        experts: false, init_unet: null,
-                       teacher_sampler_steps: null, share_teacher_base: false}
+                       teacher_sampler_steps: null, share_teacher_base: false, lora_targets: null,
+                       consistency: null}   # or {steps: 4, scheduler: lcm, gamma: 0.3, guidance_scale: 1.0,
+                                            #     guidance_embedding_dim: null} for LCM / TCD students
     optimizer:        {generator_lr: 1.0e-5, aux_lr: 1.0e-5, betas: [0.9, 0.999], weight_decay: 0.01, eps: 1.0e-8,
                        warmup_generator_lr: null}
     train:            {batch_size: 4, max_steps: 1000, grad_accum: 1, grad_clip: 1.0, mixed_precision: "no",
@@ -70,6 +72,20 @@ class RecipeSyntaxError(ConfigError):
 
 # --- sections ----------------------------------------------------------------------------------------------------
 @dataclass
+class ConsistencySamplerConfig:
+    """A consistency student (objectives ``lcm``, ``tcd``): sampled by diffusers' ``LCMScheduler`` or ``TCDScheduler``
+    in any step count (``steps``: the default), TCD with γ = ``gamma`` (its ``eta``); ``guidance_scale``: the
+    pipeline's value at inference (a student with a guidance embedding of ``guidance_embedding_dim`` dimensions is
+    conditioned on guidance_scale − 1; one without samples at 1)."""
+
+    steps: int = 4
+    scheduler: Literal["lcm", "tcd"] = "lcm"
+    gamma: float = 0.3
+    guidance_scale: float = 1.0
+    guidance_embedding_dim: int | None = None
+
+
+@dataclass
 class GeneratorConfig:
     timesteps: list[int] = field(default_factory=lambda: [999])
     lora_rank: int | None = None
@@ -80,6 +96,8 @@ class GeneratorConfig:
     teacher_sampler_steps: int | None = None  # guidance-distilled denoiser sampled by DDIM in N steps (cfg_distill)
     share_teacher_base: bool = False  # LoRA on the teacher's own network: one base in memory (LoRA-CFG distillation;
     # with a score-distillation method the student and a LoRA fake score are two adapters on that base)
+    lora_targets: list[str] | None = None  # module names LoRA adapts (null: the attention projections)
+    consistency: ConsistencySamplerConfig | None = None  # LCM / TCD students (objectives lcm, tcd)
 
 
 @dataclass
@@ -302,6 +320,26 @@ def validate(config: RunConfig, file: str | None = None) -> RunConfig:
         if g.experts or g.init_unet is not None or g.scaled_input_noise:
             fail("generator.teacher_sampler_steps", "a guidance-distilled student starts from the teacher and is "
                  "sampled by DDIM: set experts: false, init_unet: null, scaled_input_noise: false")
+    if g.lora_targets is not None and (not g.lora_targets or g.lora_rank is None):
+        fail("generator.lora_targets", "names the modules LoRA adapts: a non-empty list, with lora_rank set")
+    c = g.consistency
+    if c is not None:
+        if c.steps < 1:
+            fail("generator.consistency.steps", f"must be >= 1, got {c.steps}")
+        if not 0.0 <= c.gamma <= 1.0:
+            fail("generator.consistency.gamma", f"must lie in [0, 1], got {c.gamma}")
+        if c.guidance_embedding_dim is not None and c.guidance_embedding_dim < 2:
+            fail("generator.consistency.guidance_embedding_dim", f"must be >= 2 (or null), got "
+                 f"{c.guidance_embedding_dim}")
+        if c.guidance_embedding_dim is not None and g.lora_rank is not None:
+            fail("generator.consistency.guidance_embedding_dim", "a LoRA consistency student has no guidance "
+                 "embedding (LCM-LoRA); set it to null or train a full student (lora_rank: null)")
+        if c.guidance_scale < 0 or (c.guidance_embedding_dim is None and c.guidance_scale > 1.0):
+            fail("generator.consistency.guidance_scale", "a student without a guidance embedding samples at "
+                 f"guidance 1 (or below, which diffusers reads as no guidance), got {c.guidance_scale}")
+        if g.experts or g.init_unet is not None or g.scaled_input_noise or g.teacher_sampler_steps is not None:
+            fail("generator.consistency", "a consistency student starts from the teacher and pure noise: set "
+                 "experts: false, init_unet: null, scaled_input_noise: false, teacher_sampler_steps: null")
     if g.share_teacher_base and (g.lora_rank is None or g.experts or g.init_unet is not None):
         fail("generator.share_teacher_base", "shares the teacher's network under LoRA adapters: it needs lora_rank "
              "(and experts: false, init_unet: null)")

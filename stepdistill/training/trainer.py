@@ -271,6 +271,8 @@ class Trainer:
         accelerator.register_for_checkpointing(self.state)
         if self.ema is not None:
             accelerator.register_for_checkpointing(self.ema)
+        for extra in objective.checkpoint_objects():  # e.g. LCM's target network: frozen, yet it moves
+            accelerator.register_for_checkpointing(extra)
         self._hooks = TrainableStateHooks(accelerator, self.module)
         self.last_checkpoint: Path | None = None
         self._resumed_from: Path | None = None
@@ -628,6 +630,7 @@ class Trainer:
                 calls_before = self._generator_calls
                 if generator_first:  # DMD2 / SwiftBrush order: the fake score then learns from this update's sample
                     gen_loss, gen_logs = self._update("generator", 0)
+                    self.objective.after_generator_update()
                     if self.ema is not None:
                         self.ema.step()
                 if self.aux_opts and plan.auxiliary:
@@ -639,6 +642,7 @@ class Trainer:
                     aux_loss = sum(vals) / len(vals) if vals else None
                 if not generator_first:
                     gen_loss, gen_logs = self._update("generator", 0)
+                    self.objective.after_generator_update()
                     if self.ema is not None:
                         self.ema.step()
                 if not plan.ode_warmup:

@@ -175,6 +175,11 @@ def check_run_config(spec: PipelineSpec, config, recipe: str | Path, overrides: 
         problem = ("must be set (e.g. 25) for objective " if teacher_sampler
                    else "must be null (it is for guidance distillation, objective cfg_distill) for objective ")
         raise ConfigError("generator.teacher_sampler_steps", problem + config.objective, str(recipe))
+    consistency = needs.student == "consistency"
+    if consistency != (config.generator.consistency is not None):
+        problem = ("must be set (e.g. {steps: 4, scheduler: lcm}) for objective " if consistency
+                   else "must be null (it is for the consistency objectives lcm and tcd) for objective ")
+        raise ConfigError("generator.consistency", problem + config.objective, str(recipe))
     experts = needs.student == "phase_experts"
     if experts != bool(config.generator.experts):
         want = "true" if experts else "false"
