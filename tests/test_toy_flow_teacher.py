@@ -48,6 +48,36 @@ def test_train_flow_teacher_two_steps_writes_a_loadable_folder(tmp_path):
     assert images.shape == (1, 3, 32, 32)
 
 
+def test_link_shared_stores_identical_components_as_links_that_load(tmp_path):
+    from stepdistill.core.assets import toy_teacher_path
+    from stepdistill.models.teacher import Teacher
+    from stepdistill.toy.train import train_flow_teacher
+
+    out = tmp_path / "flow"
+    info = train_flow_teacher(out, seed=0, steps=1, batch_size=2, num_latents=4, transformer_overrides=TINY,
+                              link_shared=True)
+    assert info["linked_components"] == {"vae": ["diffusion_pytorch_model.safetensors"],
+                                         "text_encoder_2": ["config.json", "model.safetensors"]}
+    weights = out / "vae" / "diffusion_pytorch_model.safetensors"
+    assert weights.is_symlink() and weights.resolve() == (toy_teacher_path() / "vae" / weights.name).resolve()
+    assert not (out / "vae" / "config.json").is_symlink()  # it records shift_factor 0, the toy teacher's does not
+    assert (out / "text_encoder_2" / "model.safetensors").resolve() == (out / "text_encoder" / "model.safetensors")
+    assert not any(p.is_symlink() for p in (out / "text_encoder").iterdir())
+    assert not any(p.is_symlink() for p in (out / "transformer").iterdir())
+    teacher = Teacher.load(out)  # diffusers and transformers load through the links
+    assert teacher.pipeline.text_encoder_2 is not None and teacher.vae.config.shift_factor == 0.0
+    with pytest.raises(ValueError, match="another transformer size"):
+        train_flow_teacher(tmp_path / "more", steps=1, batch_size=2, num_latents=4, init_from=out,
+                           transformer_overrides=models.flow_transformer_size(64, 2))
+
+
+def test_flow_transformer_size_is_checked():
+    assert models.flow_transformer_size(160, 5) == {"num_layers": 5, "num_attention_heads": 5,
+                                                     "caption_projection_dim": 160}
+    with pytest.raises(ValueError, match="multiple of 32"):
+        models.flow_transformer_size(100, 4)
+
+
 def test_flow_matching_loss_equals_the_hand_computation():
     """x_σ = (1 − σ)x₀ + σε, the transformer called at 1000σ, MSE to ε − x₀ (diffusers train_dreambooth_sd3.py);
     σ read from the diffusers scheduler's own table, not from NoiseSchedule."""

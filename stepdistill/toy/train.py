@@ -350,7 +350,7 @@ def train_flow_teacher(
     ``init_from``: a folder this function wrote; its transformer (and, if it trained them, its text encoders) is the
     starting point instead of a fresh one, and its ``training_info.json`` is kept in the new one's ``init_from``
     (training continued with a fresh optimizer, learning-rate cycle and data draw: pass another ``seed``).
-    ``link_shared``: store the components that are byte-identical copies (the VAE, equal to the toy teacher's; the
+    ``link_shared``: store the files that are byte-identical copies (the VAE's weights, equal to the toy teacher's; the
     second text encoder, equal to the first while they are frozen) as relative symbolic links
     (:func:`link_identical_components`), for the folder shipped in the repository."""
     torch.manual_seed(seed)
@@ -455,24 +455,23 @@ def train_flow_teacher(
     return info
 
 
-def link_identical_components(folder: Path, sources: dict[str, Path]) -> dict[str, str]:
-    """Replace each component folder ``folder/name`` whose files are byte-identical to those of ``sources[name]`` by
-    a relative symbolic link to that source (diffusers and transformers load through it as through a copy). A
-    component that differs in any file is kept as it is. Returns {component: link target} of the links made."""
+def link_identical_components(folder: Path, sources: dict[str, Path]) -> dict[str, list[str]]:
+    """Replace each file of the component folder ``folder/name`` that is byte-identical to the file of the same name
+    in ``sources[name]`` by a relative symbolic link to it (diffusers and transformers load through links as through
+    copies). Files that differ (e.g. the VAE's config, which records ``shift_factor``) stay. Returns
+    {component: [linked file names]} for the components with at least one link."""
     import filecmp
     import os
-    import shutil
 
-    linked = {}
+    linked: dict[str, list[str]] = {}
     for name, source in sources.items():
-        own = folder / name
-        names = sorted(p.name for p in own.iterdir())
-        if names != sorted(p.name for p in Path(source).iterdir()):
-            continue
-        if not all(filecmp.cmp(own / n, Path(source) / n, shallow=False) for n in names):
-            continue
-        target = os.path.relpath(Path(source).resolve(), folder.resolve()) if source.parent != folder else source.name
-        shutil.rmtree(own)
-        own.symlink_to(target, target_is_directory=True)
-        linked[name] = target
+        for own in sorted((folder / name).iterdir()):
+            theirs = Path(source) / own.name
+            if own.is_symlink() or not theirs.is_file() or not filecmp.cmp(own, theirs, shallow=False):
+                continue
+            # relative to the component folder, which keeps its depth when the staged folder is renamed into place
+            target = os.path.relpath(os.path.abspath(theirs), os.path.abspath(own.parent))
+            own.unlink()
+            own.symlink_to(target)
+            linked.setdefault(name, []).append(own.name)
     return linked
