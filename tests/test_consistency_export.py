@@ -144,6 +144,10 @@ def test_consistency_model_cards_and_records(exported):
     assert infos["tcd"]["call_kwargs"] == {"eta": 0.3}
     assert infos["lcm"]["any_step_count"] and infos["lcm"]["guidance_embedded"]
     check_student_call(infos["lcm"], 8, 6.0)  # any step count, any embedded guidance
+    from stepdistill.eval.report import nfe
+
+    assert nfe(4, 3.0, infos["lcm"]["guidance_embedded"]) == 4  # the embedded guidance costs no CFG pass
+    assert nfe(4, 3.0, infos["lcm_lora"]["guidance_embedded"]) == 8
     with pytest.raises(ValueError, match="guidance"):
         check_student_call(infos["lcm_lora"], 8, 3.0)  # no embedding: CFG on top would be applied twice
 

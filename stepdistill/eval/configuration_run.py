@@ -31,6 +31,7 @@ from stepdistill.eval.run_files import (
 )
 from stepdistill.eval.suite import Configuration, Suite
 from stepdistill.eval.suite_metrics import SuiteMetrics
+from stepdistill.export.loading import export_info
 from stepdistill.toy.assets import toy_teacher_path
 
 __all__ = ["RunStats", "run_configuration", "sample_fingerprint"]
@@ -150,7 +151,8 @@ def score_configuration(suite: Suite, config: Configuration, store: SampleStore,
         log(f"  latency ({time.time() - t1:.1f} s)")
     entry = {
         "name": config.name, "role": config.role, "steps": config.steps, "guidance": config.guidance,
-        "nfe": nfe(config.steps, config.guidance), "scheduler": config.scheduler,
+        "nfe": nfe(config.steps, config.guidance, bool(export_info(config.pipeline).get("guidance_embedded"))),
+        "scheduler": config.scheduler,
         "negative_prompt": config.negative_prompt, "pipeline": config.pipeline,
         "fid": None, "fid_features": None, "adherence": None, "adherence_metric": None,
         "diversity": None, "diversity_features": None,

@@ -27,9 +27,10 @@ def device_description() -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def nfe(steps: int, guidance: float) -> int:
-    """UNet evaluations per image: one per step, two when classifier-free guidance is on (w > 1)."""
-    return steps * (2 if guidance > 1.0 else 1)
+def nfe(steps: int, guidance: float, guidance_embedded: bool = False) -> int:
+    """UNet evaluations per image: one per step, two when classifier-free guidance is on (w > 1) — except for a
+    student that embeds the guidance scale (an LCM student's guidance embedding: no CFG pass)."""
+    return steps * (2 if guidance > 1.0 and not guidance_embedded else 1)
 
 
 def _fmt(value: Any, spec: str) -> str:
