@@ -171,3 +171,13 @@ def test_a_teachers_call_arguments_reach_the_student_folder_and_card(tmp_path):
                             method="sid", example_prompt=PROMPT)
     assert json.loads((folder / "stepdistill_pipeline.json").read_text()) == {"call_kwargs": {"max_sequence_length": 16}}
     assert "guidance_scale=1.0, max_sequence_length=16)" in (folder / "README.md").read_text()
+
+
+def test_latency_of_a_flow_pipeline_times_its_transformer(exported):
+    """The eval harness's latency measurement on an SD3 pipeline folder: the denoiser it times is the transformer."""
+    from stepdistill.eval.bench import measure_pipeline_latency
+    from stepdistill.export.loading import load_pipeline
+
+    pipe = load_pipeline(exported["root"] / "sd3_1")
+    lat = measure_pipeline_latency(pipe, PROMPT, 1, 1.0, batch=2, warmup=0, repeats=1)
+    assert lat["batch1"] > 0 and lat["batchN"] > 0 and 0 < lat["unet_share"] < 1

@@ -41,7 +41,8 @@ class _UnetTimer:
 def measure_pipeline_latency(pipe: Any, prompt: str, steps: int, guidance: float, batch: int = 64,
                              warmup: int = 2, repeats: int = 5) -> dict:
     """Median wall time of a full pipeline call (text encoder + UNet + VAE decode) at batch 1 and at ``batch``
-    (reported per image), in milliseconds, plus the share of the batch-N time spent in the UNet."""
+    (reported per image), in milliseconds, plus the share of the batch-N time spent in the UNet (an SD3 / FLUX
+    pipeline's transformer)."""
     steps_kw = step_kwargs(pipe, steps)
 
     def call(n: int):
@@ -51,7 +52,7 @@ def measure_pipeline_latency(pipe: Any, prompt: str, steps: int, guidance: float
 
     b1 = measure_latency(lambda: call(1), warmup=warmup, repeats=repeats)
     call(batch)  # warm-up at the large batch, outside the UNet timer
-    timer = _UnetTimer(pipe.unet)
+    timer = _UnetTimer(pipe.unet if "unet" in pipe.components else pipe.transformer)  # SD3 / FLUX: the transformer
     try:
         bn = measure_latency(lambda: call(batch), warmup=0, repeats=max(2, repeats // 2), batch_size=batch)
     finally:
