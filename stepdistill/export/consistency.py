@@ -27,8 +27,8 @@ from stepdistill.export.common import (
     EXPORT_INFO_FILE,
     LORA_WEIGHT_NAME,
     base_model_name,
-    cast_module,
     has_lora,
+    save_unet_pipeline,
     saved_network,
     teacher_folder,
 )
@@ -50,22 +50,7 @@ def export_consistency_student(teacher, generator, out_dir: Path, method: str, s
     with staged_folder(out_dir, "the student") as tmp:
         with ema_obj.applied() if use_ema else contextlib.nullcontext(), torch.no_grad():
             student_unet, layers, meta = saved_network(generator, is_lora, dtype)
-            components: dict[str, Any] = {"unet": student_unet, "scheduler": scheduler}
-            for name in ("vae", "text_encoder", "text_encoder_2"):
-                module = getattr(pipeline, name, None)
-                if module is not None:
-                    components[name] = cast_module(module, dtype)
-            extra: dict[str, Any] = {}
-            if "safety_checker" in pipeline.components:
-                extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-            if "image_encoder" in pipeline.components:
-                extra["image_encoder"] = None
-            pipe = type(pipeline).from_pipe(pipeline, **components, **extra)
-            pipe.save_pretrained(str(tmp), safe_serialization=True)
-            if layers is not None:
-                kwargs = {"unet_lora_adapter_metadata": meta} if meta else {}
-                type(pipeline).save_lora_weights(str(tmp), unet_lora_layers=layers, weight_name=LORA_WEIGHT_NAME,
-                                                 safe_serialization=True, **kwargs)
+            save_unet_pipeline(tmp, pipeline, student_unet, scheduler, dtype, layers, meta)
         if call_kwargs:
             write_call_kwargs(tmp, call_kwargs)
         info = {

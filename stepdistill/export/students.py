@@ -42,8 +42,8 @@ from stepdistill.export.common import (
     LORA_WEIGHT_NAME,
     ExportError,
     base_model_name,
-    cast_module,
     has_lora,
+    save_unet_pipeline,
     saved_network,
     module_dtype,
     teacher_folder,
@@ -145,27 +145,11 @@ def export_pipeline_student(teacher, generator, out_dir: Path, method: str, step
             # saved below, while the EMA weights are still swapped in (a shared-base student is copied here)
             student_unet, lora_layers, lora_meta = saved_network(generator, is_lora, dtype)
 
-            components: dict[str, Any] = {"unet": student_unet, "scheduler": scheduler}
-            for name in ("vae", "text_encoder", "text_encoder_2"):
-                module = getattr(pipeline, name, None)
-                if module is not None:
-                    components[name] = cast_module(module, dtype)
-            extra: dict[str, Any] = {}
-            if "safety_checker" in pipeline.components:
-                extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-            if "image_encoder" in pipeline.components:
-                extra["image_encoder"] = None
-            pipe = type(pipeline).from_pipe(pipeline, **components, **extra)
-            pipe.save_pretrained(str(tmp), safe_serialization=True)
+            save_unet_pipeline(tmp, pipeline, student_unet, scheduler, dtype, lora_layers, lora_meta)
             if plan.custom_module is not None:
                 ship_custom_scheduler(tmp, plan.custom_module, type(scheduler).__name__)
             if family == "sd":  # negative prompts without CFG (SNOOPI's NASA), loadable as a custom pipeline
                 shutil.copyfile(shipped_file(NASA_MODULE), tmp / f"{NASA_MODULE}.py")
-            if lora_layers is not None:
-                kwargs = {"unet_lora_adapter_metadata": lora_meta} if lora_meta else {}
-                type(pipeline).save_lora_weights(
-                    str(tmp), unet_lora_layers=lora_layers, weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **kwargs
-                )
 
         info = {
             "method": method,
