@@ -201,13 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     tf = toy.add_parser("train-flow-teacher", help="train the toy flow-matching teacher (an SD3 pipeline on the toy "
                                                    "teacher's VAE and text encoder) and save it as a diffusers folder")
     tf.add_argument("--out", default="assets/toy-flow-teacher")
-    tf.add_argument("--seed", type=int, default=0)
-    tf.add_argument("--steps", type=int, default=2600)
+    tf.add_argument("--seed", type=int, default=2)
+    tf.add_argument("--steps", type=int, default=6000)
     tf.add_argument("--batch-size", type=int, default=64)
     tf.add_argument("--lr", type=finite_float, default=5e-4)
-    tf.add_argument("--num-latents", type=int, default=20_000, help="toy-world images encoded by the VAE once")
-    tf.add_argument("--width", type=int, default=128, help="the transformer's width (attention heads of 32 channels)")
-    tf.add_argument("--num-layers", type=int, default=4, help="the transformer's joint (MMDiT) blocks")
+    tf.add_argument("--num-latents", type=int, default=60_000, help="toy-world images encoded by the VAE once")
+    tf.add_argument("--width", type=int, default=160, help="the transformer's width (attention heads of 32 channels)")
+    tf.add_argument("--num-layers", type=int, default=5, help="the transformer's joint (MMDiT) blocks")
     tf.add_argument("--link-shared", action="store_true",
                     help="store the VAE and the second text encoder, byte-identical copies, as relative symbolic links "
                          "(to the toy teacher's VAE and to text_encoder); used for the folder shipped under assets/")

@@ -101,21 +101,22 @@ FLOW_SHIFT = 1.0
 #: (Esser et al. 2024, sec. 5.1); the toy keeps that layout at its own length, 16 + 16. Callers pass
 #: ``max_sequence_length=FLOW_T5_TOKENS``; the asset records it in ``stepdistill_pipeline.json``.
 FLOW_T5_TOKENS = 16
-#: The flow teacher's transformer (2.33M parameters): patch 1 on 8x8 latents (64 image tokens; a 2x2 patch would leave
-#: a 4x4 grid, coarser than the shapes' corners), width 128 = 4 heads x 32, 4 joint blocks. Sized by the repository
-#: budget (stored in float16: 4.65 MB) and by cost on 2 CPU cores (measured at batch 128: 0.61 s per training step;
-#: 0.25 s per call on 144 latents, against 0.50 s for the toy SD teacher's UNet); 5 blocks cost 0.76 s / 0.31 s and
-#: the SD3-like width 192 x 8 blocks 2.35 s / 1.11 s.
+#: The flow teacher's transformer (4.53M parameters): patch 1 on 8x8 latents (64 image tokens; a 2x2 patch would leave
+#: a 4x4 grid, coarser than the shapes' corners), width 160 = 5 heads x 32, 5 joint blocks. Sized by the repository
+#: budget (stored in float16: 9.05 MB) and by cost on 2 CPU cores (width 128 x 4 blocks, 2.33M parameters, measured at
+#: batch 128: 0.61 s per training step and 0.25 s per call on 144 latents, against 0.50 s for the toy SD teacher's
+#: UNet; the SD3-like width 192 x 8 blocks 2.35 s / 1.11 s). At equal data 160 x 5 reached a lower loss and better
+#: shapes than 128 x 4 (eval/results/toy-flow-teacher/).
 FLOW_TRANSFORMER_CONFIG = dict(
     sample_size=LATENT_SIZE,
     patch_size=1,
     in_channels=LATENT_CHANNELS,
     out_channels=LATENT_CHANNELS,
-    num_layers=4,
+    num_layers=5,
     attention_head_dim=32,
-    num_attention_heads=4,
+    num_attention_heads=5,
     joint_attention_dim=2 * TEXT_DIM,  # the two CLIP encoders' hidden states side by side, as SD3 concatenates them
-    caption_projection_dim=128,
+    caption_projection_dim=160,
     pooled_projection_dim=2 * TEXT_DIM,  # both encoders' pooled projections, concatenated
     pos_embed_max_size=LATENT_SIZE,
 )

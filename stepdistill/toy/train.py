@@ -325,11 +325,11 @@ def _store_half(folder: Path) -> None:
 
 def train_flow_teacher(
     out_dir: str | Path,
-    seed: int = 0,
-    steps: int = 2600,
+    seed: int = 2,
+    steps: int = 6000,
     batch_size: int = 64,
     lr: float = 5e-4,
-    num_latents: int = 20_000,
+    num_latents: int = 60_000,
     ema_decay: float = 0.999,
     cond_dropout: float = 0.1,
     train_text_encoders: bool = False,
