@@ -28,7 +28,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 
@@ -190,13 +190,15 @@ def find_resume_checkpoint(ckpt_dir: str | Path, resume: str | Path) -> Path | N
     return path
 
 
-def prune_checkpoints(root: str | Path, keep: int, protect: str | None = None) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints (never ``protect``), and stale ``.tmp_`` folders."""
+def prune_checkpoints(root: str | Path, keep: int, protect: str | Collection[str] | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (never those named in ``protect``), and stale ``.tmp_``
+    folders."""
     root = Path(root)
     removed = []
+    kept = {protect} if isinstance(protect, str) else set(protect or ())
     found = list_checkpoints(root)
     for _, path in found[: max(0, len(found) - keep)]:
-        if path.name != protect:
+        if path.name not in kept:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     for child in root.iterdir() if root.is_dir() else []:
@@ -206,9 +208,10 @@ def prune_checkpoints(root: str | Path, keep: int, protect: str | None = None) -
     return removed
 
 
-def save_checkpoint(accelerator, root: str | Path, step: int, keep: int, metadata: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(accelerator, root: str | Path, step: int, keep: int, metadata: Mapping[str, Any] | None = None,
+                    protect: Collection[str] = ()) -> Path:
     """Write ``accelerator.save_state`` atomically as ``root/step_XXXXXX`` (see the module docstring). Must be called
-    on every process; returns the final path."""
+    on every process; returns the final path. Pruning to ``keep`` spares the checkpoints named in ``protect``."""
     root = Path(root)
     name = checkpoint_name(step)
     final = root / name
@@ -244,23 +247,33 @@ def save_checkpoint(accelerator, root: str | Path, step: int, keep: int, metadat
         write_text_atomic(root / LATEST_FILE, name + "\n")
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
-        prune_checkpoints(root, keep, protect=name)
+        prune_checkpoints(root, keep, protect={name, *protect})
     accelerator.wait_for_everyone()
     return final
 
 
 # --- state objects ------------------------------------------------------------------------------------------------
 class TrainState:
-    """The step counter (number of completed generator updates), checkpointed as an accelerate custom object."""
+    """The step counter (number of completed generator updates), the training FLOPs counted so far, the wall seconds
+    the updates took (over every resumed part of the run) and the budget marks reached (``{"0.25": {"fraction",
+    "step", "flops", "seconds", "checkpoint"}}``), checkpointed as an accelerate custom object. Checkpoints written
+    before the FLOP count existed load with 0 FLOPs, 0 seconds and no marks."""
 
-    def __init__(self, step: int = 0) -> None:
+    def __init__(self, step: int = 0, flops: int = 0) -> None:
         self.step = int(step)
+        self.flops = int(flops)
+        self.seconds = 0.0
+        self.marks: dict[str, dict[str, Any]] = {}
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "flops": self.flops, "seconds": self.seconds,
+                "marks": {k: dict(v) for k, v in self.marks.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
+        self.flops = int(state.get("flops", 0))
+        self.seconds = float(state.get("seconds", 0.0))
+        self.marks = {str(k): dict(v) for k, v in dict(state.get("marks") or {}).items()}
 
 
 def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -12,10 +12,12 @@ A recipe is a YAML mapping with the sections below; every key is optional except
     train:            {batch_size: 4, max_steps: 1000, grad_accum: 1, grad_clip: 1.0, mixed_precision: "no",
                        gradient_checkpointing: false, attention: sdpa, ema_decay: null, ema_halflife_kimg: null,
                        ema_rampup_ratio: null, checkpoint_every: 500,
-                       keep_checkpoints: 3, sample_every: 0, log_every: 10, seed: 0, num_workers: 0}
+                       keep_checkpoints: 3, sample_every: 0, log_every: 10, seed: 0, num_workers: 0,
+                       count_flops: false, budget_flops: null, budget_marks: []}
     objective:        dmd2
     objective_config: {...}            # free-form here; the objective validates it
     prompts:          {source: toy}    # or a .txt (one prompt per line) / .jsonl ({"prompt": ...}) path
+    selection_seeds:  []               # the evaluation seeds (bases) any value of this recipe was chosen on
 
 :func:`load_recipe` reads such a file and applies ``key.sub=value`` overrides (values parsed as YAML). An unknown key,
 a wrong type or an impossible value raises :class:`ConfigError` naming the dotted key and the file. ``0`` disables
@@ -25,6 +27,12 @@ a wrong type or an impossible value raises :class:`ConfigError` naming the dotte
 process. ``num_workers`` is validated and kept for data-loading front ends; the Trainer itself draws prompts and
 noise in-process and does not use it. ``warmup_generator_lr`` is the generator's learning rate while the objective
 is in its ODE-pair warm-up (``objective_config.ode_warmup_steps``; null: ``generator_lr`` throughout).
+``selection_seeds`` records the evaluation seed bases (``stepdistill eval --seed``) whose samples any value of the
+recipe was chosen on; a comparison that must be held out (``stepdistill league``) refuses to evaluate on them.
+``count_flops`` counts the training FLOPs of every update (:mod:`stepdistill.training.flops`; it slows an update by
+about a third on CPU); ``budget_flops`` (which implies it) ends the run after the first update that brings the count
+to the budget, and ``budget_marks`` keeps a checkpoint at each of those fractions of it (the run's end is the last
+mark): the league's budget (``stepdistill league``).
 """
 
 from __future__ import annotations
@@ -128,6 +136,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0
+    count_flops: bool = False  # count the training FLOPs (stepdistill.training.flops); implied by budget_flops
+    budget_flops: float | None = None  # end the run once the counted FLOPs reach this (max_steps stays a ceiling)
+    budget_marks: list[float] = field(default_factory=list)  # fractions of budget_flops where a checkpoint is kept
 
 
 @dataclass
@@ -143,6 +154,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective_config: dict[str, Any] = field(default_factory=dict)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    selection_seeds: list[int] = field(default_factory=list)  # eval seeds any value here was chosen on (see below)
 
     # --- construction / serialisation ----------------------------------------------------------------------------
     @classmethod
@@ -379,12 +391,25 @@ def validate(config: RunConfig, file: str | None = None) -> RunConfig:
                  "to null")
         if not t.ema_halflife_kimg > 0:
             fail("train.ema_halflife_kimg", f"must be > 0 (or null), got {t.ema_halflife_kimg}")
+    if t.budget_flops is not None and not t.budget_flops > 0:
+        fail("train.budget_flops", f"must be > 0 (or null for a run of train.max_steps updates), got {t.budget_flops}")
+    if t.budget_marks:
+        if t.budget_flops is None:
+            fail("train.budget_marks", "are fractions of train.budget_flops: set the budget too (or leave the marks [])")
+        for i, mark in enumerate(t.budget_marks):
+            if not 0.0 < mark < 1.0:
+                fail(f"train.budget_marks[{i}]", f"must lie in (0, 1) (the run's end is always a mark), got {mark}")
+            if i and mark <= t.budget_marks[i - 1]:
+                fail(f"train.budget_marks[{i}]", f"marks must be increasing, got {t.budget_marks}")
     if t.ema_rampup_ratio is not None:
         if t.ema_halflife_kimg is None:
             fail("train.ema_rampup_ratio", "ramps up the half-life EMA: set train.ema_halflife_kimg too")
         if not t.ema_rampup_ratio > 0:
             fail("train.ema_rampup_ratio", f"must be > 0 (or null), got {t.ema_rampup_ratio}")
 
+    for i, seed in enumerate(config.selection_seeds):
+        if seed < 0:
+            fail(f"selection_seeds[{i}]", f"must be >= 0 (an evaluation seed base), got {seed}")
     src = config.prompts.source
     if src != "toy" and Path(src).suffix.lower() not in (".txt", ".jsonl"):
         fail("prompts.source", f"must be 'toy' or a path to a .txt or .jsonl prompt file, got {src!r}")

@@ -35,9 +35,19 @@ micro-batch, process) for the prompts, the generator noise and the real latents,
 is in the run. Checkpoints restore the RNG states, the optimizers, the EMA and the step counter, so a run resumed
 from step k reaches step n with the same parameters as an uninterrupted one.
 
+Budget: with ``train.count_flops`` (or ``train.budget_flops``) the training FLOPs of each update are counted
+(:mod:`.flops`): the objective's losses and their backward passes, every network in them (generator, teacher, fake
+score, discriminator, target network). Not counted: building the batch (prompt encoding, encoding real images: data
+preparation that a dataset can cache), the optimizer and EMA steps, and sampling for the logs. Work done once before
+the loop for the run (the teacher's ODE pairs) is passed in as ``setup_flops`` and starts the count. Under several
+processes the count is the sum over them. ``train.budget_flops`` ends the run after the first update that brings the
+count to the budget (``max_steps`` stays a ceiling); a checkpoint is kept at each ``train.budget_marks`` fraction and
+at the end, listed with its step and FLOPs in ``logs/budget_marks.json`` (and in the checkpointed state, so a
+resumed run neither repeats nor loses a mark).
+
 Outputs under ``out_dir``: ``checkpoints/step_XXXXXX`` + ``checkpoints/latest`` (see :mod:`.checkpoint`),
 ``logs/metrics.csv``, ``logs/tensorboard/``, ``logs/summary.json``, ``samples/step_XXXXXX.png`` (when a
-``sample_fn`` is given) and ``run_config.yaml``.
+``sample_fn`` is given), ``logs/budget_marks.json`` (with a budget) and ``run_config.yaml``.
 """
 
 from __future__ import annotations
@@ -70,6 +80,7 @@ from stepdistill.training.checkpoint import (
     save_checkpoint,
 )
 from stepdistill.training.config import RunConfig
+from stepdistill.training.flops import FlopMeter, format_flops
 from stepdistill.training.fsdp import enable_fsdp_on_cpu, full_tensor, owning_modules, wrap_classes_present
 from stepdistill.training.progress import (
     CSVLogger,
@@ -82,6 +93,20 @@ from stepdistill.training.prompts import as_prompt_sampler
 from stepdistill.training.stages import finalise_experts
 
 logger = logging.getLogger(__name__)
+
+
+def _mark_key(fraction: float) -> str:
+    """The key of a budget mark in the checkpointed state: ``0.25`` -> ``"0.25"``."""
+    return f"{fraction:g}"
+
+
+def _clock(seconds: float) -> str:
+    """``3725`` -> ``"1:02:05"``; ``"?"`` while unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 class TrainingDiverged(RuntimeError):
@@ -130,7 +155,9 @@ class Trainer:
     optional ``(generator, step) -> PIL.Image`` called every ``train.sample_every`` steps on the main process (again
     with the EMA weights when EMA is on), under ``torch.no_grad`` and a forked RNG so that it does not change the
     training run. ``batch_fn`` replaces :func:`build_batch` (same signature). ``accelerator``: reuse an existing
-    one (else one is built from the config).
+    one (else one is built from the config). ``setup_flops``: FLOPs spent for this run before the loop (counted with
+    :class:`~stepdistill.training.flops.FlopMeter`), the start of the FLOP count of a fresh run; ``setup_seconds``:
+    the wall time that work took, the start of its training seconds.
 
     Not supported: DeepSpeed with objectives that have auxiliary networks, and FSDP1 (refused with a clear error);
     FSDP2 is (see the module docstring).
@@ -151,6 +178,8 @@ class Trainer:
         accelerator=None,
         run_identity: Mapping[str, Any] | None = None,
         sample_prompts: Sequence[str] | None = None,
+        setup_flops: int = 0,
+        setup_seconds: float = 0.0,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import (
@@ -261,7 +290,10 @@ class Trainer:
         self._all_params = gen_params + [p for ps in aux_groups.values() for p in ps]
 
         # EMA, step counter, checkpoint hooks (registration order is part of the checkpoint format)
-        self.state = TrainState()
+        self.state = TrainState(flops=setup_flops)
+        self.state.seconds = float(setup_seconds)
+        self.counting_flops = tc.count_flops or tc.budget_flops is not None
+        self._flop_meter = FlopMeter(enabled=self.counting_flops)
         if tc.ema_halflife_kimg is not None:
             self.ema = HalflifeEMA(gen_params, tc.ema_halflife_kimg, tc.ema_rampup_ratio,
                                    images_per_update=tc.batch_size * tc.grad_accum * accelerator.num_processes)
@@ -449,13 +481,15 @@ class Trainer:
             with acc.accumulate(*self._accumulated()):
                 phase = self._activation_phase(turn, micro)
                 if phase is None:
-                    loss, logs = self._loss(batch, turn)
+                    with self._flop_meter:
+                        loss, logs = self._loss(batch, turn)
                 else:
-                    with SavedTensorBytes(self._frozen_and_trained_modules()) as saved:
+                    with SavedTensorBytes(self._frozen_and_trained_modules()) as saved, self._flop_meter:
                         loss, logs = self._loss(batch, turn)
                     self.saved_activation_bytes[phase] = saved.bytes
                 self._check_finite(loss, f"the {turn} loss" if turn == "generator" else "the auxiliary loss")
-                acc.backward(loss)
+                with self._flop_meter:
+                    acc.backward(loss)
                 if acc.sync_gradients:
                     self._clip_and_step(opts, groups, logs_sum)
             losses.append(float(loss.detach()))
@@ -506,10 +540,59 @@ class Trainer:
             "config": self.config.to_dict(),
             **self.run_identity,
         }
+        if self.counting_flops:
+            meta["training_flops"] = self.state.flops
+        marked = [m["checkpoint"] for m in self.state.marks.values()]
         self.last_checkpoint = save_checkpoint(
-            self.accelerator, self.ckpt_dir, self.state.step, self.config.train.keep_checkpoints, meta
+            self.accelerator, self.ckpt_dir, self.state.step, self.config.train.keep_checkpoints, meta, protect=marked
         )
         return self.last_checkpoint
+
+    def _saved_this_step(self) -> bool:
+        return self.last_checkpoint is not None and self.last_checkpoint.name == checkpoint_name(self.state.step)
+
+    # --- the FLOP budget ----------------------------------------------------------------------------------------------
+    def _count_update_flops(self, counted_before: int) -> int:
+        """Add this update's FLOPs (this process's meter since ``counted_before``, summed over the processes) to the
+        state; returns them."""
+        flops = self._flop_meter.total - counted_before
+        if self.accelerator.num_processes > 1:
+            total = torch.tensor([float(flops)], device=self.accelerator.device, dtype=torch.float64)
+            flops = int(self.accelerator.reduce(total, reduction="sum").item())
+        self.state.flops += flops
+        return flops
+
+    def budget_spent(self) -> bool:
+        """True once the counted FLOPs reach ``train.budget_flops`` (never without a budget)."""
+        budget = self.config.train.budget_flops
+        return budget is not None and self.state.flops >= budget
+
+    def _reach_marks(self, final: bool = False) -> None:
+        """Record and checkpoint each budget mark the count has just reached (``final``: the run's end, mark 1.0)."""
+        tc = self.config.train
+        if tc.budget_flops is None:
+            return
+        due = [m for m in tc.budget_marks if self.state.flops >= m * tc.budget_flops]
+        if final:
+            due.append(1.0)
+        due = [m for m in due if _mark_key(m) not in self.state.marks]
+        if not due:
+            return
+        for mark in due:
+            self.state.marks[_mark_key(mark)] = {"fraction": mark, "step": self.state.step, "flops": self.state.flops,
+                                                 "seconds": round(self.state.seconds, 2),
+                                                 "checkpoint": checkpoint_name(self.state.step)}
+        self.save_checkpoint()  # with the marks in its state (again, if this step was saved before them)
+        self._write_marks()
+
+    def _write_marks(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        tc = self.config.train
+        info = {"budget_flops": tc.budget_flops, "budget_unit": "training FLOPs (torch.utils.flop_counter)",
+                "marks": sorted(self.state.marks.values(), key=lambda m: m["fraction"])}
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.log_dir / "budget_marks.json", json.dumps(info, indent=2))
 
     def load_checkpoint(self, resume: str | Path) -> Path | None:
         """Restore a checkpoint: ``"latest"`` (the newest complete one under ``out_dir/checkpoints``; None and a fresh
@@ -610,23 +693,32 @@ class Trainer:
 
         eta = PhaseETA(start_step, tc.max_steps, self.requirements.ode_warmup_steps,
                        self.requirements.warmup_cost_ratio)
-        pbar = tqdm(total=tc.max_steps, initial=start_step, disable=not acc.is_local_main_process,
-                    desc=f"distill[{self.objective.name}]", dynamic_ncols=True,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        budget = tc.budget_flops
+        start_flops = self.state.flops
+        if budget is None:
+            pbar = tqdm(total=tc.max_steps, initial=start_step, disable=not acc.is_local_main_process,
+                        desc=f"distill[{self.objective.name}]", dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        else:  # the bar follows the budget (per cent of it), the postfix the updates
+            pbar = tqdm(total=100.0, initial=min(100.0, 100.0 * start_flops / budget),
+                        disable=not acc.is_local_main_process, desc=f"distill[{self.objective.name}] budget",
+                        dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
         t0 = time.perf_counter()
         last_log_t, last_log_step = t0, start_step
         last = {}
         try:
-            while self.state.step < tc.max_steps:
+            while self.state.step < tc.max_steps and not self.budget_spent():
                 aux_loss, aux_logs = None, {}
-                self.plan = plan = self.objective.plan_update(self.state.step)
+                t_update = time.perf_counter()
+                counted_before = self._flop_meter.total
+                with self._flop_meter:  # an objective's own stage inside its plan (DisBack's recorded path) counts
+                    self.plan = plan = self.objective.plan_update(self.state.step)
                 finalise_experts(self.generator, self.ema, plan.final_experts)
                 if plan.reset_auxiliary_optimizers:
                     for opt in self.aux_opts.values():  # fresh auxiliary networks start with fresh moments
                         opt.optimizer.state.clear()
                 self._set_generator_lr()
                 generator_first = plan.generator_first
-                t_update = time.perf_counter()
                 calls_before = self._generator_calls
                 if generator_first:  # DMD2 / SwiftBrush order: the fake score then learns from this update's sample
                     gen_loss, gen_logs = self._update("generator", 0)
@@ -649,14 +741,24 @@ class Trainer:
                     self._calls_per_update.append(self._generator_calls - calls_before)
                 self.state.step += 1
                 step = self.state.step
+                update_flops = self._count_update_flops(counted_before) if self.counting_flops else 0
+                self.state.seconds += time.perf_counter() - t_update
                 eta.record(step - 1, time.perf_counter() - t_update)
-                post = {"ETA": eta.text(step), "gen": f"{gen_loss:.4g}"}
+                if budget is None:
+                    post = {"ETA": eta.text(step), "gen": f"{gen_loss:.4g}"}
+                else:
+                    used = self.state.flops - start_flops
+                    left = max(0.0, budget - self.state.flops)
+                    seconds = (time.perf_counter() - t0) * left / used if used > 0 else math.nan
+                    post = {"step": step, "used": format_flops(self.state.flops), "ETA": _clock(seconds),
+                            "gen": f"{gen_loss:.4g}"}
                 if aux_loss is not None:
                     post["aux"] = f"{aux_loss:.4g}"
                 pbar.set_postfix(post, refresh=False)
-                pbar.update(1)
+                pbar.update(1 if budget is None else min(100.0 * update_flops / budget, 100.0 - pbar.n))
 
-                if step % tc.log_every == 0 or step == tc.max_steps:
+                last_update = step == tc.max_steps or self.budget_spent()
+                if step % tc.log_every == 0 or last_update:
                     now = time.perf_counter()
                     vals = torch.tensor([gen_loss, aux_loss if aux_loss is not None else 0.0], device=device)
                     if acc.num_processes > 1:
@@ -667,6 +769,8 @@ class Trainer:
                                            "lr/generator": self.gen_opt.param_groups[0]["lr"]}
                     if aux_loss is not None:
                         row["loss/aux"] = float(vals[1])
+                    if self.counting_flops:
+                        row["training_flops"] = self.state.flops
                     row.update({f"gen/{k}": v for k, v in gen_logs.items() if not k.startswith("grad_norm/")})
                     row.update({k: v for k, v in gen_logs.items() if k.startswith("grad_norm/")})
                     row.update({f"aux/{k}": v for k, v in aux_logs.items() if not k.startswith("grad_norm/")})
@@ -677,13 +781,14 @@ class Trainer:
                         csv_log.log(row)
                     acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
-                if tc.sample_every and (step % tc.sample_every == 0 or step == tc.max_steps):
+                if tc.sample_every and (step % tc.sample_every == 0 or last_update):
                     self._sample()  # and always the last step, so the grids end where the run ends
-                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                self._reach_marks()
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not self._saved_this_step():
                     self.save_checkpoint()
-            if tc.checkpoint_every and self.state.step > start_step and (
-                self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.state.step)
-            ):
+            if budget is not None and self.budget_spent():
+                self._reach_marks(final=True)  # the run's end: always kept, as mark 1.0
+            if tc.checkpoint_every and self.state.step > start_step and not self._saved_this_step():
                 self.save_checkpoint()  # the final state
         finally:
             pbar.close()
@@ -708,6 +813,10 @@ class Trainer:
             "generator_saved_activation_bytes": dict(self.saved_activation_bytes),
             "generator_forwards_per_update": (sum(self._calls_per_update) / len(self._calls_per_update)
                                               if self._calls_per_update else None),
+            "training_flops": self.state.flops if self.counting_flops else None,
+            "training_flops_this_run": self.state.flops - start_flops if self.counting_flops else None,
+            "budget_flops": budget,
+            "budget_marks": sorted(self.state.marks.values(), key=lambda m: m["fraction"]),
             "device": str(device),
             "num_processes": acc.num_processes,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,

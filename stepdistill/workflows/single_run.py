@@ -34,6 +34,7 @@ from stepdistill.toy.assets import TOY_FLOW_TEACHER, TOY_TEACHER, check_toy_voca
 from stepdistill.toy.embedder import ToyEmbedder
 from stepdistill.training.batches import build_batch
 from stepdistill.training.config import ConfigError, load_recipe
+from stepdistill.training.flops import FlopMeter
 from stepdistill.training.prompts import PromptSource
 from stepdistill.training.runfolder import config_error_from_objective, plan_run
 from stepdistill.training.stages import record_degradation_path
@@ -383,6 +384,7 @@ def distill_single(
 
     batch_fn = build_batch
     pairs_seconds = None
+    pair_flops = FlopMeter(enabled=config.train.count_flops or config.train.budget_flops is not None)
     if needs.regression_pairs_needed(from_step=plan.start_step):
         from accelerate import PartialState
 
@@ -392,9 +394,10 @@ def distill_single(
         guidance = objective.pair_guidance()
         pair_prompts = prompts.sample(n_pairs, torch.Generator().manual_seed(config.train.seed + 17))
         t_pairs = time.time()
-        pairs = make_regression_pairs(teacher, pair_prompts, num_steps=int(oc["regression_steps"]), guidance=guidance,
-                                      generator=torch.Generator().manual_seed(config.train.seed + 18),
-                                      batch_size=64, progress=True)
+        with pair_flops:  # the teacher's ODE is part of the run's training cost
+            pairs = make_regression_pairs(teacher, pair_prompts, num_steps=int(oc["regression_steps"]),
+                                          guidance=guidance, generator=torch.Generator().manual_seed(config.train.seed + 18),
+                                          batch_size=64, progress=True)
         pairs_seconds = round(time.time() - t_pairs, 1)
         batch_fn = with_regression_pairs(pairs, build_batch)
 
@@ -404,7 +407,8 @@ def distill_single(
     trainer = Trainer(config, teacher, generator, objective, prompts, out, real_latent_source=real_source,
                       sample_fn=make_sample_fn(teacher, sample_prompts), batch_fn=batch_fn,
                       run_identity={"fingerprint": plan.fingerprint, "identity": plan.identity},
-                      sample_prompts=sample_prompts)
+                      sample_prompts=sample_prompts, setup_flops=pair_flops.total,
+                      setup_seconds=pairs_seconds or 0.0)
     if export and trainer.fsdp:
         raise NotImplementedError("exporting a student trained under FSDP is not supported (its weights are sharded "
                                   "across the processes); run distill with --no-export")
@@ -419,6 +423,8 @@ def distill_single(
         summary["warnings"] = warnings
     if pairs_seconds is not None:
         summary["regression_pairs_seconds"] = pairs_seconds
+        if pair_flops.enabled:
+            summary["regression_pairs_flops"] = pair_flops.total
     if export and trainer.accelerator.is_main_process:
         student_dir = export_student(teacher, generator, out / "student", method=config.objective,
                                      steps_info=summary, example_prompt=sample_prompts[0])
