@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 
-DESCRIPTION = """The ``stepdistill`` command line: distill | export | generate | eval | bench | demo | toy."""
+DESCRIPTION = """The ``stepdistill`` command line: distill | export | generate | eval | bench | league | demo | toy."""
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -186,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--max-prompts", type=int, default=None, help="use this many prompts, spread over the suite's "
                                                                   "(recorded in the report)")
     bn.set_defaults(func="stepdistill.cli.bench:cmd_bench")
+
+    lg = sub.add_parser("league", help="every method of a league file distilled under one budget of training FLOPs, "
+                                       "judged at 25/50/100%% of it on a held-out seed; resumable")
+    lg.add_argument("--suite", default="eval/league.yaml", help="league file (default: eval/league.yaml)")
+    lg.add_argument("--budget", default="quick", help="which of the file's budgets: quick (default) or full")
+    lg.add_argument("--out", default="runs/league", help="output folder (league.json, tables.md, convergence.png, "
+                                                         "one folder per entry); run again to resume")
+    lg.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these entries")
+    lg.set_defaults(func="stepdistill.cli.league:cmd_league")
 
     toy = sub.add_parser("toy", help="train the embedded toy teachers / evaluator").add_subparsers(dest="toy_cmd", required=True)
     tt = toy.add_parser("train-teacher", help="train the toy SD teacher and save it as a diffusers folder")

@@ -11,8 +11,8 @@ which seed chose what), is included above its tables. Each table row names its s
 - a distillation summary (``distill_summary.json``: ``steps``, ``wall_time_s``): the distillation-run table;
 - an MSD run summary (``students`` with their TSM stage), a latency A/B (``results`` with per-round times), shape
   confusion matrices, a NASA measurement, a gradient-estimator comparison, a teacher-precision measurement, the toy
-  teacher's and evaluator's training records: one table each (the scripts of the measurements are in
-  ``experiments/``).
+  teacher's and evaluator's training records, a league's rows (``stepdistill league``), the recipes priced in
+  training FLOPs: one table each (the scripts of the measurements are in ``experiments/``).
 
 Any other JSON is listed at the end of the document as not tabulated, with the reason.
 
@@ -124,6 +124,12 @@ def kind_of(data: Any) -> str | None:
         return "teacher-training"
     if isinstance(data.get("held_out"), dict) and "accuracy" in data["held_out"]:
         return "evaluator-training"
+    rows = data.get("rows")
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        if all("budget_fraction" in r and "fid" in r for r in rows):
+            return "league"
+        if all("native_run_flops" in r for r in rows):
+            return "league-price"
     return None
 
 
@@ -338,6 +344,36 @@ def _evaluator_training(sources: list[Source]) -> str:
                    "accuracy shape / colour / size / background", "mean absolute error x / y / radius"], rows)
 
 
+def _tflop(flops: Any) -> str:
+    return "—" if flops is None else f"{float(flops) / 1e12:,.2f}"
+
+
+def _league(sources: list[Source]) -> str:
+    rows = []
+    for src in sources:
+        for r in src[2]["rows"]:
+            lat = (r.get("latency_ms") or {}).get("batchN")
+            rows.append([_link(src), r["name"], r.get("group", "—"), _g(r.get("steps")), f"{r['budget_fraction']:.0%}",
+                         _tflop(r.get("budget")), _f(r.get("fid"), 1), _f(r.get("adherence"), 3),
+                         _f(r.get("all_correct"), 3), _f(r.get("diversity"), 4), _g(r.get("nfe")), _f(lat, 2),
+                         _f(r.get("wall_s"), 0), f"{r.get('num_samples', 0):,}", _g(r.get("eval_seed"))])
+    return _table(["source", "method", "group", "steps", "budget fraction", "TFLOP used", "FID_toy", "adherence",
+                   "all-correct", "diversity", "NFE", "ms/img (bN)", "training s", "samples", "eval seed"], rows)
+
+
+def _league_price(sources: list[Source]) -> str:
+    rows = []
+    for src in sources:
+        for r in src[2]["rows"]:
+            warm = (f"{r['warmup_update_flops'] / 1e9:,.1f} G × {r['ode_warmup_steps']}"
+                    if r.get("warmup_update_flops") else "—")
+            rows.append([_link(src), r["name"], r.get("recipe", "—"), _tflop(r.get("setup_flops") or None),
+                         f"{r['update_flops'] / 1e9:,.1f} G", warm, _g(r.get("max_steps")), _g(r.get("students")),
+                         _tflop(r["native_run_flops"])])
+    return _table(["source", "entry", "recipe", "setup TFLOP", "update", "warm-up update × count", "updates",
+                   "students", "own run TFLOP"], rows)
+
+
 SECTIONS: dict[str, tuple[str, Callable[[list[Source]], str]]] = {
     "quality": ("Quality", _quality),
     "cost": ("Training-step cost", _cost),
@@ -350,6 +386,8 @@ SECTIONS: dict[str, tuple[str, Callable[[list[Source]], str]]] = {
     "precision": ("Teacher precision and the generator gradient", _precision),
     "teacher-training": ("The toy teacher's training", _teacher_training),
     "evaluator-training": ("The toy evaluator's training", _evaluator_training),
+    "league": ("League (one budget of training FLOPs, held-out seed)", _league),
+    "league-price": ("Recipes priced in training FLOPs", _league_price),
 }
 
 READING = """## How to read the tables

@@ -1,0 +1,108 @@
+"""The league's tables and convergence plot, from its result rows (one per method and budget fraction; see
+:mod:`stepdistill.workflows.league` for how they are made and ``docs/benchmarks.md`` for where they are shown).
+
+A row holds at least ``name``, ``recipe``, ``group`` (the table it belongs to: "1 step", "4 steps", ...), ``steps``,
+``budget_unit``, ``budget`` (the amount used up to that checkpoint), ``budget_fraction``, ``eval_seed``,
+``num_samples``, ``fid``, ``adherence``, ``all_correct``, ``diversity``, ``coverage``, ``nfe``, ``latency_ms`` and
+``wall_s``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from stepdistill.eval.report import _save_figure
+
+ROW_KEYS = ("name", "recipe", "group", "steps", "budget_unit", "budget", "budget_fraction", "eval_seed",
+            "num_samples", "fid", "adherence", "all_correct", "diversity", "coverage", "nfe", "latency_ms", "wall_s")
+
+
+def _num(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(value, spec)
+
+
+def _groups(rows: Sequence[dict]) -> list[str]:
+    seen: list[str] = []
+    for row in rows:
+        if row["group"] not in seen:
+            seen.append(row["group"])
+    return seen
+
+
+def ranking(rows: Iterable[dict], fraction: float) -> list[dict]:
+    """The rows at ``fraction`` of the budget, best FID_toy first (ties: higher adherence first)."""
+    at = [r for r in rows if math.isclose(r["budget_fraction"], fraction) and r.get("fid") is not None]
+    return sorted(at, key=lambda r: (r["fid"], -(r.get("adherence") or 0.0)))
+
+
+def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict | None = None) -> str:
+    """One Markdown table per group at the full budget (methods ranked by FID_toy), then one per group with every
+    fraction side by side (FID_toy / adherence), then the evaluation's own noise when measured."""
+    out: list[str] = []
+    full = max(fractions)
+    for group in _groups(rows):
+        members = [r for r in rows if r["group"] == group]
+        ranked = ranking(members, full)
+        if not ranked:
+            continue
+        first = ranked[0]
+        out.append(f"### {group}: {first['num_samples']:,} samples, eval seed {first['eval_seed']}, "
+                   f"{full:.0%} of the budget\n")
+        out.append("| rank | method | FID_toy | adherence | all-correct | diversity | coverage (x / y / r) | NFE | "
+                   "latency ms/img (b64) | budget used | training wall s |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for i, r in enumerate(ranked, start=1):
+            cov = r.get("coverage") or {}
+            cov_text = " / ".join(_num(cov.get(k), ".2f") for k in ("x", "y", "radius")) if cov else "—"
+            lat = (r.get("latency_ms") or {}).get("batchN")
+            out.append(f"| {i} | {r['name']} | {_num(r['fid'], '.1f')} | {_num(r['adherence'], '.3f')} | "
+                       f"{_num(r.get('all_correct'), '.3f')} | {_num(r.get('diversity'), '.4f')} | {cov_text} | "
+                       f"{r['nfe']} | {_num(lat, '.2f')} | {_num(r['budget'], '.3g')} | {_num(r.get('wall_s'), '.0f')} |")
+        out.append("")
+        out.append(f"{group}, FID_toy / adherence at each fraction of the budget:\n")
+        header = " | ".join(f"{f:.0%}" for f in fractions)
+        out.append(f"| method | {header} |")
+        out.append("|---|" + "---|" * len(fractions))
+        for name in dict.fromkeys(r["name"] for r in members):
+            cells = []
+            for f in fractions:
+                hit = [r for r in members if r["name"] == name and math.isclose(r["budget_fraction"], f)]
+                cells.append(f"{_num(hit[0]['fid'], '.1f')} / {_num(hit[0]['adherence'], '.3f')}" if hit else "—")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    if noise:
+        out.append(f"Evaluation noise: `{noise['name']}` at {noise['budget_fraction']:.0%} of the budget scored "
+                   f"FID_toy {noise['fid'][0]:.1f} on eval seed {noise['eval_seeds'][0]} and {noise['fid'][1]:.1f} on "
+                   f"seed {noise['eval_seeds'][1]} (adherence {noise['adherence'][0]:.3f} / "
+                   f"{noise['adherence'][1]:.3f}), {noise['num_samples']:,} samples each: FID_toy differences smaller "
+                   f"than {abs(noise['fid'][0] - noise['fid'][1]):.1f} are within the evaluation's own noise.\n")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def plot_convergence(rows: Sequence[dict], path: str | Path) -> Path:
+    """FID_toy against the budget used, one line per method, one panel per group (log FID axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(rows)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        members = [r for r in rows if r["group"] == group and r.get("fid") is not None]
+        for name in dict.fromkeys(r["name"] for r in members):
+            line = sorted((r for r in members if r["name"] == name), key=lambda r: r["budget"])
+            ax.plot([r["budget"] for r in line], [r["fid"] for r in line], marker="o", label=name)
+        ax.set_title(group)
+        ax.set_xlabel(f"budget used ({members[0]['budget_unit'] if members else 'FLOPs'})")
+        ax.set_ylabel("FID_toy (lower is better)")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    path = Path(path)
+    _save_figure(fig, path)  # lays it out, writes it atomically, closes it
+    return path

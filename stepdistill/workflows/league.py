@@ -1,0 +1,423 @@
+"""``stepdistill league``: every method distilled from the teacher under one budget of training FLOPs, judged at 25, 50
+and 100% of it on an evaluation seed that no recipe value was chosen on.
+
+A league file (``eval/league.yaml``) names the entries (a recipe, its teacher preset, the step count and guidance its
+student is sampled with, the table it belongs to, optional recipe overrides), the budgets (``quick``, ``full``: the
+training FLOPs each entry may spend and the samples per prompt of its evaluations), the budget fractions at which the
+students are judged, the evaluation seed and a second seed that measures the evaluation's own noise.
+
+Budget: training FLOPs as the trainer counts them (:mod:`stepdistill.training.flops`: every network's forward and
+backward in the objective's losses, the teacher's ODE pairs made before the loop included; data preparation,
+optimizer and EMA steps excluded). Each entry runs its recipe unchanged except ``train.budget_flops`` (the run ends
+after the update that reaches it), ``train.budget_marks`` (a checkpoint kept at each fraction),
+``train.max_steps`` (lifted to :data:`STEP_CEILING`: the budget, not the recipe's length, ends the run) and
+``train.sample_every: 0``. Stages keyed to update numbers (an ODE-pair warm-up, Phased DMD's phases, DisBack's
+intervals) keep their lengths, so a budget that ends inside a stage judges the student there: the recipes are frozen,
+the league never tunes them. An MSD entry (a recipe with a ``multi_student`` section) gives each of its K students
+1/K of the budget, and its marks are the students' marks together.
+
+Held out: a recipe lists in ``selection_seeds`` the evaluation seed bases any of its values was chosen on; an
+evaluation at base b draws the seeds b … b + n − 1 (n = 144 prompts × samples per prompt), and the league refuses an
+evaluation seed whose range meets a declared base's b … b + 5,039 (the toy-quality protocol's range).
+
+Output under ``--out``: ``league.json`` (the settings and every row), ``tables.md`` (one table per group),
+``convergence.png`` (FID_toy against the budget used), ``noise.json`` (the evaluation noise) and per entry
+``entries/<name>/``: ``run/`` (the distillation run, its checkpoints and ``logs/budget_marks.json``),
+``at-<pct>.json`` (one row), ``eval-<pct>/`` (the samples). A killed league resumes where it stopped: a finished
+entry is not trained again, an unfinished one resumes from its latest checkpoint, an evaluation whose row exists is
+not redone and one that was cut off reuses its stored samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from stepdistill.core.outputs import write_text_atomic
+from stepdistill.core.yaml_io import YAMLFileError, load_yaml_file
+from stepdistill.eval.league_report import ROW_KEYS, league_tables, plot_convergence, ranking
+from stepdistill.eval.runner import run_suite
+from stepdistill.eval.suite import suite_from_dict
+from stepdistill.export.multi_student import export_multi_student
+from stepdistill.models.router import load_router
+from stepdistill.toy import world
+from stepdistill.training.checkpoint import latest_checkpoint
+from stepdistill.workflows.multi_student import SECTION as MSD_SECTION
+from stepdistill.workflows.multi_student import distill_multi
+from stepdistill.workflows.single_run import distill_single, export_run, validate_run
+
+#: ``train.max_steps`` of a league run: a ceiling the budget always reaches first
+STEP_CEILING = 10_000_000
+#: samples of the toy-quality protocol (144 prompts × 35): the seed range a recipe's selection may have used
+PROTOCOL_SAMPLES = 5040
+BUDGET_UNIT = "training FLOPs (torch.utils.flop_counter, forward + backward of every network)"
+TOP_KEYS = {"league", "description", "eval_seed", "noise_seed", "noise_entry", "fractions", "budgets", "entries",
+            "latency", "batch_size"}
+ENTRY_KEYS = {"name", "recipe", "pipeline", "steps", "guidance", "group", "overrides"}
+BUDGET_KEYS = {"budget_flops", "samples_per_prompt"}
+
+
+class LeagueError(ValueError):
+    """A league file or a league folder that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class LeagueEntry:
+    name: str
+    recipe: Path
+    pipeline: Path
+    steps: int
+    guidance: float
+    group: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def multi_student(self) -> bool:
+        data = load_yaml_file(self.recipe)
+        return isinstance(data, dict) and MSD_SECTION in data
+
+    def num_students(self) -> int:
+        section = load_yaml_file(self.recipe)[MSD_SECTION]
+        return int(section.get("num_students") or len(section.get("patterns") or []))
+
+
+@dataclass(frozen=True)
+class LeagueBudget:
+    name: str
+    budget_flops: float
+    samples_per_prompt: int
+
+
+@dataclass
+class League:
+    name: str
+    source: Path
+    eval_seed: int
+    noise_seed: int | None
+    noise_entry: str | None
+    fractions: list[float]
+    budgets: dict[str, LeagueBudget]
+    entries: list[LeagueEntry]
+    description: str = ""
+    latency: dict[str, int] | bool = field(default_factory=lambda: {"batch": 64, "repeats": 3, "warmup": 1})
+    batch_size: int = 144
+
+
+def _fail(source: Path, key: str, problem: str) -> LeagueError:
+    return LeagueError(f"{source}: {key}: {problem}")
+
+
+def _integer(data: dict, key: str, source: Path, minimum: int = 0, default: Any = ...) -> int:
+    value = data.get(key, default)
+    if value is ...:
+        raise _fail(source, key, "is required")
+    if value is None and default is None:
+        return None  # type: ignore[return-value]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(source, key, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def load_league(path: str | Path) -> League:
+    """Read and check a league file; relative paths resolve against its folder. Problems raise
+    :class:`LeagueError` naming the file and the key."""
+    source = Path(path)
+    if not source.is_file():
+        raise LeagueError(f"{source}: league file not found (e.g. eval/league.yaml)")
+    try:
+        data = load_yaml_file(source)
+    except YAMLFileError as err:
+        raise LeagueError(str(err)) from None
+    if not isinstance(data, dict):
+        raise _fail(source, "<root>", "a league file is a mapping of keys to values")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise _fail(source, unknown[0], f"unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
+    base = source.parent
+    fractions = data.get("fractions", [0.25, 0.5, 1.0])
+    if (not isinstance(fractions, list) or not fractions or any(isinstance(f, bool) or not isinstance(f, (int, float))
+                                                               or not 0 < f <= 1 for f in fractions)
+            or sorted(fractions) != fractions or len(set(fractions)) != len(fractions) or fractions[-1] != 1):
+        raise _fail(source, "fractions", f"must be increasing fractions in (0, 1] ending at 1, got {fractions!r}")
+    budgets: dict[str, LeagueBudget] = {}
+    raw_budgets = data.get("budgets")
+    if not isinstance(raw_budgets, dict) or not raw_budgets:
+        raise _fail(source, "budgets", "must map budget names (quick, full) to {budget_flops, samples_per_prompt}")
+    for name, spec in raw_budgets.items():
+        key = f"budgets.{name}"
+        if not isinstance(spec, dict) or set(spec) - BUDGET_KEYS:
+            raise _fail(source, key, f"must be a mapping with {', '.join(sorted(BUDGET_KEYS))}")
+        flops = spec.get("budget_flops")
+        if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not flops > 0:
+            raise _fail(source, f"{key}.budget_flops", f"must be a positive number of FLOPs, got {flops!r}")
+        spp = _integer(spec, "samples_per_prompt", source, minimum=2, default=35)
+        budgets[str(name)] = LeagueBudget(str(name), float(flops), spp)
+    entries: list[LeagueEntry] = []
+    raw_entries = data.get("entries")
+    if not isinstance(raw_entries, list) or not raw_entries:
+        raise _fail(source, "entries", "must be a non-empty list")
+    for i, raw in enumerate(raw_entries):
+        key = f"entries[{i}]"
+        if not isinstance(raw, dict):
+            raise _fail(source, key, "must be a mapping")
+        extra = sorted(set(raw) - ENTRY_KEYS)
+        if extra:
+            raise _fail(source, f"{key}.{extra[0]}", f"unknown key (allowed: {', '.join(sorted(ENTRY_KEYS))})")
+        for req in ("name", "recipe", "pipeline", "steps", "group"):
+            if req not in raw:
+                raise _fail(source, f"{key}.{req}", "is required")
+        name = str(raw["name"])
+        if not name or "/" in name or name in {e.name for e in entries}:
+            raise _fail(source, f"{key}.name", f"must be a unique folder-safe name, got {name!r}")
+        recipe, pipeline = (base / str(raw["recipe"])).resolve(), (base / str(raw["pipeline"])).resolve()
+        for what, p in (("recipe", recipe), ("pipeline", pipeline)):
+            if not p.is_file():
+                raise _fail(source, f"{key}.{what}", f"{p} not found")
+        steps = _integer(raw, "steps", source, minimum=1)
+        guidance = raw.get("guidance", 1.0)
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
+            raise _fail(source, f"{key}.guidance", f"must be a number >= 0, got {guidance!r}")
+        overrides = raw.get("overrides") or []
+        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise _fail(source, f"{key}.overrides", "must be a list of key.sub=value strings")
+        entries.append(LeagueEntry(name, recipe, pipeline, steps, float(guidance), str(raw["group"]),
+                                   tuple(overrides)))
+    noise_entry = data.get("noise_entry")
+    if noise_entry is not None and noise_entry not in {e.name for e in entries}:
+        raise _fail(source, "noise_entry", f"names no entry: {noise_entry!r}")
+    latency = data.get("latency", {"batch": 64, "repeats": 3, "warmup": 1})
+    return League(name=str(data.get("league") or source.stem), source=source,
+                  eval_seed=_integer(data, "eval_seed", source), noise_seed=_integer(data, "noise_seed", source,
+                                                                                     default=None),
+                  noise_entry=noise_entry, fractions=[float(f) for f in fractions], budgets=budgets, entries=entries,
+                  description=str(data.get("description") or ""), latency=latency,
+                  batch_size=_integer(data, "batch_size", source, minimum=1, default=144))
+
+
+def num_eval_samples(budget: LeagueBudget) -> int:
+    return len(world.all_prompts()) * budget.samples_per_prompt
+
+
+def recipe_selection_seeds(recipe: Path) -> list[int]:
+    """The ``selection_seeds`` a recipe declares (read from the file: an MSD recipe is not a plain run config)."""
+    data = load_yaml_file(recipe)
+    seeds = (data or {}).get("selection_seeds") or []
+    if not isinstance(seeds, list) or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise LeagueError(f"{recipe}: selection_seeds: must be a list of evaluation seed bases, got {seeds!r}")
+    return seeds
+
+
+def held_out_problems(league: League, budget: LeagueBudget) -> list[str]:
+    """Why the league's evaluation (and noise) seeds are not held out from the entries' recipes: one line per clash
+    of a seed range with a seed base a recipe declares it was chosen on; empty when held out."""
+    n = num_eval_samples(budget)
+    problems = []
+    seeds = [("eval_seed", league.eval_seed)] + ([("noise_seed", league.noise_seed)] if league.noise_seed is not None
+                                                 else [])
+    for key, seed in seeds:
+        for entry in league.entries:
+            for base in recipe_selection_seeds(entry.recipe):
+                if seed < base + max(n, PROTOCOL_SAMPLES) and base < seed + n:
+                    problems.append(f"{key} {seed} (seeds {seed} … {seed + n - 1}) meets the seeds {base} … "
+                                    f"{base + PROTOCOL_SAMPLES - 1} that {entry.recipe.name} (entry {entry.name}) "
+                                    "declares its values were chosen on")
+    return problems
+
+
+def _budget_overrides(budget_flops: float, fractions: Sequence[float]) -> list[str]:
+    marks = [f for f in fractions if f < 1]
+    return [f"train.budget_flops={budget_flops!r}", f"train.budget_marks={json.dumps(marks)}",
+            f"train.max_steps={STEP_CEILING}", "train.sample_every=0"]
+
+
+def _marks(run: Path) -> dict[float, dict]:
+    path = run / "logs" / "budget_marks.json"
+    if not path.is_file():
+        return {}
+    return {float(m["fraction"]): m for m in json.loads(path.read_text(encoding="utf-8"))["marks"]}
+
+
+def _student_runs(entry: LeagueEntry, run: Path) -> list[Path]:
+    return [run / f"student_{k}" for k in range(entry.num_students())] if entry.multi_student else [run]
+
+
+def _trained(entry: LeagueEntry, run: Path) -> bool:
+    return all(1.0 in _marks(r) for r in _student_runs(entry, run))
+
+
+def train_entry(entry: LeagueEntry, budget: LeagueBudget, fractions: Sequence[float], run: Path,
+                log: Callable[[str], None]) -> None:
+    """Distil ``entry`` under the budget into ``run`` (resuming what is there)."""
+    if entry.multi_student:
+        share = budget.budget_flops / entry.num_students()
+        overrides = [*entry.overrides, *_budget_overrides(share, fractions)]
+        resume = "latest" if (run / "router.json").is_file() else None
+        distill_multi(entry.pipeline, entry.recipe, run, overrides=overrides, resume=resume, export=False,
+                      overwrite=resume is None and run.exists(), log=log)
+        return
+    overrides = [*entry.overrides, *_budget_overrides(budget.budget_flops, fractions)]
+    resume = "latest" if latest_checkpoint(run / "checkpoints") is not None else None
+    distill_single(entry.pipeline, entry.recipe, run, overrides=overrides, resume=resume, export=False,
+                   overwrite=resume is None and run.exists(), log=log)
+
+
+def export_at(entry: LeagueEntry, run: Path, fraction: float, out: Path) -> tuple[Path, int, float]:
+    """The student at ``fraction`` of the budget exported to ``out``; with the FLOPs and training seconds it had
+    used there (summed over an MSD entry's students)."""
+    if not entry.multi_student:
+        mark = _marks(run)[fraction]
+        export_run(run, out, checkpoint=mark["checkpoint"], overwrite=True)
+        return out, int(mark["flops"]), float(mark.get("seconds") or 0.0)
+    parts, flops, seconds, students = [], 0, 0.0, []
+    for k, student_run in enumerate(_student_runs(entry, run)):
+        mark = _marks(student_run)[fraction]
+        folder = export_run(student_run, out.parent / f"{out.name}-student_{k}", checkpoint=mark["checkpoint"],
+                            overwrite=True)
+        parts.append(folder)
+        flops += int(mark["flops"])
+        seconds += float(mark.get("seconds") or 0.0)
+        prompts = (student_run / "prompts.txt").read_text(encoding="utf-8").splitlines()
+        students.append({"student": k, "prompts": len(prompts), "example_prompt": prompts[0], "steps": mark["step"]})
+    export_multi_student(run, load_router(run / "router.json"), parts, students, out_dir=out, overwrite=True)
+    for folder in parts:
+        shutil.rmtree(folder, ignore_errors=True)
+    return out, flops, seconds
+
+
+def evaluate(league: League, budget: LeagueBudget, name: str, pipeline: Path, steps: int, guidance: float,
+             seed: int, work: Path, log: Callable[[str], None]) -> dict:
+    """The toy-quality protocol on one exported student (its report entry)."""
+    data = {"suite": f"league-{league.name}-{budget.name}", "metrics": ["toy"], "prompts": "toy",
+            "samples_per_prompt": budget.samples_per_prompt, "seed": seed, "batch_size": league.batch_size,
+            "latency": league.latency,
+            "entries": [{"name": name, "role": "student", "pipeline": str(pipeline), "steps": steps,
+                         "guidance": guidance}]}
+    suite = suite_from_dict(data, source=f"{league.source} ({name})")
+    return run_suite(suite, work, log=log, write_files=False)["entries"][0]
+
+
+def league_row(entry: LeagueEntry, league: League, budget: LeagueBudget, fraction: float, flops: int,
+               seconds: float, result: dict, seed: int) -> dict:
+    """One committed row: the fields of :data:`stepdistill.eval.league_report.ROW_KEYS` and the rest of the
+    evaluation's figures."""
+    row = {
+        "name": entry.name, "recipe": str(entry.recipe.relative_to(entry.recipe.parents[1])), "group": entry.group,
+        "steps": entry.steps, "guidance": entry.guidance, "league_budget": budget.name, "budget_unit": BUDGET_UNIT,
+        "budget": flops, "budget_total": budget.budget_flops, "budget_fraction": fraction, "eval_seed": seed,
+        "num_samples": result["num_samples"], "fid": result["fid"], "adherence": result["adherence"],
+        "all_correct": result.get("adherence_all"), "diversity": result["diversity"],
+        "coverage": result.get("coverage"), "nfe": result["nfe"], "latency_ms": result.get("latency_ms"),
+        "wall_s": round(seconds, 1), "adherence_per_attribute": result.get("adherence_per_attribute"),
+        "overrides": list(entry.overrides),
+    }
+    missing = [k for k in ROW_KEYS if k not in row]
+    assert not missing, missing  # a bug here, not in the league file
+    return row
+
+
+def _pct(fraction: float) -> str:
+    return f"{round(fraction * 100):03d}"
+
+
+def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick", only: Sequence[str] | None = None,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train and judge every entry (see the module docstring); returns what ``league.json`` holds."""
+    from tqdm.auto import tqdm
+
+    league = load_league(path)
+    if budget_name not in league.budgets:
+        raise LeagueError(f"{league.source}: budgets: no budget {budget_name!r} (it has "
+                          f"{', '.join(league.budgets)})")
+    budget = league.budgets[budget_name]
+    problems = held_out_problems(league, budget)
+    if problems:
+        raise LeagueError(f"{league.source}: the evaluation is not held out: " + "; ".join(problems)
+                          + ". Choose an eval_seed (and noise_seed) outside those ranges.")
+    entries = [e for e in league.entries if not only or e.name in only]
+    if only and len(entries) != len(set(only)):
+        raise LeagueError(f"--only names entries the league does not have: "
+                          f"{sorted(set(only) - {e.name for e in league.entries})}")
+    out = Path(out_dir)
+    settings = {"league": league.name, "source": str(league.source), "budget": budget_name,
+                "budget_flops": budget.budget_flops, "budget_unit": BUDGET_UNIT, "eval_seed": league.eval_seed,
+                "samples_per_prompt": budget.samples_per_prompt, "fractions": league.fractions}
+    state_file = out / "league_settings.json"
+    if state_file.is_file():
+        before = json.loads(state_file.read_text(encoding="utf-8"))
+        changed = sorted(k for k in settings if k != "source" and before.get(k) != settings[k])
+        if changed:
+            raise LeagueError(f"{out} holds a league run with other settings ({', '.join(changed)}); resume it with "
+                              "the same league file and budget, or choose another --out")
+    for entry in entries:  # every plain run checked before anything trains (distill_multi checks its own first)
+        if not entry.multi_student:
+            validate_run(entry.pipeline, entry.recipe,
+                         [*entry.overrides, *_budget_overrides(budget.budget_flops, league.fractions)])
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(state_file, json.dumps(settings, indent=2))
+
+    tasks = len(entries) * (1 + len(league.fractions)) + (1 if league.noise_entry and league.noise_seed else 0)
+    bar = tqdm(total=tasks, desc=f"league[{budget_name}]", unit="task", dynamic_ncols=True)
+    t0 = time.time()
+    rows: list[dict] = []
+    try:
+        for entry in entries:
+            folder = out / "entries" / entry.name
+            run = folder / "run"
+            bar.set_postfix_str(f"{entry.name}: training")
+            if not _trained(entry, run):
+                log(f"[league] {entry.name}: distilling {entry.recipe.name} under {budget.budget_flops:.3g} FLOPs")
+                train_entry(entry, budget, league.fractions, run, log)
+            bar.update(1)
+            for fraction in league.fractions:
+                row_file = folder / f"at-{_pct(fraction)}.json"
+                if not row_file.is_file():
+                    bar.set_postfix_str(f"{entry.name}: judging at {fraction:.0%}")
+                    student = folder / f"student-{_pct(fraction)}"
+                    student, flops, seconds = export_at(entry, run, fraction, student)
+                    result = evaluate(league, budget, entry.name, student, entry.steps, entry.guidance,
+                                      league.eval_seed, folder / f"eval-{_pct(fraction)}", log)
+                    row = league_row(entry, league, budget, fraction, flops, seconds, result, league.eval_seed)
+                    write_text_atomic(row_file, json.dumps(row, indent=2))
+                    shutil.rmtree(student, ignore_errors=True)  # re-exported from its checkpoint if needed again
+                rows.append(json.loads(row_file.read_text(encoding="utf-8")))
+                bar.update(1)
+        noise = None
+        if league.noise_entry and league.noise_seed is not None and any(e.name == league.noise_entry for e in entries):
+            noise = _noise(league, budget, next(e for e in entries if e.name == league.noise_entry), out, rows, log)
+            bar.update(1)
+    finally:
+        bar.close()
+    result = {**settings, "wall_seconds_this_run": round(time.time() - t0, 1), "rows": rows, "noise": noise}
+    write_text_atomic(out / "league.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "tables.md", league_tables(rows, league.fractions, noise))
+    plot_convergence(rows, out / "convergence.png")
+    for group in dict.fromkeys(r["group"] for r in rows):
+        best = ranking([r for r in rows if r["group"] == group], 1.0)
+        if best:
+            log(f"[league] {group}: best at the full budget {best[0]['name']} (FID_toy {best[0]['fid']:.1f})")
+    log(f"[league] wrote {out / 'league.json'}, {out / 'tables.md'}, {out / 'convergence.png'}")
+    return result
+
+
+def _noise(league: League, budget: LeagueBudget, entry: LeagueEntry, out: Path, rows: list[dict],
+           log: Callable[[str], None]) -> dict:
+    """The evaluation's own noise: the noise entry's full-budget student judged again on ``noise_seed``."""
+    path = out / "noise.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    first = next(r for r in rows if r["name"] == entry.name and math.isclose(r["budget_fraction"], 1.0))
+    folder = out / "entries" / entry.name
+    student, _, _ = export_at(entry, folder / "run", 1.0, folder / "student-noise")
+    again = evaluate(league, budget, entry.name, student, entry.steps, entry.guidance, league.noise_seed,
+                     folder / "eval-noise", log)
+    shutil.rmtree(student, ignore_errors=True)
+    noise = {"name": entry.name, "budget_fraction": 1.0, "eval_seeds": [league.eval_seed, league.noise_seed],
+             "fid": [first["fid"], again["fid"]], "adherence": [first["adherence"], again["adherence"]],
+             "num_samples": again["num_samples"]}
+    write_text_atomic(path, json.dumps(noise, indent=2))
+    return noise

@@ -1,0 +1,119 @@
+"""`stepdistill league`: the league file's checks, the held-out seed rule, and a one-entry league on the toy teacher
+that trains under a FLOP budget, judges its student at each fraction, writes the tables and the plot, and resumes
+without redoing finished work."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from stepdistill.workflows.league import LeagueError, held_out_problems, load_league, run_league
+
+from helpers import REPO
+
+#: toy-sid.yaml at batch 4 counts 20.1 GFLOP per update (measured with train.count_flops), so this budget is three
+#: updates: the 0.25 mark after update 1, 0.5 after update 2, the end after update 3
+BUDGET = 60e9
+
+
+def _league(tmp_path: Path, body: str = "", eval_seed: int = 400000, recipe: Path | None = None) -> Path:
+    recipe = recipe or REPO / "training" / "toy-sid.yaml"
+    text = textwrap.dedent(f"""
+        league: test
+        eval_seed: {eval_seed}
+        noise_seed: 500000
+        noise_entry: sid
+        fractions: [0.25, 0.5, 1.0]
+        latency: false
+        budgets:
+          quick: {{budget_flops: {BUDGET}, samples_per_prompt: 2}}
+        entries:
+          - name: sid
+            recipe: {recipe}
+            pipeline: {REPO / 'pipelines' / 'toy.yaml'}
+            steps: 1
+            group: 1 step
+            overrides: [train.batch_size=4]
+    """) + textwrap.dedent(body)
+    path = tmp_path / "league.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("body, key", [
+    ("bogus: 1\n", "bogus"),
+    ("fractions: [0.5, 0.25, 1.0]\n", "fractions"),
+])
+def test_league_file_errors_name_the_key(tmp_path, body, key):
+    path = _league(tmp_path)
+    text = path.read_text().replace("fractions: [0.25, 0.5, 1.0]\n", "") + body
+    path.write_text(text)
+    with pytest.raises(LeagueError) as info:
+        load_league(path)
+    assert f"{path}: {key}:" in str(info.value)
+
+
+def test_a_seed_a_recipe_was_tuned_on_is_refused(tmp_path):
+    recipe = tmp_path / "tuned.yaml"
+    recipe.write_text((REPO / "training" / "toy-sid.yaml").read_text() + "\nselection_seeds: [100000]\n")
+    # 288 samples from seed 99900 reach 100187: they meet 100000 ... 105039
+    league = load_league(_league(tmp_path, eval_seed=99900, recipe=recipe))
+    problems = held_out_problems(league, league.budgets["quick"])
+    assert len(problems) == 1 and "eval_seed 99900" in problems[0] and "tuned.yaml" in problems[0]
+    with pytest.raises(LeagueError, match="not held out"):
+        run_league(league.source, tmp_path / "out")
+    # a seed past the declared range (100000 + 5,040) is held out
+    assert held_out_problems(load_league(_league(tmp_path, eval_seed=105040, recipe=recipe)),
+                             league.budgets["quick"]) == []
+
+
+def test_every_shipped_toy_recipe_declares_its_selection_seeds_and_the_league_is_held_out():
+    league = load_league(REPO / "eval" / "league.yaml")
+    for name, budget in league.budgets.items():
+        assert held_out_problems(league, budget) == [], name
+    assert league.budgets["full"].budget_flops >= 4 * league.budgets["quick"].budget_flops
+
+
+def test_league_trains_under_the_budget_judges_each_fraction_and_resumes(tmp_path, capsys):
+    path = _league(tmp_path)
+    out = tmp_path / "out"
+    result = run_league(path, out, "quick")
+    rows = result["rows"]
+    assert [r["budget_fraction"] for r in rows] == [0.25, 0.5, 1.0]
+    per_update = rows[0]["budget"]  # the 0.25 mark is reached after the first update
+    assert [r["budget"] for r in rows] == [per_update, 2 * per_update, 3 * per_update]
+    assert 2 * per_update < BUDGET <= 3 * per_update
+    for r in rows:
+        assert r["num_samples"] == 288 and r["eval_seed"] == 400000 and r["nfe"] == 1 and r["steps"] == 1
+        assert r["recipe"] == "training/toy-sid.yaml" and r["budget_unit"].startswith("training FLOPs")
+        assert r["fid"] > 0 and 0 <= r["adherence"] <= 1 and r["wall_s"] > 0
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["eval_seeds"] == [400000, 500000] and noise["fid"][0] == rows[-1]["fid"]
+    assert noise["fid"][1] != noise["fid"][0]  # other noises, another FID
+    tables = (out / "tables.md").read_text()
+    assert "### 1 step" in tables and "| 1 | sid |" in tables and "Evaluation noise" in tables
+    assert (out / "convergence.png").stat().st_size > 0
+    assert not list((out / "entries" / "sid").glob("student-*"))  # exported students are removed after judging
+
+    # a second call redoes nothing: no training, no evaluation
+    before = {p: p.stat().st_mtime_ns for p in (out / "entries" / "sid").glob("at-*.json")}
+    capsys.readouterr()
+    again = run_league(path, out, "quick")
+    assert "distilling" not in capsys.readouterr().out
+    assert again["rows"] == rows
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+    # a league cut off before its last evaluation judges only that one again, from the kept checkpoint
+    (out / "entries" / "sid" / "at-100.json").unlink()
+    third = run_league(path, out, "quick")
+    assert third["rows"][-1]["fid"] == pytest.approx(rows[-1]["fid"], rel=1e-6)
+    assert {p: p.stat().st_mtime_ns for p in before if p.name != "at-100.json"} == {
+        p: t for p, t in before.items() if p.name != "at-100.json"}
+
+    # another budget in the same folder is refused
+    path.write_text(path.read_text().replace(f"budget_flops: {BUDGET}", f"budget_flops: {2 * BUDGET}"))
+    with pytest.raises(LeagueError, match="other settings"):
+        run_league(path, out, "quick")
