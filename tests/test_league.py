@@ -37,7 +37,7 @@ def _league(tmp_path: Path, body: str = "", eval_seed: int = 400000, recipe: Pat
             steps: 1
             group: 1 step
             overrides: [train.batch_size=4]
-    """) + textwrap.dedent(body)
+    """) + body
     path = tmp_path / "league.yaml"
     path.write_text(text)
     return path
@@ -78,9 +78,14 @@ def test_every_shipped_toy_recipe_declares_its_selection_seeds_and_the_league_is
 
 
 def test_league_trains_under_the_budget_judges_each_fraction_and_resumes(tmp_path, capsys):
-    path = _league(tmp_path)
+    # a second entry that fails once trained (a one-step student asked for 2 steps): reported, the others go on
+    path = _league(tmp_path, body=(f"  - name: broken\n    recipe: {REPO / 'training' / 'toy-sid.yaml'}\n"
+                                   f"    pipeline: {REPO / 'pipelines' / 'toy.yaml'}\n    steps: 2\n"
+                                   "    group: 1 step\n    overrides: [train.batch_size=4]\n"))
     out = tmp_path / "out"
     result = run_league(path, out, "quick")
+    assert list(result["failed"]) == ["broken"] and "exactly 1 step" in result["failed"]["broken"]
+    assert "Traceback" in (out / "entries" / "broken" / "failed.txt").read_text()
     rows = result["rows"]
     assert [r["budget_fraction"] for r in rows] == [0.25, 0.5, 1.0]
     per_update = rows[0]["budget"]  # the 0.25 mark is reached after the first update
@@ -102,7 +107,7 @@ def test_league_trains_under_the_budget_judges_each_fraction_and_resumes(tmp_pat
     before = {p: p.stat().st_mtime_ns for p in (out / "entries" / "sid").glob("at-*.json")}
     capsys.readouterr()
     again = run_league(path, out, "quick")
-    assert "distilling" not in capsys.readouterr().out
+    assert "distilling" not in capsys.readouterr().out  # the broken entry is retried from its finished run, too
     assert again["rows"] == rows
     assert {p: p.stat().st_mtime_ns for p in before} == before
 

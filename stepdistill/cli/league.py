@@ -12,4 +12,7 @@ def cmd_league(args: argparse.Namespace) -> int:
     result = run_league(args.suite, args.out, budget_name=args.budget, only=args.only)
     print(open(f"{args.out}/tables.md", encoding="utf-8").read())
     print(f"{len(result['rows'])} rows under {args.out}")
+    if result["failed"]:
+        print("failed entries (run the same command again to retry them): " + ", ".join(result["failed"]))
+        return 1
     return 0

@@ -25,7 +25,8 @@ Output under ``--out``: ``league.json`` (the settings and every row), ``tables.m
 ``entries/<name>/``: ``run/`` (the distillation run, its checkpoints and ``logs/budget_marks.json``),
 ``at-<pct>.json`` (one row), ``eval-<pct>/`` (the samples). A killed league resumes where it stopped: a finished
 entry is not trained again, an unfinished one resumes from its latest checkpoint, an evaluation whose row exists is
-not redone and one that was cut off reuses its stored samples.
+not redone and one that was cut off reuses its stored samples. An entry that fails is reported (``failed`` in
+``league.json``, the traceback in ``entries/<name>/failed.txt``) and the others go on; a rerun retries it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import math
 import shutil
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -364,35 +366,31 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
     bar = tqdm(total=tasks, desc=f"league[{budget_name}]", unit="task", dynamic_ncols=True)
     t0 = time.time()
     rows: list[dict] = []
+    failed: dict[str, str] = {}
     try:
         for entry in entries:
             folder = out / "entries" / entry.name
-            run = folder / "run"
-            bar.set_postfix_str(f"{entry.name}: training")
-            if not _trained(entry, run):
-                log(f"[league] {entry.name}: distilling {entry.recipe.name} under {budget.budget_flops:.3g} FLOPs")
-                train_entry(entry, budget, league.fractions, run, log)
-            bar.update(1)
-            for fraction in league.fractions:
-                row_file = folder / f"at-{_pct(fraction)}.json"
-                if not row_file.is_file():
-                    bar.set_postfix_str(f"{entry.name}: judging at {fraction:.0%}")
-                    student = folder / f"student-{_pct(fraction)}"
-                    student, flops, seconds = export_at(entry, run, fraction, student)
-                    result = evaluate(league, budget, entry.name, student, entry.steps, entry.guidance,
-                                      league.eval_seed, folder / f"eval-{_pct(fraction)}", log)
-                    row = league_row(entry, league, budget, fraction, flops, seconds, result, league.eval_seed)
-                    write_text_atomic(row_file, json.dumps(row, indent=2))
-                    shutil.rmtree(student, ignore_errors=True)  # re-exported from its checkpoint if needed again
-                rows.append(json.loads(row_file.read_text(encoding="utf-8")))
-                bar.update(1)
+            failure = folder / "failed.txt"
+            tasks_before = bar.n
+            try:
+                rows += _run_entry(league, budget, entry, folder, bar, log)
+                failure.unlink(missing_ok=True)
+            except Exception as err:  # noqa: BLE001 - one entry's failure must not stop the league
+                failed[entry.name] = f"{type(err).__name__}: {err}"
+                folder.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(failure, traceback.format_exc())
+                log(f"[league] {entry.name}: failed ({failed[entry.name]}); the other entries go on, the traceback "
+                    f"is in {failure}; run the league again to retry it")
+                bar.update(tasks_before + 1 + len(league.fractions) - bar.n)  # its remaining tasks, skipped
         noise = None
-        if league.noise_entry and league.noise_seed is not None and any(e.name == league.noise_entry for e in entries):
-            noise = _noise(league, budget, next(e for e in entries if e.name == league.noise_entry), out, rows, log)
+        noise_entry = next((e for e in entries if e.name == league.noise_entry and e.name not in failed), None)
+        if noise_entry is not None and league.noise_seed is not None:
+            noise = _noise(league, budget, noise_entry, out, rows, log)
             bar.update(1)
     finally:
         bar.close()
-    result = {**settings, "wall_seconds_this_run": round(time.time() - t0, 1), "rows": rows, "noise": noise}
+    result = {**settings, "wall_seconds_this_run": round(time.time() - t0, 1), "rows": rows, "noise": noise,
+              "failed": failed}
     write_text_atomic(out / "league.json", json.dumps(result, indent=2))
     write_text_atomic(out / "tables.md", league_tables(rows, league.fractions, noise))
     plot_convergence(rows, out / "convergence.png")
@@ -401,7 +399,34 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
         if best:
             log(f"[league] {group}: best at the full budget {best[0]['name']} (FID_toy {best[0]['fid']:.1f})")
     log(f"[league] wrote {out / 'league.json'}, {out / 'tables.md'}, {out / 'convergence.png'}")
+    for name, why in failed.items():
+        log(f"[league] {name}: FAILED ({why})")
     return result
+
+
+def _run_entry(league: League, budget: LeagueBudget, entry: LeagueEntry, folder: Path, bar,
+               log: Callable[[str], None]) -> list[dict]:
+    """Train one entry under the budget (unless done) and judge it at each fraction (unless judged); its rows."""
+    run = folder / "run"
+    bar.set_postfix_str(f"{entry.name}: training")
+    if not _trained(entry, run):
+        log(f"[league] {entry.name}: distilling {entry.recipe.name} under {budget.budget_flops:.3g} FLOPs")
+        train_entry(entry, budget, league.fractions, run, log)
+    bar.update(1)
+    rows = []
+    for fraction in league.fractions:
+        row_file = folder / f"at-{_pct(fraction)}.json"
+        if not row_file.is_file():
+            bar.set_postfix_str(f"{entry.name}: judging at {fraction:.0%}")
+            student, flops, seconds = export_at(entry, run, fraction, folder / f"student-{_pct(fraction)}")
+            result = evaluate(league, budget, entry.name, student, entry.steps, entry.guidance, league.eval_seed,
+                              folder / f"eval-{_pct(fraction)}", log)
+            row = league_row(entry, league, budget, fraction, flops, seconds, result, league.eval_seed)
+            write_text_atomic(row_file, json.dumps(row, indent=2))
+            shutil.rmtree(student, ignore_errors=True)  # re-exported from its checkpoint if needed again
+        rows.append(json.loads(row_file.read_text(encoding="utf-8")))
+        bar.update(1)
+    return rows
 
 
 def _noise(league: League, budget: LeagueBudget, entry: LeagueEntry, out: Path, rows: list[dict],
