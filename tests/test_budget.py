@@ -54,6 +54,7 @@ def test_trainer_counts_the_hand_counted_flops(tmp_path, ratio):
     cfg = _config(max_steps=3, batch_size=4, count_flops=True)
     summary = Trainer(cfg, teacher, generator, objective, PROMPTS, tmp_path / "run").train()
     assert summary["training_flops"] == 3 * _hand_count_per_update(4, ratio)
+    assert summary["aux_updates_per_generator_update"] == ratio  # what distill-cost reports as fake updates / step
     teacher, generator, objective = _build(tmp_path, ratio=ratio)
     plain = Trainer(_config(max_steps=3), teacher, generator, objective, PROMPTS, tmp_path / "plain").train()
     assert plain["training_flops"] is None  # counted only when asked

@@ -97,7 +97,9 @@ def measure_recipe(
         "recipe": str(recipe),
         "objective": config.objective,
         "batch_size": int(config.train.batch_size),
-        "aux_updates_per_generator_update": int(config.objective_config.get("aux_updates_per_generator_update", 1)),
+        # what the trainer ran (0 for an objective without auxiliary networks, e.g. LCM), not a recipe key's default
+        "aux_updates_per_generator_update": int(summary.get("aux_updates_per_generator_update",
+                                                            config.objective_config.get("aux_updates_per_generator_update", 1))),
         "generator_lora_rank": config.generator.lora_rank,
         "mixed_precision": config.train.mixed_precision,
         "gradient_checkpointing": bool(config.train.gradient_checkpointing),

@@ -813,6 +813,7 @@ class Trainer:
             "generator_saved_activation_bytes": dict(self.saved_activation_bytes),
             "generator_forwards_per_update": (sum(self._calls_per_update) / len(self._calls_per_update)
                                               if self._calls_per_update else None),
+            "aux_updates_per_generator_update": self.aux_ratio,
             "training_flops": self.state.flops if self.counting_flops else None,
             "training_flops_this_run": self.state.flops - start_flops if self.counting_flops else None,
             "budget_flops": budget,
