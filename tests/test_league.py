@@ -56,6 +56,19 @@ def test_league_file_errors_name_the_key(tmp_path, body, key):
     assert f"{path}: {key}:" in str(info.value)
 
 
+@pytest.mark.parametrize("old, new, key", [
+    (f"budget_flops: {BUDGET}", "budget_flops: 0", "budgets.quick.budget_flops"),
+    ("steps: 1", "steps: one", "entries[0].steps"),
+    ("eval_seed: 400000", "eval_seed: -1", "eval_seed"),
+])
+def test_league_values_are_checked(tmp_path, old, new, key):
+    path = _league(tmp_path)
+    path.write_text(path.read_text().replace(old, new))
+    with pytest.raises(LeagueError) as info:
+        load_league(path)
+    assert f": {key}:" in str(info.value)
+
+
 def test_a_seed_a_recipe_was_tuned_on_is_refused(tmp_path):
     recipe = tmp_path / "tuned.yaml"
     recipe.write_text((REPO / "training" / "toy-sid.yaml").read_text() + "\nselection_seeds: [100000]\n")

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from stepdistill.core.outputs import write_text_atomic
+from stepdistill.core.validation import int_problem, number_problem
 from stepdistill.core.yaml_io import YAMLFileError, load_yaml_file
 from stepdistill.eval.league_report import ROW_KEYS, league_tables, plot_convergence, ranking
 from stepdistill.eval.runner import run_suite
@@ -114,14 +115,15 @@ def _fail(source: Path, key: str, problem: str) -> LeagueError:
     return LeagueError(f"{source}: {key}: {problem}")
 
 
-def _integer(data: dict, key: str, source: Path, minimum: int = 0, default: Any = ...) -> int:
+def _integer(data: dict, key: str, source: Path, minimum: int = 0, default: Any = ..., where: str = "") -> Any:
+    """``data[key]`` checked as an integer >= ``minimum`` (``default`` when absent; required when it has none; a
+    default of None makes null acceptable); errors name ``where`` + ``key``."""
+    if key not in data and default is ...:
+        raise _fail(source, where + key, "is required")
     value = data.get(key, default)
-    if value is ...:
-        raise _fail(source, key, "is required")
-    if value is None and default is None:
-        return None  # type: ignore[return-value]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(source, key, f"must be an integer >= {minimum}, got {value!r}")
+    problem = int_problem(value, low=minimum, optional=default is None)
+    if problem:
+        raise _fail(source, where + key, problem)
     return value
 
 
@@ -155,9 +157,10 @@ def load_league(path: str | Path) -> League:
         if not isinstance(spec, dict) or set(spec) - BUDGET_KEYS:
             raise _fail(source, key, f"must be a mapping with {', '.join(sorted(BUDGET_KEYS))}")
         flops = spec.get("budget_flops")
-        if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not flops > 0:
-            raise _fail(source, f"{key}.budget_flops", f"must be a positive number of FLOPs, got {flops!r}")
-        spp = _integer(spec, "samples_per_prompt", source, minimum=2, default=35)
+        problem = number_problem(flops, low=1.0)
+        if problem:
+            raise _fail(source, f"{key}.budget_flops", f"a number of training FLOPs: {problem}")
+        spp = _integer(spec, "samples_per_prompt", source, minimum=2, default=35, where=f"{key}.")
         budgets[str(name)] = LeagueBudget(str(name), float(flops), spp)
     entries: list[LeagueEntry] = []
     raw_entries = data.get("entries")
@@ -180,10 +183,11 @@ def load_league(path: str | Path) -> League:
         for what, p in (("recipe", recipe), ("pipeline", pipeline)):
             if not p.is_file():
                 raise _fail(source, f"{key}.{what}", f"{p} not found")
-        steps = _integer(raw, "steps", source, minimum=1)
+        steps = _integer(raw, "steps", source, minimum=1, where=f"{key}.")
         guidance = raw.get("guidance", 1.0)
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
-            raise _fail(source, f"{key}.guidance", f"must be a number >= 0, got {guidance!r}")
+        problem = number_problem(guidance, low=0.0)
+        if problem:
+            raise _fail(source, f"{key}.guidance", problem)
         overrides = raw.get("overrides") or []
         if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
             raise _fail(source, f"{key}.overrides", "must be a list of key.sub=value strings")
