@@ -47,27 +47,28 @@ def saved_network(generator, is_lora: bool, dtype: torch.dtype
     return cast_module(base, dtype), None, None
 
 
-def save_unet_pipeline(folder: Path, pipeline: Any, unet: torch.nn.Module, scheduler: Any, dtype: torch.dtype,
-                       lora_layers: dict[str, torch.Tensor] | None = None, lora_meta: dict[str, Any] | None = None) -> None:
-    """Save the teacher's SD / SDXL ``pipeline`` with ``unet`` and ``scheduler`` in place (its VAE and text encoders
-    cast to ``dtype``; safety checker and image encoder left out) into ``folder``, and, for a LoRA student,
+def save_student_pipeline(folder: Path, pipeline: Any, denoiser: str, network: torch.nn.Module, scheduler: Any,
+                          dtype: torch.dtype, lora_layers: dict[str, torch.Tensor] | None = None,
+                          lora_meta: dict[str, Any] | None = None) -> None:
+    """Save the teacher's ``pipeline`` (SD / SDXL: ``denoiser="unet"``; SD3 / FLUX: ``"transformer"``) with
+    ``network`` and ``scheduler`` in place (its VAE and text encoders cast to ``dtype``; safety checker, feature
+    extractor and image encoder left out) into ``folder``, and, for a LoRA student,
     ``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` on the teacher pipeline."""
-    components: dict[str, Any] = {"unet": unet, "scheduler": scheduler}
-    for name in ("vae", "text_encoder", "text_encoder_2"):
+    components: dict[str, Any] = {denoiser: network, "scheduler": scheduler}
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipeline, name, None)
         if module is not None:
             components[name] = cast_module(module, dtype)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {name: None for name in ("safety_checker", "feature_extractor", "image_encoder")
+                             if name in pipeline.components}
     if "safety_checker" in pipeline.components:
-        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if "image_encoder" in pipeline.components:
-        extra["image_encoder"] = None
+        extra["requires_safety_checker"] = False
     pipe = type(pipeline).from_pipe(pipeline, **components, **extra)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     if lora_layers is not None:
-        kwargs = {"unet_lora_adapter_metadata": lora_meta} if lora_meta else {}
-        type(pipeline).save_lora_weights(str(folder), unet_lora_layers=lora_layers, weight_name=LORA_WEIGHT_NAME,
-                                         safe_serialization=True, **kwargs)
+        kwargs = {f"{denoiser}_lora_adapter_metadata": lora_meta} if lora_meta else {}
+        type(pipeline).save_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
+                                         **{f"{denoiser}_lora_layers": lora_layers}, **kwargs)
 
 
 def has_lora(unet: torch.nn.Module) -> bool:

@@ -28,7 +28,7 @@ from stepdistill.export.common import (
     LORA_WEIGHT_NAME,
     base_model_name,
     has_lora,
-    save_unet_pipeline,
+    save_student_pipeline,
     saved_network,
     teacher_folder,
 )
@@ -50,7 +50,7 @@ def export_consistency_student(teacher, generator, out_dir: Path, method: str, s
     with staged_folder(out_dir, "the student") as tmp:
         with ema_obj.applied() if use_ema else contextlib.nullcontext(), torch.no_grad():
             student_unet, layers, meta = saved_network(generator, is_lora, dtype)
-            save_unet_pipeline(tmp, pipeline, student_unet, scheduler, dtype, layers, meta)
+            save_student_pipeline(tmp, pipeline, "unet", student_unet, scheduler, dtype, layers, meta)
         if call_kwargs:
             write_call_kwargs(tmp, call_kwargs)
         info = {

@@ -33,17 +33,14 @@ from stepdistill.export.common import (
     LORA_WEIGHT_NAME,
     ExportError,
     base_model_name,
-    cast_module,
     has_lora,
+    save_student_pipeline,
     saved_network,
     teacher_folder,
 )
 from stepdistill.export.model_card import flow_model_card
 from stepdistill.export.schedulers import SchedulerPlan, flow_student_scheduler
 from stepdistill.models.ema import GeneratorEMA
-
-#: The components a flow pipeline folder copies from the teacher.
-TEXT_AND_VAE = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def student_sigmas(teacher, timesteps: list[int]) -> list[float]:
@@ -81,18 +78,7 @@ def export_flow_student(teacher, generator, out_dir: Path, method: str, steps_in
     with staged_folder(out_dir, "the student") as tmp:
         with ema_obj.applied() if use_ema else contextlib.nullcontext(), torch.no_grad():
             transformer, layers, meta = saved_network(generator, is_lora, dtype)
-            components: dict[str, Any] = {"transformer": transformer, "scheduler": plan.scheduler}
-            for name in TEXT_AND_VAE:
-                module = getattr(pipeline, name, None)
-                if module is not None:
-                    components[name] = cast_module(module, dtype)
-            extra = {name: None for name in ("image_encoder", "feature_extractor") if name in pipeline.components}
-            pipe = type(pipeline).from_pipe(pipeline, **components, **extra)
-            pipe.save_pretrained(str(tmp), safe_serialization=True)
-            if layers is not None:
-                kwargs = {"transformer_lora_adapter_metadata": meta} if meta else {}
-                type(pipeline).save_lora_weights(str(tmp), transformer_lora_layers=layers, weight_name=LORA_WEIGHT_NAME,
-                                                 safe_serialization=True, **kwargs)
+            save_student_pipeline(tmp, pipeline, "transformer", transformer, plan.scheduler, dtype, layers, meta)
         info = {
             "method": method,
             "timesteps": timesteps,

@@ -43,7 +43,7 @@ from stepdistill.export.common import (
     ExportError,
     base_model_name,
     has_lora,
-    save_unet_pipeline,
+    save_student_pipeline,
     saved_network,
     module_dtype,
     teacher_folder,
@@ -145,7 +145,7 @@ def export_pipeline_student(teacher, generator, out_dir: Path, method: str, step
             # saved below, while the EMA weights are still swapped in (a shared-base student is copied here)
             student_unet, lora_layers, lora_meta = saved_network(generator, is_lora, dtype)
 
-            save_unet_pipeline(tmp, pipeline, student_unet, scheduler, dtype, lora_layers, lora_meta)
+            save_student_pipeline(tmp, pipeline, "unet", student_unet, scheduler, dtype, lora_layers, lora_meta)
             if plan.custom_module is not None:
                 ship_custom_scheduler(tmp, plan.custom_module, type(scheduler).__name__)
             if family == "sd":  # negative prompts without CFG (SNOOPI's NASA), loadable as a custom pipeline
