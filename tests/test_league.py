@@ -5,11 +5,15 @@ without redoing finished work."""
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
+from stepdistill.eval import benchmarks_doc
+from stepdistill.eval.league_report import league_tables, ranks as league_ranks
 from stepdistill.workflows.league import LeagueError, held_out_problems, load_league, run_league
 
 from helpers import REPO
@@ -135,3 +139,53 @@ def test_league_trains_under_the_budget_judges_each_fraction_and_resumes(tmp_pat
     path.write_text(path.read_text().replace(f"budget_flops: {BUDGET}", f"budget_flops: {2 * BUDGET}"))
     with pytest.raises(LeagueError, match="other settings"):
         run_league(path, out, "quick")
+
+
+def _row(name: str, group: str, fraction: float, fid: float | None, adherence: float = 0.9) -> dict:
+    return {"name": name, "recipe": f"training/{name}.yaml", "group": group, "steps": 1, "budget_unit": "FLOPs",
+            "budget": int(fraction * 1e12), "budget_fraction": fraction, "eval_seed": 7, "num_samples": 10,
+            "fid": fid, "adherence": adherence, "all_correct": 0.5, "diversity": 0.01, "coverage": None, "nfe": 1,
+            "latency_ms": None, "wall_s": 1.0}
+
+
+def test_ranks_follow_fid_per_fraction_and_group_and_the_tables_show_them():
+    rows = [_row("a", "1 step", 0.5, 30.0), _row("a", "1 step", 1.0, 20.0),
+            _row("b", "1 step", 0.5, 10.0), _row("b", "1 step", 1.0, 25.0),
+            _row("c", "1 step", 0.5, None), _row("c", "1 step", 1.0, 20.0, adherence=0.95),
+            _row("d", "4 steps", 0.5, 99.0), _row("d", "4 steps", 1.0, 98.0),
+            {**_row("e", "1 step", 0.5, 5.0), "updates": 0}, {**_row("e", "1 step", 1.0, 5.0), "updates": 0}]
+    # at 50%: b (10) before a (30), c unscored, e (no update yet) not ranked despite its FID; at 100%: the tie at 20
+    # goes to c's higher adherence, then a, then b
+    assert league_ranks(rows, "1 step", [0.5, 1.0]) == {"a": [2, 2], "b": [1, 3], "c": [None, 1], "e": [None, None]}
+    assert league_ranks(rows, "4 steps", [0.5, 1.0]) == {"d": [1, 1]}
+    tables = league_tables(rows, [0.5, 1.0])
+    assert "| b | 10.0 / 0.900 (1) | 25.0 / 0.900 (3) |" in tables
+    assert "| 1 | c |" in tables and "| 3 | b |" in tables and "| no update | e | 5.0 |" in tables
+
+
+def test_methods_table_reads_the_league_file_and_names_a_missing_entry(tmp_path):
+    for name in ("eval", "docs", "training"):
+        shutil.copytree(REPO / name, tmp_path / name, symlinks=True)
+    rows = [_row("x", "1 step", 1.0, 50.0), _row("y", "1 step", 1.0, 40.0, adherence=0.8),
+            {**_row("z", "1 step", 1.0, 30.0), "updates": 0}]
+    league_json = tmp_path / "eval" / "results" / "league-test" / "league.json"
+    league_json.parent.mkdir(parents=True)
+    league_json.write_text(json.dumps({"budget": "quick", "budget_flops": 2e12, "eval_seed": 7, "rows": rows}))
+    methods = tmp_path / "docs" / "methods" / "methods.yaml"
+    spec = yaml.safe_load(methods.read_text())
+    spec["league"] = "league-test/league.json"
+    for method in spec["methods"]:
+        method.pop("league", None)
+    spec["methods"][0]["league"] = ["x"]
+    methods.write_text(yaml.safe_dump(spec, sort_keys=False))
+    table = benchmarks_doc.methods_table(tmp_path)
+    assert "league: FID_toy / adherence (rank) at 2.00 TFLOP, eval seed 7" in table.splitlines()[0]
+    assert "1 step: 50.0 / 0.900 (2 of 2)" in table.splitlines()[2]
+    assert table.splitlines()[3].count("| — |") == 1  # a method without league entries
+    spec["methods"][1]["league"] = ["z"]
+    methods.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert "1 step: 30.0 / 0.900 (not ranked: no update within the budget)" in benchmarks_doc.methods_table(tmp_path)
+    spec["methods"][0]["league"] = ["nobody"]
+    methods.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(benchmarks_doc.BenchmarksDocError, match=r"methods\[0\].*'nobody'.*has x, y, z"):
+        benchmarks_doc.methods_table(tmp_path)

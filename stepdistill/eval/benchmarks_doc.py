@@ -17,8 +17,9 @@ which seed chose what), is included above its tables. Each table row names its s
 Any other JSON is listed at the end of the document as not tabulated, with the reason.
 
 The README's methods table is rewritten between ``<!-- methods-table:begin -->`` and ``<!-- methods-table:end -->``
-from ``docs/methods/methods.yaml`` (method, paper, recipes, the result JSON and entry of its best measured toy figure,
-its docs page).
+from ``docs/methods/methods.yaml``: method, paper, recipes, its league entries' figures at the full budget (the league
+file methods.yaml names: FID_toy / adherence and the rank in each step-count group), the result JSON and entry of its
+best own-recipe toy figure, its docs page.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stepdistill.core.yaml_io import load_yaml_file
+from stepdistill.eval.league_report import ranks as league_ranks
 
 RESULTS = Path("eval/results")
 ASSETS = Path("assets")
@@ -349,16 +351,54 @@ def _tflop(flops: Any) -> str:
 
 
 def _league(sources: list[Source]) -> str:
-    rows = []
+    """Per league file and step-count group: every method with its FID_toy at each fraction of the budget, its other
+    figures at the full budget, and its rank at each fraction; then the evaluation's own noise and the convergence
+    plot saved beside the file."""
+    parts = []
     for src in sources:
-        for r in src[2]["rows"]:
-            lat = (r.get("latency_ms") or {}).get("batchN")
-            rows.append([_link(src), r["name"], r.get("group", "—"), _g(r.get("steps")), f"{r['budget_fraction']:.0%}",
-                         _tflop(r.get("budget")), _f(r.get("fid"), 1), _f(r.get("adherence"), 3),
-                         _f(r.get("all_correct"), 3), _f(r.get("diversity"), 4), _g(r.get("nfe")), _f(lat, 2),
-                         _f(r.get("wall_s"), 0), f"{r.get('num_samples', 0):,}", _g(r.get("eval_seed"))])
-    return _table(["source", "method", "group", "steps", "budget fraction", "TFLOP used", "FID_toy", "adherence",
-                   "all-correct", "diversity", "NFE", "ms/img (bN)", "training s", "samples", "eval seed"], rows)
+        data = src[2]
+        rows = data["rows"]
+        fractions = sorted({float(r["budget_fraction"]) for r in rows})
+        full = max(fractions)
+        pct = [f"{f:.0%}" for f in fractions]
+        for group in dict.fromkeys(r["group"] for r in rows):
+            places = league_ranks(rows, group, fractions)
+            table = []
+            for name in sorted(places, key=lambda n: (places[n][-1] is None, places[n][-1] or 0, n)):
+                mine = {float(r["budget_fraction"]): r for r in rows if r["group"] == group and r["name"] == name}
+                top = mine.get(full, {})
+                lat = (top.get("latency_ms") or {}).get("batchN")
+                cov = top.get("coverage") or {}
+                table.append([_link(src), name, _g(top.get("steps")), _g(top.get("nfe")),
+                              " / ".join(_f(mine.get(f, {}).get("fid"), 1) for f in fractions),
+                              _f(top.get("adherence"), 3), _f(top.get("all_correct"), 3), _f(top.get("diversity"), 4),
+                              " / ".join(_f(cov.get(k), 2) for k in ("x", "y", "radius")) if cov else "—",
+                              _f(lat, 2), _tflop(top.get("budget")), _g(top.get("updates")),
+                              _f(top.get("wall_s"), 0),
+                              " / ".join(_g(p) for p in places[name])])
+            first = next(r for r in rows if r["group"] == group)
+            parts.append(f"#### {group}: {first.get('num_samples', 0):,} samples per evaluation, eval seed "
+                         f"{_g(first.get('eval_seed'))}, budget {_tflop(data.get('budget_flops'))} TFLOP "
+                         f"({data.get('budget', '?')})")
+            parts.append(_table(["source", "method", "steps", "NFE", f"FID_toy at {' / '.join(pct)}",
+                                 "adherence", "all-correct", "diversity", "coverage x / y / r", "ms/img (bN)",
+                                 "TFLOP used", "updates", "training s", f"rank at {' / '.join(pct)}"], table))
+        noise = data.get("noise")
+        if noise:
+            parts.append(f"Evaluation noise: `{noise['name']}` at {noise['budget_fraction']:.0%} of the budget scores "
+                         f"FID_toy {_f(noise['fid'][0], 1)} on eval seed {noise['eval_seeds'][0]} and "
+                         f"{_f(noise['fid'][1], 1)} on seed {noise['eval_seeds'][1]} (adherence "
+                         f"{_f(noise['adherence'][0], 3)} / {_f(noise['adherence'][1], 3)}), "
+                         f"{noise['num_samples']:,} samples each ([{src[0]}]({src[1]})): FID_toy differences smaller "
+                         f"than {abs(noise['fid'][0] - noise['fid'][1]):.1f} are within the evaluation's own noise.")
+        if data.get("failed"):
+            parts.append("Failed entries: " + "; ".join(f"`{k}` ({v})" for k, v in data["failed"].items()) + ".")
+        plot = src[1].rsplit("/", 1)[0] + "/convergence.png"
+        parts.append(f"Columns after FID_toy are at {full:.0%} of the budget; rank 1 is the lowest FID_toy of the "
+                     f"group (a student with no update yet is not ranked: —); updates counts the generator updates run (ODE-pair warm-up updates included; 0: the "
+                     f"budget ended before the first, so the student is the teacher copy it starts from). Convergence "
+                     f"(FID_toy against the budget used): ![convergence]({plot})")
+    return "\n\n".join(parts)
 
 
 def _league_price(sources: list[Source]) -> str:
@@ -523,6 +563,43 @@ _FIGURES = {"fid": ("FID_toy", 1), "adherence": ("adherence", 3), "adherence_all
             "diversity": ("diversity", 4)}
 
 
+def _league_file(repo: Path, spec: dict) -> tuple[dict, str] | None:
+    """The league JSON that methods.yaml's top-level ``league`` names (under eval/results/), or None without one."""
+    file = spec.get("league")
+    if file is None:
+        return None
+    path = repo / RESULTS / str(file)
+    if not isinstance(file, str) or not path.is_file():
+        raise BenchmarksDocError(f"{METHODS}: league: {RESULTS / str(file)} does not exist")
+    data = _read_json(path, repo)
+    if kind_of(data) != "league":
+        raise BenchmarksDocError(f"{METHODS}: league: {RESULTS / file} is not a league file (stepdistill league)")
+    return data, (RESULTS / file).as_posix()
+
+
+def _league_cell(league: tuple[dict, str], names: Any, where: str) -> str:
+    """``group: FID_toy / adherence (rank of group size)`` at the full budget for each league entry a method names."""
+    data, source = league
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise BenchmarksDocError(f"{where}: 'league' must be a list of league entry names")
+    rows = data["rows"]
+    fractions = sorted({float(r["budget_fraction"]) for r in rows})
+    cells = []
+    for name in names:
+        mine = [r for r in rows if r["name"] == name and r["budget_fraction"] == fractions[-1]]
+        if len(mine) != 1:
+            known = ", ".join(sorted({r["name"] for r in rows}))
+            raise BenchmarksDocError(f"{where}: league entry {name!r} is not in {source} at the full budget "
+                                     f"(it has {known})")
+        row = mine[0]
+        places = league_ranks(rows, row["group"], fractions)
+        ranked = sum(p[-1] is not None for p in places.values())
+        standing = (f"{_g(places[name][-1])} of {ranked}" if places[name][-1] is not None
+                    else "not ranked: no update within the budget")
+        cells.append(f"{row['group']}: {_f(row.get('fid'), 1)} / {_f(row.get('adherence'), 3)} ({standing})")
+    return "; ".join(cells) + f" ([JSON]({source}))" if cells else "—"
+
+
 def methods_table(repo: str | Path = ".") -> str:
     """The Markdown table of docs/methods/methods.yaml (without the marker comments)."""
     repo = Path(repo)
@@ -530,6 +607,7 @@ def methods_table(repo: str | Path = ".") -> str:
     methods = spec.get("methods") if isinstance(spec, dict) else None
     if not isinstance(methods, list) or not methods:
         raise BenchmarksDocError(f"{METHODS}: expected a non-empty list under 'methods'")
+    league = _league_file(repo, spec)
     rows = []
     for i, m in enumerate(methods):
         where = f"{METHODS}: methods[{i}]"
@@ -558,9 +636,17 @@ def methods_table(repo: str | Path = ".") -> str:
         steps = f"{_g(entry.get('steps'))} step{'s' if entry.get('steps') != 1 else ''}, {_g(entry.get('nfe'))} NFE"
         note = f"; {m['result']['note']}" if m["result"].get("note") else ""
         recipe_note = f" ({m['recipe_note']})" if m.get("recipe_note") else ""
-        rows.append([m["method"], m["paper"], ", ".join(recipes) + recipe_note,
-                     f"{', '.join(figures)} ({steps}{note}; [JSON]({source}))", f"[{page.name}]({page.as_posix()})"])
-    return _table(["method", "paper", "recipes (`training/`)", "best measured toy result", "docs"], rows)
+        row = [m["method"], m["paper"], ", ".join(recipes) + recipe_note]
+        if league is not None:
+            row.append(_league_cell(league, m.get("league", []), where))
+        rows.append(row + [f"{', '.join(figures)} ({steps}{note}; [JSON]({source}))",
+                           f"[{page.name}]({page.as_posix()})"])
+    header = ["method", "paper", "recipes (`training/`)"]
+    if league is not None:
+        data = league[0]
+        header.append(f"league: FID_toy / adherence (rank) at {_tflop(data.get('budget_flops'))} TFLOP, eval seed "
+                      f"{_g(data.get('eval_seed'))}")
+    return _table(header + ["best own-recipe toy result", "docs"], rows)
 
 
 def readme_with_methods_table(readme_text: str, table: str) -> str:

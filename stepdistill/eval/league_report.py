@@ -4,7 +4,7 @@
 A row holds at least ``name``, ``recipe``, ``group`` (the table it belongs to: "1 step", "4 steps", ...), ``steps``,
 ``budget_unit``, ``budget`` (the amount used up to that checkpoint), ``budget_fraction``, ``eval_seed``,
 ``num_samples``, ``fid``, ``adherence``, ``all_correct``, ``diversity``, ``coverage``, ``nfe``, ``latency_ms`` and
-``wall_s``.
+``wall_s``; rows also carry ``updates``, the generator updates run by then (0: the budget ended before the first).
 """
 
 from __future__ import annotations
@@ -33,10 +33,27 @@ def _groups(rows: Sequence[dict]) -> list[str]:
     return seen
 
 
+def trained(row: dict) -> bool:
+    """Whether the row's student had run at least one update (a row without the count is taken to have)."""
+    return row.get("updates") != 0
+
+
 def ranking(rows: Iterable[dict], fraction: float) -> list[dict]:
-    """The rows at ``fraction`` of the budget, best FID_toy first (ties: higher adherence first)."""
-    at = [r for r in rows if math.isclose(r["budget_fraction"], fraction) and r.get("fid") is not None]
+    """The rows at ``fraction`` of the budget, best FID_toy first (ties: higher adherence first); a student that had
+    not run an update yet (the teacher copy it starts from) is not ranked."""
+    at = [r for r in rows if math.isclose(r["budget_fraction"], fraction) and r.get("fid") is not None and trained(r)]
     return sorted(at, key=lambda r: (r["fid"], -(r.get("adherence") or 0.0)))
+
+
+def ranks(rows: Sequence[dict], group: str, fractions: Sequence[float]) -> dict[str, list[int | None]]:
+    """Each method's rank (1 = lowest FID_toy) within ``group`` at every fraction of the budget; None where the method
+    has no score at that fraction."""
+    members = [r for r in rows if r["group"] == group]
+    out: dict[str, list[int | None]] = {name: [None] * len(fractions) for name in dict.fromkeys(r["name"] for r in members)}
+    for i, fraction in enumerate(fractions):
+        for place, row in enumerate(ranking(members, fraction), start=1):
+            out[row["name"]][i] = place
+    return out
 
 
 def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict | None = None) -> str:
@@ -47,31 +64,34 @@ def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict 
     for group in _groups(rows):
         members = [r for r in rows if r["group"] == group]
         ranked = ranking(members, full)
-        if not ranked:
+        idle = [r for r in members if math.isclose(r["budget_fraction"], full) and not trained(r)]
+        if not ranked and not idle:
             continue
-        first = ranked[0]
+        first = (ranked + idle)[0]
         out.append(f"### {group}: {first['num_samples']:,} samples, eval seed {first['eval_seed']}, "
                    f"{full:.0%} of the budget\n")
         out.append("| rank | method | FID_toy | adherence | all-correct | diversity | coverage (x / y / r) | NFE | "
-                   "latency ms/img (b64) | budget used | training wall s |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
-        for i, r in enumerate(ranked, start=1):
+                   "latency ms/img (b64) | budget used | updates | training wall s |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for i, r in [*enumerate(ranked, start=1), *(("no update", r) for r in idle)]:
             cov = r.get("coverage") or {}
             cov_text = " / ".join(_num(cov.get(k), ".2f") for k in ("x", "y", "radius")) if cov else "—"
             lat = (r.get("latency_ms") or {}).get("batchN")
             out.append(f"| {i} | {r['name']} | {_num(r['fid'], '.1f')} | {_num(r['adherence'], '.3f')} | "
                        f"{_num(r.get('all_correct'), '.3f')} | {_num(r.get('diversity'), '.4f')} | {cov_text} | "
-                       f"{r['nfe']} | {_num(lat, '.2f')} | {_num(r['budget'], '.3g')} | {_num(r.get('wall_s'), '.0f')} |")
+                       f"{r['nfe']} | {_num(lat, '.2f')} | {_num(r['budget'], '.3g')} | {_num(r.get('updates'), 'd')} | "
+                       f"{_num(r.get('wall_s'), '.0f')} |")
         out.append("")
-        out.append(f"{group}, FID_toy / adherence at each fraction of the budget:\n")
+        out.append(f"{group}, FID_toy / adherence (rank) at each fraction of the budget:\n")
         header = " | ".join(f"{f:.0%}" for f in fractions)
         out.append(f"| method | {header} |")
         out.append("|---|" + "---|" * len(fractions))
-        for name in dict.fromkeys(r["name"] for r in members):
+        for name, places in ranks(rows, group, fractions).items():
             cells = []
-            for f in fractions:
+            for f, place in zip(fractions, places):
                 hit = [r for r in members if r["name"] == name and math.isclose(r["budget_fraction"], f)]
-                cells.append(f"{_num(hit[0]['fid'], '.1f')} / {_num(hit[0]['adherence'], '.3f')}" if hit else "—")
+                cells.append(f"{_num(hit[0]['fid'], '.1f')} / {_num(hit[0]['adherence'], '.3f')} ({_num(place, 'd')})"
+                             if hit else "—")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     if noise:
@@ -84,25 +104,32 @@ def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict 
 
 
 def plot_convergence(rows: Sequence[dict], path: str | Path) -> Path:
-    """FID_toy against the budget used, one line per method, one panel per group (log FID axis)."""
+    """FID_toy against the training TFLOP used, one line per method, one panel per group (log FID axis, two panels
+    a row); a student that had not run an update yet is drawn as a cross and named so in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = _groups(rows)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+    ncols = min(2, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.4 * nrows), squeeze=False)
+    for ax, group in zip(axes.flat, groups):
         members = [r for r in rows if r["group"] == group and r.get("fid") is not None]
         for name in dict.fromkeys(r["name"] for r in members):
             line = sorted((r for r in members if r["name"] == name), key=lambda r: r["budget"])
-            ax.plot([r["budget"] for r in line], [r["fid"] for r in line], marker="o", label=name)
+            idle = not any(trained(r) for r in line)
+            ax.plot([r["budget"] / 1e12 for r in line], [r["fid"] for r in line], marker="x" if idle else "o",
+                    linestyle=":" if idle else "-", label=f"{name} (no update)" if idle else name)
         ax.set_title(group)
-        ax.set_xlabel(f"budget used ({members[0]['budget_unit'] if members else 'FLOPs'})")
+        ax.set_xlabel("training TFLOP used")
         ax.set_ylabel("FID_toy (lower is better)")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
     path = Path(path)
     _save_figure(fig, path)  # lays it out, writes it atomically, closes it
     return path

@@ -272,6 +272,12 @@ def train_entry(entry: LeagueEntry, budget: LeagueBudget, fractions: Sequence[fl
                    overwrite=resume is None and run.exists(), log=log)
 
 
+def updates_at(entry: LeagueEntry, run: Path, fraction: float) -> int:
+    """The generator updates (ODE-pair warm-up updates included) the entry had run at ``fraction`` of the budget,
+    summed over an MSD entry's students; 0 when the budget ended before the first one."""
+    return sum(int(_marks(r)[fraction]["step"]) for r in _student_runs(entry, run))
+
+
 def export_at(entry: LeagueEntry, run: Path, fraction: float, out: Path) -> tuple[Path, int, float]:
     """The student at ``fraction`` of the budget exported to ``out``; with the FLOPs and training seconds it had
     used there (summed over an MSD entry's students)."""
@@ -308,13 +314,14 @@ def evaluate(league: League, budget: LeagueBudget, name: str, pipeline: Path, st
 
 
 def league_row(entry: LeagueEntry, league: League, budget: LeagueBudget, fraction: float, flops: int,
-               seconds: float, result: dict, seed: int) -> dict:
+               seconds: float, result: dict, seed: int, updates: int) -> dict:
     """One committed row: the fields of :data:`stepdistill.eval.league_report.ROW_KEYS` and the rest of the
     evaluation's figures."""
     row = {
         "name": entry.name, "recipe": str(entry.recipe.relative_to(entry.recipe.parents[1])), "group": entry.group,
         "steps": entry.steps, "guidance": entry.guidance, "league_budget": budget.name, "budget_unit": BUDGET_UNIT,
-        "budget": flops, "budget_total": budget.budget_flops, "budget_fraction": fraction, "eval_seed": seed,
+        "budget": flops, "budget_total": budget.budget_flops, "budget_fraction": fraction, "updates": updates,
+        "eval_seed": seed,
         "num_samples": result["num_samples"], "fid": result["fid"], "adherence": result["adherence"],
         "all_correct": result.get("adherence_all"), "diversity": result["diversity"],
         "coverage": result.get("coverage"), "nfe": result["nfe"], "latency_ms": result.get("latency_ms"),
@@ -425,10 +432,15 @@ def _run_entry(league: League, budget: LeagueBudget, entry: LeagueEntry, folder:
             student, flops, seconds = export_at(entry, run, fraction, folder / f"student-{_pct(fraction)}")
             result = evaluate(league, budget, entry.name, student, entry.steps, entry.guidance, league.eval_seed,
                               folder / f"eval-{_pct(fraction)}", log)
-            row = league_row(entry, league, budget, fraction, flops, seconds, result, league.eval_seed)
+            row = league_row(entry, league, budget, fraction, flops, seconds, result, league.eval_seed,
+                             updates_at(entry, run, fraction))
             write_text_atomic(row_file, json.dumps(row, indent=2))
             shutil.rmtree(student, ignore_errors=True)  # re-exported from its checkpoint if needed again
-        rows.append(json.loads(row_file.read_text(encoding="utf-8")))
+        row = json.loads(row_file.read_text(encoding="utf-8"))
+        if "updates" not in row:  # a row judged before rows carried it: read from the run's budget marks
+            row = {**row, "updates": updates_at(entry, run, fraction)}
+            write_text_atomic(row_file, json.dumps(row, indent=2))
+        rows.append(row)
         bar.update(1)
     return rows
 
