@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from stepdistill.eval import benchmarks_doc
-from stepdistill.eval.league_report import league_tables, ranks as league_ranks
+from stepdistill.eval.league_report import judge_claims, league_tables, ranks as league_ranks
 from stepdistill.workflows.league import LeagueError, held_out_problems, load_league, run_league
 
 from helpers import REPO
@@ -189,3 +189,41 @@ def test_methods_table_reads_the_league_file_and_names_a_missing_entry(tmp_path)
     methods.write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(benchmarks_doc.BenchmarksDocError, match=r"methods\[0\].*'nobody'.*has x, y, z"):
         benchmarks_doc.methods_table(tmp_path)
+
+
+def test_claims_are_judged_against_the_noise_and_untrained_students_are_not_testable():
+    rows = [_row("a", "1 step", 0.5, 30.0), _row("a", "1 step", 1.0, 20.0, adherence=0.95),
+            _row("b", "1 step", 0.5, 33.0), _row("b", "1 step", 1.0, 40.0, adherence=0.90),
+            {**_row("c", "1 step", 0.5, 5.0), "updates": 0}, {**_row("c", "1 step", 1.0, 5.0), "updates": 0}]
+    rows[0]["diversity"], rows[2]["diversity"] = 0.02, 0.03
+    noise = {"fid": [50.0, 54.0], "adherence": [0.9, 0.91]}
+    claims = [{"text": "a beats b", "metric": "fid", "better": "a", "than": "b"},
+              {"text": "b beats a", "metric": "fid", "better": "b", "than": "a", "fractions": [1.0]},
+              {"text": "a more diverse", "metric": "diversity", "better": "a", "than": "b", "fractions": [0.5]},
+              {"text": "a more adherent", "metric": "adherence", "better": "a", "than": "b", "fractions": [1.0]},
+              {"text": "c beats a", "metric": "fid", "better": "c", "than": "a", "fractions": [1.0]}]
+    judged = judge_claims(rows, claims, noise)
+    # FID noise 4: at 50% a is 3 better (within it), at 100% 20 better (holds); the reverse claim does not hold
+    assert [(x["fraction"], x["margin"], x["noise"], x["verdict"]) for x in judged[0]["at"]] == [
+        (0.5, 3.0, 4.0, "within noise"), (1.0, 20.0, 4.0, "holds")]
+    assert judged[1]["at"][0]["verdict"] == "does not hold" and judged[1]["at"][0]["margin"] == -20.0
+    # diversity has no noise measure: higher is better, 0.02 against 0.03 does not hold
+    assert judged[2]["at"][0]["verdict"] == "does not hold" and judged[2]["at"][0]["noise"] is None
+    # adherence: 0.05 better, noise 0.01
+    assert judged[3]["at"][0]["verdict"] == "holds" and judged[3]["at"][0]["noise"] == pytest.approx(0.01)
+    assert judged[4]["at"][0]["verdict"] == "not testable: c had run no update"
+    tables = league_tables(rows, [0.5, 1.0], noise={"name": "a", "budget_fraction": 1.0, "eval_seeds": [1, 2],
+                                                     "fid": [50.0, 54.0], "adherence": [0.9, 0.91],
+                                                     "num_samples": 10}, claims=judged)
+    assert "| a beats b | fid (a vs b) | 50%: 30.0 vs 33.0, within noise; 100%: 20.0 vs 40.0, holds |" in tables
+
+
+@pytest.mark.parametrize("claim, key", [
+    ("{text: t, metric: fid, better: sid, than: nobody}", "claims[0].than"),
+    ("{text: t, metric: speed, better: sid, than: sid}", "claims[0].metric"),
+    ("{text: t, metric: fid, better: sid, than: sid, fractions: [0.3]}", "claims[0].fractions"),
+    ("{text: t, metric: fid, better: sid}", "claims[0].than"),
+])
+def test_league_claims_are_checked(tmp_path, claim, key):
+    with pytest.raises(LeagueError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_league(_league(tmp_path, f"claims:\n  - {claim}\n"))

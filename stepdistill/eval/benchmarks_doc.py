@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stepdistill.core.yaml_io import load_yaml_file
+from stepdistill.eval.league_report import claims_markdown as league_claims_markdown
 from stepdistill.eval.league_report import ranks as league_ranks
 
 RESULTS = Path("eval/results")
@@ -391,11 +392,17 @@ def _league(sources: list[Source]) -> str:
                          f"{_f(noise['adherence'][0], 3)} / {_f(noise['adherence'][1], 3)}), "
                          f"{noise['num_samples']:,} samples each ([{src[0]}]({src[1]})): FID_toy differences smaller "
                          f"than {abs(noise['fid'][0] - noise['fid'][1]):.1f} are within the evaluation's own noise.")
+        if data.get("claims"):
+            parts.append("Claims of the methods' papers, judged on these rows (margin against the evaluation's own "
+                         "noise where the league measured it for that figure):")
+            parts.append(_table(["source", "claim", "compared", "at each fraction of the budget"],
+                                [[_link(src), *cells] for cells in league_claims_markdown(data["claims"])]))
         if data.get("failed"):
             parts.append("Failed entries: " + "; ".join(f"`{k}` ({v})" for k, v in data["failed"].items()) + ".")
         plot = src[1].rsplit("/", 1)[0] + "/convergence.png"
         parts.append(f"Columns after FID_toy are at {full:.0%} of the budget; rank 1 is the lowest FID_toy of the "
-                     f"group (a student with no update yet is not ranked: —); updates counts the generator updates run (ODE-pair warm-up updates included; 0: the "
+                     f"group (a student with no update yet is not ranked: —); updates counts the generator updates "
+                     f"run (ODE-pair warm-up updates included; 0: the "
                      f"budget ended before the first, so the student is the teacher copy it starts from). Convergence "
                      f"(FID_toy against the budget used): ![convergence]({plot})")
     return "\n\n".join(parts)

@@ -49,16 +49,69 @@ def ranks(rows: Sequence[dict], group: str, fractions: Sequence[float]) -> dict[
     """Each method's rank (1 = lowest FID_toy) within ``group`` at every fraction of the budget; None where the method
     has no score at that fraction."""
     members = [r for r in rows if r["group"] == group]
-    out: dict[str, list[int | None]] = {name: [None] * len(fractions) for name in dict.fromkeys(r["name"] for r in members)}
+    names = dict.fromkeys(r["name"] for r in members)
+    out: dict[str, list[int | None]] = {name: [None] * len(fractions) for name in names}
     for i, fraction in enumerate(fractions):
         for place, row in enumerate(ranking(members, fraction), start=1):
             out[row["name"]][i] = place
     return out
 
 
-def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict | None = None) -> str:
+#: the figures a claim may compare, and whether higher is better
+CLAIM_METRICS = {"fid": False, "adherence": True, "all_correct": True, "diversity": True}
+
+
+def judge_claims(rows: Sequence[dict], claims: Sequence[dict], noise: dict | None = None) -> list[dict]:
+    """Each claim (``text``, ``metric``, ``better``, ``than``, optional ``fractions``: "entry ``better`` scores better
+    than entry ``than`` on ``metric``") judged at every fraction where both entries have a row.
+
+    The margin is ``than − better`` for FID_toy and ``better − than`` for the others (positive: the claim holds). The
+    noise is the evaluation's own, where the league measured it for that metric (``noise``: one student's FID_toy and
+    adherence on two evaluation seeds; |difference|). Verdicts: ``holds``; ``does not hold``; ``within noise`` (|margin|
+    ≤ noise); ``not testable`` when either student had not run an update yet (the teacher copy it starts from)."""
+    judged = []
+    for claim in claims:
+        metric, higher = claim["metric"], CLAIM_METRICS[claim["metric"]]
+        measured = abs(noise[metric][0] - noise[metric][1]) if noise and metric in noise else None
+        found = sorted({float(r["budget_fraction"]) for r in rows if r["name"] in (claim["better"], claim["than"])})
+        at = []
+        for fraction in claim.get("fractions") or found:
+            pair = [next((r for r in rows if r["name"] == name and math.isclose(r["budget_fraction"], fraction)), None)
+                    for name in (claim["better"], claim["than"])]
+            if None in pair or any(r.get(metric) is None for r in pair):
+                continue
+            a, b = (float(r[metric]) for r in pair)
+            margin = a - b if higher else b - a
+            idle = [r["name"] for r in pair if not trained(r)]
+            if idle:
+                verdict = f"not testable: {' and '.join(idle)} had run no update"
+            elif measured is not None and abs(margin) <= measured:
+                verdict = "within noise"
+            else:
+                verdict = "holds" if margin > 0 else "does not hold"
+            at.append({"fraction": fraction, "better_value": a, "than_value": b, "margin": margin, "noise": measured,
+                       "verdict": verdict})
+        judged.append({**{k: claim[k] for k in ("text", "metric", "better", "than")}, "at": at})
+    return judged
+
+
+def claims_markdown(judged: Sequence[dict]) -> list[list[str]]:
+    """One table row per claim: the claim, the metric, and ``better vs than: verdict`` at each fraction judged."""
+    out = []
+    for claim in judged:
+        digits = ".1f" if claim["metric"] == "fid" else ".4f" if claim["metric"] == "diversity" else ".3f"
+        cells = [f"{a['fraction']:.0%}: {_num(a['better_value'], digits)} vs {_num(a['than_value'], digits)}, "
+                 f"{a['verdict']}" for a in claim["at"]]
+        out.append([claim["text"], f"{claim['metric']} ({claim['better']} vs {claim['than']})",
+                    "; ".join(cells) or "no rows"])
+    return out
+
+
+def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict | None = None,
+                  claims: Sequence[dict] = ()) -> str:
     """One Markdown table per group at the full budget (methods ranked by FID_toy), then one per group with every
-    fraction side by side (FID_toy / adherence), then the evaluation's own noise when measured."""
+    fraction side by side (FID_toy / adherence), then the evaluation's own noise when measured, then the judged claims
+    (:func:`judge_claims`) when given."""
     out: list[str] = []
     full = max(fractions)
     for group in _groups(rows):
@@ -79,8 +132,8 @@ def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict 
             lat = (r.get("latency_ms") or {}).get("batchN")
             out.append(f"| {i} | {r['name']} | {_num(r['fid'], '.1f')} | {_num(r['adherence'], '.3f')} | "
                        f"{_num(r.get('all_correct'), '.3f')} | {_num(r.get('diversity'), '.4f')} | {cov_text} | "
-                       f"{r['nfe']} | {_num(lat, '.2f')} | {_num(r['budget'], '.3g')} | {_num(r.get('updates'), 'd')} | "
-                       f"{_num(r.get('wall_s'), '.0f')} |")
+                       f"{r['nfe']} | {_num(lat, '.2f')} | {_num(r['budget'], '.3g')} | "
+                       f"{_num(r.get('updates'), 'd')} | {_num(r.get('wall_s'), '.0f')} |")
         out.append("")
         out.append(f"{group}, FID_toy / adherence (rank) at each fraction of the budget:\n")
         header = " | ".join(f"{f:.0%}" for f in fractions)
@@ -100,6 +153,12 @@ def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict 
                    f"seed {noise['eval_seeds'][1]} (adherence {noise['adherence'][0]:.3f} / "
                    f"{noise['adherence'][1]:.3f}), {noise['num_samples']:,} samples each: FID_toy differences smaller "
                    f"than {abs(noise['fid'][0] - noise['fid'][1]):.1f} are within the evaluation's own noise.\n")
+    if claims:
+        out.append("Claims of the methods' papers, judged on these rows:\n")
+        out.append("| claim | compared | at each fraction of the budget |")
+        out.append("|---|---|---|")
+        out += ["| " + " | ".join(cells) + " |" for cells in claims_markdown(claims)]
+        out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -43,7 +43,8 @@ from typing import Any, Callable, Sequence
 from stepdistill.core.outputs import write_text_atomic
 from stepdistill.core.validation import int_problem, number_problem
 from stepdistill.core.yaml_io import YAMLFileError, load_yaml_file
-from stepdistill.eval.league_report import ROW_KEYS, league_tables, plot_convergence, ranking
+from stepdistill.eval.league_report import (CLAIM_METRICS, ROW_KEYS, judge_claims, league_tables, plot_convergence,
+                                            ranking)
 from stepdistill.eval.runner import run_suite
 from stepdistill.eval.suite import suite_from_dict
 from stepdistill.export.multi_student import export_multi_student
@@ -60,7 +61,8 @@ STEP_CEILING = 10_000_000
 PROTOCOL_SAMPLES = 5040
 BUDGET_UNIT = "training FLOPs (torch.utils.flop_counter, forward + backward of every network)"
 TOP_KEYS = {"league", "description", "eval_seed", "noise_seed", "noise_entry", "fractions", "budgets", "entries",
-            "latency", "batch_size"}
+            "latency", "batch_size", "claims"}
+CLAIM_KEYS = {"text", "metric", "better", "than", "fractions"}
 ENTRY_KEYS = {"name", "recipe", "pipeline", "steps", "guidance", "group", "overrides"}
 BUDGET_KEYS = {"budget_flops", "samples_per_prompt"}
 
@@ -109,6 +111,7 @@ class League:
     description: str = ""
     latency: dict[str, int] | bool = field(default_factory=lambda: {"batch": 64, "repeats": 3, "warmup": 1})
     batch_size: int = 144
+    claims: list[dict] = field(default_factory=list)
 
 
 def _fail(source: Path, key: str, problem: str) -> LeagueError:
@@ -197,12 +200,41 @@ def load_league(path: str | Path) -> League:
     if noise_entry is not None and noise_entry not in {e.name for e in entries}:
         raise _fail(source, "noise_entry", f"names no entry: {noise_entry!r}")
     latency = data.get("latency", {"batch": 64, "repeats": 3, "warmup": 1})
+    claims = _claims(data.get("claims") or [], {e.name for e in entries}, fractions, source)
     return League(name=str(data.get("league") or source.stem), source=source,
                   eval_seed=_integer(data, "eval_seed", source), noise_seed=_integer(data, "noise_seed", source,
                                                                                      default=None),
                   noise_entry=noise_entry, fractions=[float(f) for f in fractions], budgets=budgets, entries=entries,
                   description=str(data.get("description") or ""), latency=latency,
-                  batch_size=_integer(data, "batch_size", source, minimum=1, default=144))
+                  batch_size=_integer(data, "batch_size", source, minimum=1, default=144), claims=claims)
+
+
+def _claims(raw: Any, names: set[str], fractions: list, source: Path) -> list[dict]:
+    """The league file's ``claims``: what a method's paper says it does better than another entry, checked."""
+    if not isinstance(raw, list):
+        raise _fail(source, "claims", "must be a list of {text, metric, better, than[, fractions]}")
+    claims = []
+    for i, claim in enumerate(raw):
+        key = f"claims[{i}]"
+        if not isinstance(claim, dict):
+            raise _fail(source, key, "must be a mapping")
+        extra = sorted(set(claim) - CLAIM_KEYS)
+        if extra:
+            raise _fail(source, f"{key}.{extra[0]}", f"unknown key (allowed: {', '.join(sorted(CLAIM_KEYS))})")
+        for req in ("text", "metric", "better", "than"):
+            if req not in claim:
+                raise _fail(source, f"{key}.{req}", "is required")
+        if claim["metric"] not in CLAIM_METRICS:
+            raise _fail(source, f"{key}.metric", f"one of {', '.join(CLAIM_METRICS)}, got {claim['metric']!r}")
+        for side in ("better", "than"):
+            if claim[side] not in names:
+                raise _fail(source, f"{key}.{side}", f"names no entry: {claim[side]!r}")
+        chosen = claim.get("fractions")
+        if chosen is not None and (not isinstance(chosen, list) or not chosen or not set(chosen) <= set(fractions)):
+            raise _fail(source, f"{key}.fractions", f"must be a list of the league's fractions {fractions}, "
+                        f"got {chosen!r}")
+        claims.append({**claim, "text": str(claim["text"])})
+    return claims
 
 
 def num_eval_samples(budget: LeagueBudget) -> int:
@@ -400,10 +432,11 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
             bar.update(1)
     finally:
         bar.close()
+    claims = judge_claims(rows, league.claims, noise)
     result = {**settings, "wall_seconds_this_run": round(time.time() - t0, 1), "rows": rows, "noise": noise,
-              "failed": failed}
+              "claims": claims, "failed": failed}
     write_text_atomic(out / "league.json", json.dumps(result, indent=2))
-    write_text_atomic(out / "tables.md", league_tables(rows, league.fractions, noise))
+    write_text_atomic(out / "tables.md", league_tables(rows, league.fractions, noise, claims))
     plot_convergence(rows, out / "convergence.png")
     for group in dict.fromkeys(r["group"] for r in rows):
         best = ranking([r for r in rows if r["group"] == group], 1.0)
