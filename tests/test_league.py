@@ -94,13 +94,17 @@ def test_every_shipped_toy_recipe_declares_its_selection_seeds_and_the_league_is
     assert league.budgets["full"].budget_flops >= 4 * league.budgets["quick"].budget_flops
 
 
-def test_league_trains_under_the_budget_judges_each_fraction_and_resumes(tmp_path, capsys):
+def test_league_trains_under_the_budget_in_two_workers_judges_each_fraction_and_resumes(tmp_path, capsys):
     # a second entry that fails once trained (a one-step student asked for 2 steps): reported, the others go on
     path = _league(tmp_path, body=(f"  - name: broken\n    recipe: {REPO / 'training' / 'toy-sid.yaml'}\n"
                                    f"    pipeline: {REPO / 'pipelines' / 'toy.yaml'}\n    steps: 2\n"
                                    "    group: 1 step\n    overrides: [train.batch_size=4]\n"))
     out = tmp_path / "out"
-    result = run_league(path, out, "quick")
+    # two worker processes, an entry each; this process then collects their rows (retrying the broken entry's
+    # judging, which fails again) and judges the noise
+    result = run_league(path, out, "quick", workers=2)
+    assert "[league] sid: distilling" in (out / "workers" / "worker-0.log").read_text()
+    assert "[league] broken: failed" in (out / "workers" / "worker-1.log").read_text()
     assert list(result["failed"]) == ["broken"] and "exactly 1 step" in result["failed"]["broken"]
     assert "Traceback" in (out / "entries" / "broken" / "failed.txt").read_text()
     rows = result["rows"]

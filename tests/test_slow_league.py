@@ -1,6 +1,6 @@
 """Slow (``make test-slow``): the quick league of ``eval/league.yaml`` — every toy method distilled under the quick
-budget of training FLOPs and judged at 25, 50 and 100% of it on the held-out seed (720 samples each). About an hour on
-2 CPU cores. A rerun into the same folder redoes nothing."""
+budget of training FLOPs and judged at 25, 50 and 100% of it on the held-out seed (720 samples each), in two worker
+processes. About an hour on 2 CPU cores. A rerun into the same folder redoes nothing."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ pytestmark = [
 def test_quick_league(tmp_path):
     league = load_league(REPO / "eval" / "league.yaml")
     budget = league.budgets["quick"]
-    result = run_league(league.source, tmp_path / "league", "quick")
+    result = run_league(league.source, tmp_path / "league", "quick", workers=2)
     rows = result["rows"]
     assert {(r["name"], r["budget_fraction"]) for r in rows} == {
         (e.name, f) for e in league.entries for f in league.fractions}

@@ -9,7 +9,7 @@ from stepdistill.workflows.league import run_league
 
 
 def cmd_league(args: argparse.Namespace) -> int:
-    result = run_league(args.suite, args.out, budget_name=args.budget, only=args.only)
+    result = run_league(args.suite, args.out, budget_name=args.budget, only=args.only, workers=args.workers)
     print(open(f"{args.out}/tables.md", encoding="utf-8").read())
     print(f"{len(result['rows'])} rows under {args.out}")
     if result["failed"]:
