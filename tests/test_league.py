@@ -31,7 +31,7 @@ def _league(tmp_path: Path, body: str = "", eval_seed: int = 400000, recipe: Pat
         noise_seed: 500000
         noise_entry: sid
         fractions: [0.25, 0.5, 1.0]
-        latency: false
+        latency: {{batch: 2, repeats: 1, warmup: 0}}
         budgets:
           quick: {{budget_flops: {BUDGET}, samples_per_prompt: 2}}
         entries:
@@ -105,6 +105,12 @@ def test_league_trains_under_the_budget_in_two_workers_judges_each_fraction_and_
     result = run_league(path, out, "quick", workers=2)
     assert "[league] sid: distilling" in (out / "workers" / "worker-0.log").read_text()
     assert "[league] broken: failed" in (out / "workers" / "worker-1.log").read_text()
+    # the student is timed once, by this process after the workers ended, and every row of the entry carries it
+    assert "[league] sid: latency" in capsys.readouterr().out
+    assert "latency" not in (out / "workers" / "worker-0.log").read_text()
+    timed = json.loads((out / "entries" / "sid" / "latency.json").read_text())["latency_ms"]
+    assert timed["n"] == 2 and timed["batchN"] > 0
+    assert all(r["latency_ms"] == timed for r in result["rows"])
     assert list(result["failed"]) == ["broken"] and "exactly 1 step" in result["failed"]["broken"]
     assert "Traceback" in (out / "entries" / "broken" / "failed.txt").read_text()
     rows = result["rows"]

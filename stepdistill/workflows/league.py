@@ -23,7 +23,7 @@ evaluation seed whose range meets a declared base's b … b + 5,039 (the toy-qua
 Output under ``--out``: ``league.json`` (the settings and every row), ``tables.md`` (one table per group),
 ``convergence.png`` (FID_toy against the budget used), ``noise.json`` (the evaluation noise) and per entry
 ``entries/<name>/``: ``run/`` (the distillation run, its checkpoints and ``logs/budget_marks.json``),
-``at-<pct>.json`` (one row), ``eval-<pct>/`` (the samples). A killed league resumes where it stopped: a finished
+``at-<pct>.json`` (one row), ``eval-<pct>/`` (the samples), ``latency.json`` (its student timed once, alone). A killed league resumes where it stopped: a finished
 entry is not trained again, an unfinished one resumes from its latest checkpoint, an evaluation whose row exists is
 not redone and one that was cut off reuses its stored samples. An entry that fails is reported (``failed`` in
 ``league.json``, the traceback in ``entries/<name>/failed.txt``) and the others go on; a rerun retries it.
@@ -41,13 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from stepdistill.core.outputs import write_text_atomic
 from stepdistill.core.validation import int_problem, number_problem
 from stepdistill.core.yaml_io import YAMLFileError, load_yaml_file
+from stepdistill.eval import measure_pipeline_latency
 from stepdistill.eval.league_report import (CLAIM_METRICS, ROW_KEYS, judge_claims, league_tables, plot_convergence,
                                             ranking)
 from stepdistill.eval.runner import run_suite
 from stepdistill.eval.suite import suite_from_dict
+from stepdistill.export.loading import load_pipeline
 from stepdistill.export.multi_student import export_multi_student
 from stepdistill.models.router import load_router
 from stepdistill.toy import world
@@ -339,11 +343,38 @@ def evaluate(league: League, budget: LeagueBudget, name: str, pipeline: Path, st
     """The toy-quality protocol on one exported student (its report entry)."""
     data = {"suite": f"league-{league.name}-{budget.name}", "metrics": ["toy"], "prompts": "toy",
             "samples_per_prompt": budget.samples_per_prompt, "seed": seed, "batch_size": league.batch_size,
-            "latency": league.latency,
+            "latency": False,  # timed once per entry, alone: entry_latency
             "entries": [{"name": name, "role": "student", "pipeline": str(pipeline), "steps": steps,
                          "guidance": guidance}]}
     suite = suite_from_dict(data, source=f"{league.source} ({name})")
     return run_suite(suite, work, log=log, write_files=False)["entries"][0]
+
+
+def entry_latency(league: League, entry: LeagueEntry, folder: Path, log: Callable[[str], None]) -> dict | None:
+    """The latency of the entry's student (:func:`~stepdistill.eval.measure_pipeline_latency` at the league's
+    ``latency`` settings, on the first toy prompt), measured once, at the full budget, by the process that writes the
+    tables after every worker has ended, so that no other training shares the cores; kept in ``latency.json``. A
+    student's latency does not change with training (the same network and step count), so every row of the entry
+    carries it. None when the league file sets ``latency: false``."""
+    if not league.latency:
+        return None
+    path = folder / "latency.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["latency_ms"]
+    settings = league.latency if isinstance(league.latency, dict) else {}
+    student, _, _ = export_at(entry, folder / "run", 1.0, folder / "student-latency")
+    t0 = time.time()
+    try:
+        pipe = load_pipeline(student, device="cuda" if torch.cuda.is_available() else "cpu")
+        latency = measure_pipeline_latency(pipe, world.all_prompts()[0], entry.steps, entry.guidance,
+                                           batch=int(settings.get("batch", 64)), warmup=int(settings.get("warmup", 1)),
+                                           repeats=int(settings.get("repeats", 3)))
+    finally:
+        shutil.rmtree(student, ignore_errors=True)
+    log(f"[league] {entry.name}: latency {latency['batchN']:.2f} ms per image at batch {latency['n']}, "
+        f"{latency['batch1']:.1f} ms at batch 1 ({time.time() - t0:.0f} s)")
+    write_text_atomic(path, json.dumps({"latency_ms": latency}, indent=2))
+    return latency
 
 
 def league_row(entry: LeagueEntry, league: League, budget: LeagueBudget, fraction: float, flops: int,
@@ -376,15 +407,13 @@ def _tasks_done(entry: LeagueEntry, folder: Path, fractions: Sequence[float]) ->
 
 
 def _worker(path: str, out: str, budget_name: str, names: list[str], threads: int, log_file: str) -> None:
-    """A league worker process: ``names`` trained and judged with ``threads`` torch threads, its output in
-    ``log_file``."""
-    import torch
-
+    """A league worker process: ``names`` trained and judged with ``threads`` torch threads (latency is timed later,
+    alone, by the collecting process), its output in ``log_file``."""
     with open(log_file, "a", encoding="utf-8") as stream:
         os.dup2(stream.fileno(), 1)
         os.dup2(stream.fileno(), 2)
         torch.set_num_threads(threads)
-        run_league(path, out, budget_name, only=names)
+        run_league(path, out, budget_name, only=names, time_latency=False)
 
 
 def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry], out: Path, workers: int,
@@ -394,7 +423,6 @@ def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry
     is reported; the in-process pass that follows finishes (or retries) whatever it left."""
     import multiprocessing
 
-    import torch
     from tqdm.auto import tqdm
 
     threads = max(1, torch.get_num_threads() // workers)
@@ -438,11 +466,12 @@ def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry
 
 
 def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick", only: Sequence[str] | None = None,
-               log: Callable[[str], None] = print, workers: int = 1) -> dict[str, Any]:
+               log: Callable[[str], None] = print, workers: int = 1, time_latency: bool = True) -> dict[str, Any]:
     """Train and judge every entry (see the module docstring); returns what ``league.json`` holds. With ``workers``
     > 1 the entries are first shared among that many processes (each with its share of the torch threads: on 2
     CPU cores two one-thread workers train about 1.45 times as fast as one two-thread process), then this process
-    collects their rows (finishing anything a worker left), judges the noise and writes the tables."""
+    collects their rows (finishing anything a worker left), times each student alone, judges the noise and writes
+    the tables. ``time_latency=False`` (a worker) leaves the latency to that collecting process."""
     if workers < 1:
         raise LeagueError(f"workers must be at least 1, got {workers}")
     from tqdm.auto import tqdm
@@ -494,7 +523,7 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
             failure = folder / "failed.txt"
             tasks_before = bar.n
             try:
-                rows += _run_entry(league, budget, entry, folder, bar, log)
+                rows += _run_entry(league, budget, entry, folder, bar, log, time_latency)
                 failure.unlink(missing_ok=True)
             except Exception as err:  # noqa: BLE001 - one entry's failure must not stop the league
                 failed[entry.name] = f"{type(err).__name__}: {err}"
@@ -527,8 +556,9 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
 
 
 def _run_entry(league: League, budget: LeagueBudget, entry: LeagueEntry, folder: Path, bar,
-               log: Callable[[str], None]) -> list[dict]:
-    """Train one entry under the budget (unless done) and judge it at each fraction (unless judged); its rows."""
+               log: Callable[[str], None], time_latency: bool = True) -> list[dict]:
+    """Train one entry under the budget (unless done), judge it at each fraction (unless judged) and, with
+    ``time_latency``, time its student (unless timed); its rows."""
     run = folder / "run"
     bar.set_postfix_str(f"{entry.name}: training")
     if not _trained(entry, run):
@@ -553,6 +583,13 @@ def _run_entry(league: League, budget: LeagueBudget, entry: LeagueEntry, folder:
             write_text_atomic(row_file, json.dumps(row, indent=2))
         rows.append(row)
         bar.update(1)
+    if time_latency:
+        bar.set_postfix_str(f"{entry.name}: timing")
+        latency = entry_latency(league, entry, folder, log)
+        for fraction, row in zip(league.fractions, rows):
+            if row.get("latency_ms") != latency:  # also replaces a time taken while other work shared the cores
+                row["latency_ms"] = latency
+                write_text_atomic(folder / f"at-{_pct(fraction)}.json", json.dumps(row, indent=2))
     return rows
 
 
