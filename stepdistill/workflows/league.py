@@ -23,10 +23,12 @@ evaluation seed whose range meets a declared base's b … b + 5,039 (the toy-qua
 Output under ``--out``: ``league.json`` (the settings and every row), ``tables.md`` (one table per group),
 ``convergence.png`` (FID_toy against the budget used), ``noise.json`` (the evaluation noise) and per entry
 ``entries/<name>/``: ``run/`` (the distillation run, its checkpoints and ``logs/budget_marks.json``),
-``at-<pct>.json`` (one row), ``eval-<pct>/`` (the samples), ``latency.json`` (its student timed once, alone). A killed league resumes where it stopped: a finished
-entry is not trained again, an unfinished one resumes from its latest checkpoint, an evaluation whose row exists is
-not redone and one that was cut off reuses its stored samples. An entry that fails is reported (``failed`` in
-``league.json``, the traceback in ``entries/<name>/failed.txt``) and the others go on; a rerun retries it.
+``at-<pct>.json`` (one row), ``eval-<pct>/`` (the samples), ``latency.json`` (its student timed once, alone). A killed
+league resumes where it stopped: a finished entry is not trained again, an unfinished one resumes from its latest
+checkpoint, an evaluation whose row exists is not redone and one that was cut off reuses its stored samples. An entry
+that fails is reported (``failed`` in ``league.json``, the traceback in ``entries/<name>/failed.txt``) and the others
+go on; a rerun retries it. ``workers`` > 1 shares the entries among that many processes (their output in
+``workers/worker-<k>.log``); the calling process then collects the rows and times the students alone.
 """
 
 from __future__ import annotations
