@@ -192,6 +192,8 @@ def test_methods_table_reads_the_league_file_and_names_a_missing_entry(tmp_path)
     assert "league: FID_toy / adherence (rank) at 2.00 TFLOP, eval seed 7" in table.splitlines()[0]
     assert "1 step: 50.0 / 0.900 (2 of 2)" in table.splitlines()[2]
     assert table.splitlines()[3].count("| — |") == 1  # a method without league entries
+    assert "1 step: **y** (FID_toy 40.0, adherence 0.800, 1 NFE)." in table
+    assert "Not ranked, their budget spent before their first update: z." in table
     spec["methods"][1]["league"] = ["z"]
     methods.write_text(yaml.safe_dump(spec, sort_keys=False))
     assert "1 step: 30.0 / 0.900 (not ranked: no update within the budget)" in benchmarks_doc.methods_table(tmp_path)

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from stepdistill.core.yaml_io import load_yaml_file
 from stepdistill.eval.league_report import claims_markdown as league_claims_markdown
+from stepdistill.eval.league_report import ranking as league_ranking
 from stepdistill.eval.league_report import ranks as league_ranks
 
 RESULTS = Path("eval/results")
@@ -653,7 +654,31 @@ def methods_table(repo: str | Path = ".") -> str:
         data = league[0]
         header.append(f"league: FID_toy / adherence (rank) at {_tflop(data.get('budget_flops'))} TFLOP, eval seed "
                       f"{_g(data.get('eval_seed'))}")
-    return _table(header + ["best own-recipe toy result", "docs"], rows)
+    table = _table(header + ["best own-recipe toy result", "docs"], rows)
+    return table if league is None else table + "\n\n" + _league_summary(league)
+
+
+def _league_summary(league: tuple[dict, str]) -> str:
+    """One sentence under the methods table: the best method of each step-count group at the league's full budget,
+    and the evaluation's own noise."""
+    data, source = league
+    rows = data["rows"]
+    full = max(float(r["budget_fraction"]) for r in rows)
+    best = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        ranked = league_ranking([r for r in rows if r["group"] == group], full)
+        if ranked:
+            r = ranked[0]
+            best.append(f"{group}: **{r['name']}** (FID_toy {_f(r.get('fid'), 1)}, adherence "
+                        f"{_f(r.get('adherence'), 3)}, {_g(r.get('nfe'))} NFE)")
+    idle = [r["name"] for r in rows if r["budget_fraction"] == full and r.get("updates") == 0]
+    idle_text = (f" Not ranked, their budget spent before their first update: {', '.join(idle)}." if idle else "")
+    noise = data.get("noise")
+    noise_text = (f" FID_toy differences under {abs(noise['fid'][0] - noise['fid'][1]):.1f} are within the "
+                  f"evaluation's own noise at {noise['num_samples']:,} samples." if noise else "")
+    return (f"Best at one budget of {_tflop(data.get('budget_flops'))} training TFLOP per method "
+            f"([{source}]({source}), eval seed {_g(data.get('eval_seed'))}, "
+            f"{rows[0].get('num_samples', 0):,} samples each) — " + "; ".join(best) + "." + idle_text + noise_text)
 
 
 def readme_with_methods_table(readme_text: str, table: str) -> str:
