@@ -674,8 +674,10 @@ def _league_summary(league: tuple[dict, str]) -> str:
     idle = [r["name"] for r in rows if r["budget_fraction"] == full and r.get("updates") == 0]
     idle_text = (f" Not ranked, their budget spent before their first update: {', '.join(idle)}." if idle else "")
     noise = data.get("noise")
-    noise_text = (f" FID_toy differences under {abs(noise['fid'][0] - noise['fid'][1]):.1f} are within the "
-                  f"evaluation's own noise at {noise['num_samples']:,} samples." if noise else "")
+    noise_text = (f" The evaluation's own noise: {noise['name']} scores FID_toy {_f(noise['fid'][0], 1)} and "
+                  f"{_f(noise['fid'][1], 1)} on two evaluation seeds ({noise['num_samples']:,} samples each); "
+                  f"differences under {abs(noise['fid'][0] - noise['fid'][1]):.1f} at that level mean nothing."
+                  if noise else "")
     return (f"Best at one budget of {_tflop(data.get('budget_flops'))} training TFLOP per method "
             f"([{source}]({source}), eval seed {_g(data.get('eval_seed'))}, "
             f"{rows[0].get('num_samples', 0):,} samples each) — " + "; ".join(best) + "." + idle_text + noise_text)

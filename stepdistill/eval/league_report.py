@@ -162,9 +162,11 @@ def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict 
     return "\n".join(out).rstrip() + "\n"
 
 
-def plot_convergence(rows: Sequence[dict], path: str | Path) -> Path:
+def plot_convergence(rows: Sequence[dict], path: str | Path, noise: dict | None = None) -> Path:
     """FID_toy against the training TFLOP used, one line per method, one panel per group (log FID axis, two panels
-    a row); a student that had not run an update yet is drawn as a cross and named so in the legend."""
+    a row); a student that had not run an update yet is drawn as a cross and named so in the legend. With ``noise``
+    (one student's FID_toy on two evaluation seeds), each panel's title states the FID_toy difference that is within
+    the evaluation's own noise."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +183,9 @@ def plot_convergence(rows: Sequence[dict], path: str | Path) -> Path:
             idle = not any(trained(r) for r in line)
             ax.plot([r["budget"] / 1e12 for r in line], [r["fid"] for r in line], marker="x" if idle else "o",
                     linestyle=":" if idle else "-", label=f"{name} (no update)" if idle else name)
-        ax.set_title(group)
+        gap = abs(noise["fid"][0] - noise["fid"][1]) if noise else None
+        ax.set_title(group if gap is None else f"{group}\n(evaluation noise: {gap:.1f} FID_toy between two seeds, "
+                                               f"{noise['name']} at {noise['fid'][0]:.0f})", fontsize=10)
         ax.set_xlabel("training TFLOP used")
         ax.set_ylabel("FID_toy (lower is better)")
         ax.set_yscale("log")

@@ -546,7 +546,7 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
               "claims": claims, "failed": failed}
     write_text_atomic(out / "league.json", json.dumps(result, indent=2))
     write_text_atomic(out / "tables.md", league_tables(rows, league.fractions, noise, claims))
-    plot_convergence(rows, out / "convergence.png")
+    plot_convergence(rows, out / "convergence.png", noise)
     for group in dict.fromkeys(r["group"] for r in rows):
         best = ranking([r for r in rows if r["group"] == group], 1.0)
         if best:
