@@ -106,3 +106,20 @@ def test_budget_config_errors(train, key):
     with pytest.raises(ConfigError) as info:
         _config(**train)
     assert info.value.key == key
+
+
+@pytest.mark.parametrize("minutes, kept", [(1e-9, ["step_000001", "step_000002", "step_000003", "step_000004"]),
+                                           (1000.0, ["step_000004"])])
+def test_checkpoint_minutes_keeps_a_checkpoint_once_that_much_time_passed(tmp_path, minutes, kept):
+    # no checkpoints by update count: a tiny interval is due after every update, a long one never before the end
+    cfg = _config(max_steps=4, batch_size=4, checkpoint_every=0, checkpoint_minutes=minutes, keep_checkpoints=10)
+    teacher, generator, objective = _build(tmp_path)
+    Trainer(cfg, teacher, generator, objective, PROMPTS, tmp_path / "run").train()
+    assert [p.name for _, p in list_checkpoints(tmp_path / "run" / "checkpoints")] == kept
+
+
+@pytest.mark.parametrize("value", [0, -1.0])
+def test_checkpoint_minutes_must_be_positive(value):
+    with pytest.raises(ConfigError) as info:
+        _config(checkpoint_minutes=value)
+    assert info.value.key == "train.checkpoint_minutes"

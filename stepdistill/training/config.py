@@ -11,7 +11,7 @@ A recipe is a YAML mapping with the sections below; every key is optional except
                        warmup_generator_lr: null}
     train:            {batch_size: 4, max_steps: 1000, grad_accum: 1, grad_clip: 1.0, mixed_precision: "no",
                        gradient_checkpointing: false, attention: sdpa, ema_decay: null, ema_halflife_kimg: null,
-                       ema_rampup_ratio: null, checkpoint_every: 500,
+                       ema_rampup_ratio: null, checkpoint_every: 500, checkpoint_minutes: null,
                        keep_checkpoints: 3, sample_every: 0, log_every: 10, seed: 0, num_workers: 0,
                        count_flops: false, budget_flops: null, budget_marks: []}
     objective:        dmd2
@@ -21,18 +21,20 @@ A recipe is a YAML mapping with the sections below; every key is optional except
 
 :func:`load_recipe` reads such a file and applies ``key.sub=value`` overrides (values parsed as YAML). An unknown key,
 a wrong type or an impossible value raises :class:`ConfigError` naming the dotted key and the file. ``0`` disables
-``checkpoint_every`` and ``sample_every``; ``grad_clip: null`` disables clipping; ``ema_decay: null`` disables EMA
-(the EMA is diffusers' EMAModel: its decay at update s is min(ema_decay, (1+s)/(10+s)); ``ema_halflife_kimg`` with
-``ema_rampup_ratio`` is the EDM / official SiD form instead, :class:`~stepdistill.models.ema.HalflifeEMA`). ``batch_size`` is per
-process. ``num_workers`` is validated and kept for data-loading front ends; the Trainer itself draws prompts and
-noise in-process and does not use it. ``warmup_generator_lr`` is the generator's learning rate while the objective
-is in its ODE-pair warm-up (``objective_config.ode_warmup_steps``; null: ``generator_lr`` throughout).
-``selection_seeds`` records the evaluation seed bases (``stepdistill eval --seed``) whose samples any value of the
-recipe was chosen on; a comparison that must be held out (``stepdistill league``) refuses to evaluate on them.
-``count_flops`` counts the training FLOPs of every update (:mod:`stepdistill.training.flops`; it slows an update by
-about a third on CPU); ``budget_flops`` (which implies it) ends the run after the first update that brings the count
-to the budget, and ``budget_marks`` keeps a checkpoint at each of those fractions of it (the run's end is the last
-mark): the league's budget (``stepdistill league``).
+``checkpoint_every`` and ``sample_every``; ``checkpoint_minutes`` also keeps a checkpoint once that many minutes of
+training have passed since the last one (a killed run loses at most that much; null: by update count only);
+``grad_clip: null`` disables clipping; ``ema_decay: null`` disables EMA (the EMA is diffusers' EMAModel: its decay at
+update s is min(ema_decay, (1+s)/(10+s)); ``ema_halflife_kimg`` with ``ema_rampup_ratio`` is the EDM / official SiD
+form instead, :class:`~stepdistill.models.ema.HalflifeEMA`). ``batch_size`` is per process. ``num_workers`` is
+validated and kept for data-loading front ends; the Trainer itself draws prompts and noise in-process and does not use
+it. ``warmup_generator_lr`` is the generator's learning rate while the objective is in its ODE-pair warm-up
+(``objective_config.ode_warmup_steps``; null: ``generator_lr`` throughout). ``selection_seeds`` records the evaluation
+seed bases (``stepdistill eval --seed``) whose samples any value of the recipe was chosen on; a comparison that must
+be held out (``stepdistill league``) refuses to evaluate on them. ``count_flops`` counts the training FLOPs of every
+update (:mod:`stepdistill.training.flops`; it slows an update by about a third on CPU); ``budget_flops`` (which
+implies it) ends the run after the first update that brings the count to the budget, and ``budget_marks`` keeps a
+checkpoint at each of those fractions of it (the run's end is the last mark): the league's budget (``stepdistill
+league``).
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class TrainConfig:
     ema_halflife_kimg: float | None = None  # EDM / official SiD EMA (instead of ema_decay): half-life in 1000 images
     ema_rampup_ratio: float | None = None  # its ramp-up: half-life ≤ ratio × images seen (official SiD: 0.05)
     checkpoint_every: int = 500
+    checkpoint_minutes: float | None = None  # also checkpoint once this many minutes passed since the last one
     keep_checkpoints: int = 3
     sample_every: int = 0
     log_every: int = 10
@@ -381,6 +384,9 @@ def validate(config: RunConfig, file: str | None = None) -> RunConfig:
     for name in ("checkpoint_every", "sample_every", "seed", "num_workers"):
         if getattr(t, name) < 0:
             fail(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+    if t.checkpoint_minutes is not None and not t.checkpoint_minutes > 0:
+        fail("train.checkpoint_minutes", f"must be > 0 (or null: checkpoints by update count only), got "
+             f"{t.checkpoint_minutes}")
     if t.grad_clip is not None and not t.grad_clip > 0:
         fail("train.grad_clip", f"must be > 0 (or null to disable clipping), got {t.grad_clip}")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:

@@ -307,6 +307,7 @@ class Trainer:
             accelerator.register_for_checkpointing(extra)
         self._hooks = TrainableStateHooks(accelerator, self.module)
         self.last_checkpoint: Path | None = None
+        self._checkpoint_clock = time.monotonic()  # when the last checkpoint was kept (train.checkpoint_minutes)
         self._resumed_from: Path | None = None
         # generator evaluations (x₀ predictions, backward-simulation steps included) per update, for distill-cost
         self._generator_calls = 0
@@ -546,7 +547,21 @@ class Trainer:
         self.last_checkpoint = save_checkpoint(
             self.accelerator, self.ckpt_dir, self.state.step, self.config.train.keep_checkpoints, meta, protect=marked
         )
+        self._checkpoint_clock = time.monotonic()
         return self.last_checkpoint
+
+    def _checkpoint_due_by_time(self) -> bool:
+        """``train.checkpoint_minutes`` have passed since the last checkpoint (or the loop's start); one decision for
+        all processes (the main process's clock), since saving is collective."""
+        minutes = self.config.train.checkpoint_minutes
+        if not minutes:
+            return False
+        due = time.monotonic() - self._checkpoint_clock >= 60.0 * minutes
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([1.0 if due and self.accelerator.is_main_process else 0.0],
+                                device=self.accelerator.device)
+            due = float(self.accelerator.reduce(flag, reduction="sum").item()) > 0
+        return due
 
     def _saved_this_step(self) -> bool:
         return self.last_checkpoint is not None and self.last_checkpoint.name == checkpoint_name(self.state.step)
@@ -704,6 +719,7 @@ class Trainer:
                         disable=not acc.is_local_main_process, desc=f"distill[{self.objective.name}] budget",
                         dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
         t0 = time.perf_counter()
+        self._checkpoint_clock = time.monotonic()  # train.checkpoint_minutes counts from here
         last_log_t, last_log_step = t0, start_step
         last = {}
         try:
@@ -784,11 +800,13 @@ class Trainer:
                 if tc.sample_every and (step % tc.sample_every == 0 or last_update):
                     self._sample()  # and always the last step, so the grids end where the run ends
                 self._reach_marks()
-                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not self._saved_this_step():
+                by_count = bool(tc.checkpoint_every) and step % tc.checkpoint_every == 0
+                if (by_count or self._checkpoint_due_by_time()) and not self._saved_this_step():
                     self.save_checkpoint()
             if budget is not None and self.budget_spent():
                 self._reach_marks(final=True)  # the run's end: always kept, as mark 1.0
-            if tc.checkpoint_every and self.state.step > start_step and not self._saved_this_step():
+            if ((tc.checkpoint_every or tc.checkpoint_minutes) and self.state.step > start_step
+                    and not self._saved_this_step()):
                 self.save_checkpoint()  # the final state
         finally:
             pbar.close()

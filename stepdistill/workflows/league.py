@@ -7,14 +7,15 @@ training FLOPs each entry may spend and the samples per prompt of its evaluation
 students are judged, the evaluation seed and a second seed that measures the evaluation's own noise.
 
 Budget: training FLOPs as the trainer counts them (:mod:`stepdistill.training.flops`: every network's forward and
-backward in the objective's losses, the teacher's ODE pairs made before the loop included; data preparation,
-optimizer and EMA steps excluded). Each entry runs its recipe unchanged except ``train.budget_flops`` (the run ends
-after the update that reaches it), ``train.budget_marks`` (a checkpoint kept at each fraction),
-``train.max_steps`` (lifted to :data:`STEP_CEILING`: the budget, not the recipe's length, ends the run) and
-``train.sample_every: 0``. Stages keyed to update numbers (an ODE-pair warm-up, Phased DMD's phases, DisBack's
-intervals) keep their lengths, so a budget that ends inside a stage judges the student there: the recipes are frozen,
-the league never tunes them. An MSD entry (a recipe with a ``multi_student`` section) gives each of its K students
-1/K of the budget, and its marks are the students' marks together.
+backward in the objective's losses, the teacher's ODE pairs made before the loop included; data preparation, optimizer
+and EMA steps excluded). Each entry runs its recipe unchanged except ``train.budget_flops`` (the run ends after the
+update that reaches it), ``train.budget_marks`` (a checkpoint kept at each fraction), ``train.max_steps`` (lifted to
+:data:`STEP_CEILING`: the budget, not the recipe's length, ends the run), ``train.sample_every: 0`` and
+``train.checkpoint_minutes`` (:data:`CHECKPOINT_MINUTES`; bookkeeping only). Stages keyed to update numbers (an ODE-
+pair warm-up, Phased DMD's phases, DisBack's intervals) keep their lengths, so a budget that ends inside a stage
+judges the student there: the recipes are frozen, the league never tunes them. An MSD entry (a recipe with a
+``multi_student`` section) gives each of its K students 1/K of the budget, and its marks are the students' marks
+together.
 
 Held out: a recipe lists in ``selection_seeds`` the evaluation seed bases any of its values was chosen on; an
 evaluation at base b draws the seeds b … b + n − 1 (n = 144 prompts × samples per prompt), and the league refuses an
@@ -64,6 +65,9 @@ from stepdistill.workflows.single_run import distill_single, export_run, validat
 
 #: ``train.max_steps`` of a league run: a ceiling the budget always reaches first
 STEP_CEILING = 10_000_000
+#: a league run also keeps a checkpoint every this many minutes, so a killed league loses at most that much training
+#: (a recipe's ``checkpoint_every`` counts updates, which under an expensive objective can be most of the budget)
+CHECKPOINT_MINUTES = 10
 #: samples of the toy-quality protocol (144 prompts × 35): the seed range a recipe's selection may have used
 PROTOCOL_SAMPLES = 5040
 BUDGET_UNIT = "training FLOPs (torch.utils.flop_counter, forward + backward of every network)"
@@ -277,7 +281,8 @@ def held_out_problems(league: League, budget: LeagueBudget) -> list[str]:
 def _budget_overrides(budget_flops: float, fractions: Sequence[float]) -> list[str]:
     marks = [f for f in fractions if f < 1]
     return [f"train.budget_flops={budget_flops!r}", f"train.budget_marks={json.dumps(marks)}",
-            f"train.max_steps={STEP_CEILING}", "train.sample_every=0"]
+            f"train.max_steps={STEP_CEILING}", "train.sample_every=0",
+            f"train.checkpoint_minutes={CHECKPOINT_MINUTES}"]
 
 
 def _marks(run: Path) -> dict[float, dict]:
