@@ -14,7 +14,7 @@ import yaml
 
 from stepdistill.eval import benchmarks_doc
 from stepdistill.eval.league_report import judge_claims, league_tables, ranks as league_ranks
-from stepdistill.workflows.league import LeagueError, held_out_problems, load_league, run_league
+from stepdistill.workflows.league import LeagueError, entry_lock, held_out_problems, load_league, run_league
 
 from helpers import REPO
 
@@ -239,3 +239,14 @@ def test_claims_are_judged_against_the_noise_and_untrained_students_are_not_test
 def test_league_claims_are_checked(tmp_path, claim, key):
     with pytest.raises(LeagueError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_league(_league(tmp_path, f"claims:\n  - {claim}\n"))
+
+
+def test_an_entry_another_league_process_is_running_is_skipped_not_run_twice(tmp_path):
+    out = tmp_path / "out"
+    with entry_lock(out, "sid"):  # as another league process would hold it (flock: per open file, so even here)
+        result = run_league(_league(tmp_path), out, "quick")
+    assert "another league process (pid" in result["failed"]["sid"] and result["rows"] == []
+    assert not (out / "entries" / "sid" / "run").exists()  # nothing trained, nothing judged
+    assert result["noise"] is None
+    with entry_lock(out, "sid"):  # released when the holder is done: taken again at once
+        pass

@@ -40,9 +40,15 @@ import os
 import shutil
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: entries are not locked
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -80,6 +86,38 @@ BUDGET_KEYS = {"budget_flops", "samples_per_prompt"}
 
 class LeagueError(ValueError):
     """A league file or a league folder that cannot be used; the message names the file and the key."""
+
+
+class EntryBusy(LeagueError):
+    """Another league process holds the entry's lock: it is training or judging that entry now."""
+
+
+@contextmanager
+def entry_lock(out: Path, name: str) -> Iterator[None]:
+    """Hold ``entries/<name>.lock`` (an exclusive ``flock``) while this process trains or judges the entry, so that two
+    league processes writing one folder never work on the same entry; raises :class:`EntryBusy` when another holds
+    it. The lock goes with the process, however it ends. (Without ``fcntl``, as on Windows: no lock.)"""
+    if fcntl is None:
+        yield
+        return
+    path = out / "entries" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise EntryBusy(f"another league process (pid {holder}) is running entry {name!r} in {out}: wait for "
+                            f"it to finish or stop it, then run the league again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -530,8 +568,13 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
             failure = folder / "failed.txt"
             tasks_before = bar.n
             try:
-                rows += _run_entry(league, budget, entry, folder, bar, log, time_latency)
+                with entry_lock(out, entry.name):
+                    rows += _run_entry(league, budget, entry, folder, bar, log, time_latency)
                 failure.unlink(missing_ok=True)
+            except EntryBusy as err:
+                failed[entry.name] = str(err)
+                log(f"[league] {entry.name}: skipped, {err}")
+                bar.update(tasks_before + 1 + len(league.fractions) - bar.n)
             except Exception as err:  # noqa: BLE001 - one entry's failure must not stop the league
                 failed[entry.name] = f"{type(err).__name__}: {err}"
                 folder.mkdir(parents=True, exist_ok=True)
@@ -551,7 +594,8 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
               "claims": claims, "failed": failed}
     write_text_atomic(out / "league.json", json.dumps(result, indent=2))
     write_text_atomic(out / "tables.md", league_tables(rows, league.fractions, noise, claims))
-    plot_convergence(rows, out / "convergence.png", noise)
+    if rows:
+        plot_convergence(rows, out / "convergence.png", noise)
     for group in dict.fromkeys(r["group"] for r in rows):
         best = ranking([r for r in rows if r["group"] == group], 1.0)
         if best:
