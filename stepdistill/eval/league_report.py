@@ -47,7 +47,7 @@ def ranking(rows: Iterable[dict], fraction: float) -> list[dict]:
 
 def ranks(rows: Sequence[dict], group: str, fractions: Sequence[float]) -> dict[str, list[int | None]]:
     """Each method's rank (1 = lowest FID_toy) within ``group`` at every fraction of the budget; None where the method
-    has no score at that fraction."""
+    has no score at that fraction or had run no update yet."""
     members = [r for r in rows if r["group"] == group]
     names = dict.fromkeys(r["name"] for r in members)
     out: dict[str, list[int | None]] = {name: [None] * len(fractions) for name in names}
@@ -65,10 +65,11 @@ def judge_claims(rows: Sequence[dict], claims: Sequence[dict], noise: dict | Non
     """Each claim (``text``, ``metric``, ``better``, ``than``, optional ``fractions``: "entry ``better`` scores better
     than entry ``than`` on ``metric``") judged at every fraction where both entries have a row.
 
-    The margin is ``than − better`` for FID_toy and ``better − than`` for the others (positive: the claim holds). The
-    noise is the evaluation's own, where the league measured it for that metric (``noise``: one student's FID_toy and
-    adherence on two evaluation seeds; |difference|). Verdicts: ``holds``; ``does not hold``; ``within noise`` (|margin|
-    ≤ noise); ``not testable`` when either student had not run an update yet (the teacher copy it starts from)."""
+    The margin is ``than − better`` for FID_toy and ``better − than`` for the others (positive: the claim holds).
+    The noise is the evaluation's own, where the league measured it for that metric (``noise``: one student's
+    FID_toy and adherence on two evaluation seeds; |difference|: one figure for every comparison, measured at that
+    student's FID level). Verdicts: ``holds``; ``does not hold``; ``within noise`` (|margin| ≤ noise); ``not
+    testable`` when either student had not run an update yet (the teacher copy it starts from)."""
     judged = []
     for claim in claims:
         metric, higher = claim["metric"], CLAIM_METRICS[claim["metric"]]
