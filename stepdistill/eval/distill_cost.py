@@ -98,8 +98,7 @@ def measure_recipe(
         "objective": config.objective,
         "batch_size": int(config.train.batch_size),
         # what the trainer ran (0 for an objective without auxiliary networks, e.g. LCM), not a recipe key's default
-        "aux_updates_per_generator_update": int(summary.get("aux_updates_per_generator_update",
-                                                            config.objective_config.get("aux_updates_per_generator_update", 1))),
+        "aux_updates_per_generator_update": int(summary["aux_updates_per_generator_update"]),
         "generator_lora_rank": config.generator.lora_rank,
         "mixed_precision": config.train.mixed_precision,
         "gradient_checkpointing": bool(config.train.gradient_checkpointing),

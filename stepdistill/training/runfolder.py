@@ -31,8 +31,9 @@ from stepdistill.training.config import ConfigError, RunConfig
 RUN_FILE = "run.json"
 #: keys that do not change what a run trains up to a given step (a resumed run may change them freely)
 VOLATILE_KEYS = frozenset({
-    "train.max_steps", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints", "train.sample_every", "train.log_every",
-    "train.num_workers", "train.count_flops", "train.budget_flops", "train.budget_marks", "selection_seeds",
+    "train.max_steps", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints",
+    "train.sample_every", "train.log_every", "train.num_workers", "train.count_flops", "train.budget_flops",
+    "train.budget_marks", "selection_seeds",
 })
 #: what a run writes into its folder (and ``--overwrite`` removes)
 RUN_ARTIFACTS = ("run.json", "run_config.yaml", "pipeline.yaml", "checkpoints", "logs", "samples", "student",

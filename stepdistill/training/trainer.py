@@ -307,7 +307,6 @@ class Trainer:
             accelerator.register_for_checkpointing(extra)
         self._hooks = TrainableStateHooks(accelerator, self.module)
         self.last_checkpoint: Path | None = None
-        self._checkpoint_clock = time.monotonic()  # when the last checkpoint was kept (train.checkpoint_minutes)
         self._resumed_from: Path | None = None
         # generator evaluations (x₀ predictions, backward-simulation steps included) per update, for distill-cost
         self._generator_calls = 0
@@ -719,7 +718,7 @@ class Trainer:
                         disable=not acc.is_local_main_process, desc=f"distill[{self.objective.name}] budget",
                         dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
         t0 = time.perf_counter()
-        self._checkpoint_clock = time.monotonic()  # train.checkpoint_minutes counts from here
+        self._checkpoint_clock = time.monotonic()  # train.checkpoint_minutes counts from here and each checkpoint
         last_log_t, last_log_step = t0, start_step
         last = {}
         try:

@@ -167,6 +167,20 @@ def _fail(source: Path, key: str, problem: str) -> LeagueError:
     return LeagueError(f"{source}: {key}: {problem}")
 
 
+def _mapping(raw: Any, key: str, allowed: set[str], required: Sequence[str], source: Path) -> dict:
+    """``raw`` checked as a mapping (an entry, a claim) with only ``allowed`` keys and every ``required`` one; errors
+    name ``key`` (e.g. ``entries[2]``) and the offending sub-key."""
+    if not isinstance(raw, dict):
+        raise _fail(source, key, "must be a mapping")
+    extra = sorted(set(raw) - allowed)
+    if extra:
+        raise _fail(source, f"{key}.{extra[0]}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    for req in required:
+        if req not in raw:
+            raise _fail(source, f"{key}.{req}", "is required")
+    return raw
+
+
 def _integer(data: dict, key: str, source: Path, minimum: int = 0, default: Any = ..., where: str = "") -> Any:
     """``data[key]`` checked as an integer >= ``minimum`` (``default`` when absent; required when it has none; a
     default of None makes null acceptable); errors name ``where`` + ``key``."""
@@ -220,14 +234,7 @@ def load_league(path: str | Path) -> League:
         raise _fail(source, "entries", "must be a non-empty list")
     for i, raw in enumerate(raw_entries):
         key = f"entries[{i}]"
-        if not isinstance(raw, dict):
-            raise _fail(source, key, "must be a mapping")
-        extra = sorted(set(raw) - ENTRY_KEYS)
-        if extra:
-            raise _fail(source, f"{key}.{extra[0]}", f"unknown key (allowed: {', '.join(sorted(ENTRY_KEYS))})")
-        for req in ("name", "recipe", "pipeline", "steps", "group"):
-            if req not in raw:
-                raise _fail(source, f"{key}.{req}", "is required")
+        _mapping(raw, key, ENTRY_KEYS, ("name", "recipe", "pipeline", "steps", "group"), source)
         name = str(raw["name"])
         if not name or "/" in name or name in {e.name for e in entries}:
             raise _fail(source, f"{key}.name", f"must be a unique folder-safe name, got {name!r}")
@@ -265,14 +272,7 @@ def _claims(raw: Any, names: set[str], fractions: list, source: Path) -> list[di
     claims = []
     for i, claim in enumerate(raw):
         key = f"claims[{i}]"
-        if not isinstance(claim, dict):
-            raise _fail(source, key, "must be a mapping")
-        extra = sorted(set(claim) - CLAIM_KEYS)
-        if extra:
-            raise _fail(source, f"{key}.{extra[0]}", f"unknown key (allowed: {', '.join(sorted(CLAIM_KEYS))})")
-        for req in ("text", "metric", "better", "than"):
-            if req not in claim:
-                raise _fail(source, f"{key}.{req}", "is required")
+        _mapping(claim, key, CLAIM_KEYS, ("text", "metric", "better", "than"), source)
         if claim["metric"] not in CLAIM_METRICS:
             raise _fail(source, f"{key}.metric", f"one of {', '.join(CLAIM_METRICS)}, got {claim['metric']!r}")
         for side in ("better", "than"):
@@ -486,7 +486,10 @@ def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry
         log(f"[league] worker {k} ({threads} thread{'s' if threads > 1 else ''}): "
             f"{', '.join(e.name for e in share)}; its output in {log_file}")
     total = len(entries) * (1 + len(league.fractions))
-    done = lambda: sum(_tasks_done(e, out / "entries" / e.name, league.fractions) for e in entries)  # noqa: E731
+
+    def done() -> int:
+        return sum(_tasks_done(e, out / "entries" / e.name, league.fractions) for e in entries)
+
     bar = tqdm(total=total, initial=done(), desc=f"league[{budget.name}] x{len(processes)}", unit="task",
                dynamic_ncols=True)
     try:
