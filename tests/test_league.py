@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from stepdistill.eval import benchmarks_doc
-from stepdistill.eval.league_report import judge_claims, league_tables, ranks as league_ranks
+from stepdistill.eval.league_report import judge_claims, league_tables, noise_measurements
+from stepdistill.eval.league_report import ranks as league_ranks
 from stepdistill.workflows.league import LeagueError, entry_lock, held_out_problems, load_league, run_league
 
 from helpers import REPO
@@ -29,7 +30,7 @@ def _league(tmp_path: Path, body: str = "", eval_seed: int = 400000, recipe: Pat
         league: test
         eval_seed: {eval_seed}
         noise_seed: 500000
-        noise_entry: sid
+        noise_entries: [sid]
         fractions: [0.25, 0.5, 1.0]
         latency: {{batch: 2, repeats: 1, warmup: 0}}
         budgets:
@@ -122,11 +123,13 @@ def test_league_trains_under_the_budget_in_two_workers_judges_each_fraction_and_
         assert r["num_samples"] == 288 and r["eval_seed"] == 400000 and r["nfe"] == 1 and r["steps"] == 1
         assert r["recipe"] == "training/toy-sid.yaml" and r["budget_unit"].startswith("training FLOPs")
         assert r["fid"] > 0 and 0 <= r["adherence"] <= 1 and r["wall_s"] > 0
-    noise = json.loads((out / "noise.json").read_text())
+    noise = json.loads((out / "entries" / "sid" / "noise.json").read_text())
+    assert result["noise"] == [noise] and noise["name"] == "sid" and noise["group"] == "1 step"
     assert noise["eval_seeds"] == [400000, 500000] and noise["fid"][0] == rows[-1]["fid"]
     assert noise["fid"][1] != noise["fid"][0]  # other noises, another FID
     tables = (out / "tables.md").read_text()
-    assert "### 1 step" in tables and "| 1 | sid |" in tables and "Evaluation noise" in tables
+    assert "### 1 step" in tables and "| 1 | sid |" in tables
+    assert f"Evaluation noise in this group: `sid` at 100% of the budget scores FID_toy {noise['fid'][0]:.1f}" in tables
     assert (out / "convergence.png").stat().st_size > 0
     assert not list((out / "entries" / "sid").glob("student-*"))  # exported students are removed after judging
 
@@ -208,7 +211,7 @@ def test_claims_are_judged_against_the_noise_and_untrained_students_are_not_test
             _row("b", "1 step", 0.5, 33.0), _row("b", "1 step", 1.0, 40.0, adherence=0.90),
             {**_row("c", "1 step", 0.5, 5.0), "updates": 0}, {**_row("c", "1 step", 1.0, 5.0), "updates": 0}]
     rows[0]["diversity"], rows[2]["diversity"] = 0.02, 0.03
-    noise = {"fid": [50.0, 54.0], "adherence": [0.9, 0.91]}
+    noise = [{"name": "b", "group": "1 step", "fid": [50.0, 54.0], "adherence": [0.9, 0.91]}]
     claims = [{"text": "a beats b", "metric": "fid", "better": "a", "than": "b"},
               {"text": "b beats a", "metric": "fid", "better": "b", "than": "a", "fractions": [1.0]},
               {"text": "a more diverse", "metric": "diversity", "better": "a", "than": "b", "fractions": [0.5]},
@@ -224,10 +227,46 @@ def test_claims_are_judged_against_the_noise_and_untrained_students_are_not_test
     # adherence: 0.05 better, noise 0.01
     assert judged[3]["at"][0]["verdict"] == "holds" and judged[3]["at"][0]["noise"] == pytest.approx(0.01)
     assert judged[4]["at"][0]["verdict"] == "not testable: c had run no update"
-    tables = league_tables(rows, [0.5, 1.0], noise={"name": "a", "budget_fraction": 1.0, "eval_seeds": [1, 2],
-                                                     "fid": [50.0, 54.0], "adherence": [0.9, 0.91],
-                                                     "num_samples": 10}, claims=judged)
+    assert judged[0]["noise_entry"] == "b" and judged[2]["noise_entry"] is None
+    tables = league_tables(rows, [0.5, 1.0], noise=[{**noise[0], "budget_fraction": 1.0, "eval_seeds": [1, 2],
+                                                     "num_samples": 10}], claims=judged)
     assert "| a beats b | fid (a vs b) | 50%: 30.0 vs 33.0, within noise; 100%: 20.0 vs 40.0, holds |" in tables
+    assert ("Evaluation noise in this group: `b` at 100% of the budget scores FID_toy 50.0 on eval seed 1 and 54.0 on "
+            "seed 2") in tables
+
+
+def test_each_claim_is_set_against_the_noise_of_its_own_group():
+    rows = [_row("a", "1 step", 1.0, 90.0), _row("b", "1 step", 1.0, 96.0),
+            _row("c", "4 steps", 1.0, 30.0), _row("d", "4 steps", 1.0, 36.0), _row("e", "25 steps", 1.0, 40.0),
+            _row("f", "25 steps", 1.0, 45.0)]
+    noise = [{"name": "b", "group": "1 step", "fid": [96.0, 88.0], "adherence": [0.9, 0.9]},
+             {"name": "d", "group": "4 steps", "fid": [36.0, 35.0], "adherence": [0.9, 0.9]}]
+    claims = [{"text": "a beats b", "metric": "fid", "better": "a", "than": "b"},
+              {"text": "c beats d", "metric": "fid", "better": "c", "than": "d"},
+              {"text": "e beats f", "metric": "fid", "better": "e", "than": "f"}]
+    judged = judge_claims(rows, claims, noise)
+    # the same margin, 6: within the one-step noise (8), past the four-step noise (1)
+    assert [(j["noise_entry"], j["at"][0]["noise"], j["at"][0]["verdict"]) for j in judged[:2]] == [
+        ("b", 8.0, "within noise"), ("d", 1.0, "holds")]
+    # a group without its own measurement takes the largest measured (the most cautious): 8, so 5 is within it
+    assert (judged[2]["noise_entry"], judged[2]["at"][0]["verdict"]) == ("b", "within noise")
+    # a league file from before noise was measured per group holds one mapping without a group: its rows give it
+    old = {"name": "d", "fid": [36.0, 35.0], "adherence": [0.9, 0.9]}
+    assert noise_measurements(old, rows) == [{**old, "group": "4 steps"}]
+    assert judge_claims(rows, claims[:1], old)[0]["at"][0]["noise"] == 1.0  # the only one measured
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("[nobody]", "a list of entry names"),
+    ("[sid, sid2]", "both in group '1 step'"),
+])
+def test_noise_entries_are_checked(tmp_path, value, problem):
+    body = (f"  - name: sid2\n    recipe: {REPO / 'training' / 'toy-sid.yaml'}\n"
+            f"    pipeline: {REPO / 'pipelines' / 'toy.yaml'}\n    steps: 1\n    group: 1 step\n")
+    path = _league(tmp_path, body)
+    path.write_text(path.read_text().replace("noise_entries: [sid]", f"noise_entries: {value}"))
+    with pytest.raises(LeagueError, match=f"noise_entries: .*{problem}"):
+        load_league(path)
 
 
 @pytest.mark.parametrize("claim, key", [
@@ -247,6 +286,6 @@ def test_an_entry_another_league_process_is_running_is_skipped_not_run_twice(tmp
         result = run_league(_league(tmp_path), out, "quick")
     assert "another league process (pid" in result["failed"]["sid"] and result["rows"] == []
     assert not (out / "entries" / "sid" / "run").exists()  # nothing trained, nothing judged
-    assert result["noise"] is None
+    assert result["noise"] == []
     with entry_lock(out, "sid"):  # released when the holder is done: taken again at once
         pass

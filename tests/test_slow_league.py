@@ -37,4 +37,7 @@ def test_quick_league(tmp_path):
         by_name.setdefault(r["name"], []).append(r["budget"])
     assert all(b == sorted(b) for b in by_name.values())  # later marks spent more
     assert (tmp_path / "league" / "tables.md").is_file() and (tmp_path / "league" / "convergence.png").is_file()
-    assert result["noise"]["eval_seeds"] == [league.eval_seed, league.noise_seed]
+    # the noise measured in each group that names a noise entry, on the two seeds
+    assert [m["name"] for m in result["noise"]] == league.noise_entries
+    assert len({m["group"] for m in result["noise"]}) == len(league.noise_entries)
+    assert all(m["eval_seeds"] == [league.eval_seed, league.noise_seed] for m in result["noise"])

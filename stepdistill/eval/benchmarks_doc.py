@@ -33,6 +33,8 @@ from typing import Any, Callable
 
 from stepdistill.core.yaml_io import load_yaml_file
 from stepdistill.eval.league_report import claims_markdown as league_claims_markdown
+from stepdistill.eval.league_report import noise_measurements as league_noise_measurements
+from stepdistill.eval.league_report import noise_sentence as league_noise_sentence
 from stepdistill.eval.league_report import ranking as league_ranking
 from stepdistill.eval.league_report import ranks as league_ranks
 
@@ -354,8 +356,8 @@ def _tflop(flops: Any) -> str:
 
 def _league(sources: list[Source]) -> str:
     """Per league file and step-count group: every method with its FID_toy at each fraction of the budget, its other
-    figures at the full budget, and its rank at each fraction; then the evaluation's own noise and the convergence
-    plot saved beside the file."""
+    figures at the full budget, its rank at each fraction, and the evaluation's own noise measured in that group; then
+    the judged claims and the convergence plot saved beside the file."""
     parts = []
     for src in sources:
         data = src[2]
@@ -363,6 +365,7 @@ def _league(sources: list[Source]) -> str:
         fractions = sorted({float(r["budget_fraction"]) for r in rows})
         full = max(fractions)
         pct = [f"{f:.0%}" for f in fractions]
+        noise = league_noise_measurements(data.get("noise"), rows)
         for group in dict.fromkeys(r["group"] for r in rows):
             places = league_ranks(rows, group, fractions)
             table = []
@@ -385,17 +388,13 @@ def _league(sources: list[Source]) -> str:
             parts.append(_table(["source", "method", "steps", "NFE", f"FID_toy at {' / '.join(pct)}",
                                  "adherence", "all-correct", "diversity", "coverage x / y / r", "ms/img (bN)",
                                  "TFLOP used", "updates", "training s", f"rank at {' / '.join(pct)}"], table))
-        noise = data.get("noise")
-        if noise:
-            parts.append(f"Evaluation noise: `{noise['name']}` at {noise['budget_fraction']:.0%} of the budget scores "
-                         f"FID_toy {_f(noise['fid'][0], 1)} on eval seed {noise['eval_seeds'][0]} and "
-                         f"{_f(noise['fid'][1], 1)} on seed {noise['eval_seeds'][1]} (adherence "
-                         f"{_f(noise['adherence'][0], 3)} / {_f(noise['adherence'][1], 3)}), "
-                         f"{noise['num_samples']:,} samples each ([{src[0]}]({src[1]})): FID_toy differences smaller "
-                         f"than {abs(noise['fid'][0] - noise['fid'][1]):.1f} are within the evaluation's own noise.")
+            own = [m for m in noise if m.get("group") == group]
+            if own:
+                parts.append(f"Evaluation noise in this group ([{src[0]}]({src[1]})): {league_noise_sentence(own[0])}.")
         if data.get("claims"):
             parts.append("Claims of the methods' papers, judged on these rows (margin against the evaluation's own "
-                         "noise where the league measured it for that figure):")
+                         "noise measured in the group of the claimed-better method, where the league measured it for "
+                         "that figure):")
             parts.append(_table(["source", "claim", "compared", "at each fraction of the budget"],
                                 [[_link(src), *cells] for cells in league_claims_markdown(data["claims"])]))
         if data.get("failed"):
@@ -673,11 +672,12 @@ def _league_summary(league: tuple[dict, str]) -> str:
                         f"{_f(r.get('adherence'), 3)}, {_g(r.get('nfe'))} NFE)")
     idle = [r["name"] for r in rows if r["budget_fraction"] == full and r.get("updates") == 0]
     idle_text = (f" Not ranked, their budget spent before their first update: {', '.join(idle)}." if idle else "")
-    noise = data.get("noise")
-    noise_text = (f" The evaluation's own noise: {noise['name']} scores FID_toy {_f(noise['fid'][0], 1)} and "
-                  f"{_f(noise['fid'][1], 1)} on two evaluation seeds ({noise['num_samples']:,} samples each); "
-                  f"differences under {abs(noise['fid'][0] - noise['fid'][1]):.1f} at that level mean nothing."
-                  if noise else "")
+    noise = league_noise_measurements(data.get("noise"), rows)
+    gaps = [f"{m['group']} {abs(m['fid'][0] - m['fid'][1]):.1f} ({m['name']} at {_f(m['fid'][0], 1)} and "
+            f"{_f(m['fid'][1], 1)})" for m in noise]
+    noise_text = (f" The evaluation's own noise, one student's FID_toy on two evaluation seeds "
+                  f"({noise[0]['num_samples']:,} samples each): " + "; ".join(gaps) + ". Smaller differences within "
+                  "a group mean nothing." if noise else "")
     return (f"Best at one budget of {_tflop(data.get('budget_flops'))} training TFLOP per method "
             f"([{source}]({source}), eval seed {_g(data.get('eval_seed'))}, "
             f"{rows[0].get('num_samples', 0):,} samples each) — " + "; ".join(best) + "." + idle_text + noise_text)

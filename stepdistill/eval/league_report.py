@@ -5,6 +5,10 @@ A row holds at least ``name``, ``recipe``, ``group`` (the table it belongs to: "
 ``budget_unit``, ``budget`` (the amount used up to that checkpoint), ``budget_fraction``, ``eval_seed``,
 ``num_samples``, ``fid``, ``adherence``, ``all_correct``, ``diversity``, ``coverage``, ``nfe``, ``latency_ms`` and
 ``wall_s``; rows also carry ``updates``, the generator updates run by then (0: the budget ended before the first).
+
+The evaluation's own noise is measured per group: one entry of the group judged at the full budget on two
+evaluation seeds (``name``, ``group``, ``eval_seeds``, ``fid`` and ``adherence`` on each, ``num_samples``); its
+|difference| is the margin below which two figures of that group are not told apart.
 """
 
 from __future__ import annotations
@@ -57,23 +61,57 @@ def ranks(rows: Sequence[dict], group: str, fractions: Sequence[float]) -> dict[
     return out
 
 
+def noise_measurements(noise: dict | Sequence[dict] | None, rows: Sequence[dict]) -> list[dict]:
+    """The league's noise measurements as a list, each with its ``group``: a league file written when the league
+    measured the noise on one student only holds one mapping without a group, which is the group of that student's
+    rows."""
+    if not noise:
+        return []
+    found = [noise] if isinstance(noise, dict) else list(noise)
+    groups = {r["name"]: r["group"] for r in rows}
+    return [m if "group" in m else {**m, "group": groups.get(m["name"])} for m in found]
+
+
+def noise_for(group: str, noise: Sequence[dict]) -> dict | None:
+    """The noise measured in ``group``; where the group has none, the measurement with the largest FID_toy difference
+    (the most cautious); None when nothing was measured."""
+    own = [m for m in noise if m.get("group") == group]
+    if own:
+        return own[0]
+    return max(noise, key=lambda m: abs(m["fid"][0] - m["fid"][1]), default=None)
+
+
+def noise_sentence(measurement: dict) -> str:
+    """``name`` scores FID_toy a and b on seeds s and t (adherence ...), n samples each: the evaluation's noise."""
+    fid, adherence, seeds = measurement["fid"], measurement["adherence"], measurement["eval_seeds"]
+    return (f"`{measurement['name']}` at {measurement['budget_fraction']:.0%} of the budget scores FID_toy "
+            f"{fid[0]:.1f} on eval seed {seeds[0]} and {fid[1]:.1f} on seed {seeds[1]} (adherence {adherence[0]:.3f} / "
+            f"{adherence[1]:.3f}), {measurement['num_samples']:,} samples each: FID_toy differences smaller than "
+            f"{abs(fid[0] - fid[1]):.1f} are within the evaluation's own noise")
+
+
 #: the figures a claim may compare, and whether higher is better
 CLAIM_METRICS = {"fid": False, "adherence": True, "all_correct": True, "diversity": True}
 
 
-def judge_claims(rows: Sequence[dict], claims: Sequence[dict], noise: dict | None = None) -> list[dict]:
+def judge_claims(rows: Sequence[dict], claims: Sequence[dict], noise: dict | Sequence[dict] | None = None
+                 ) -> list[dict]:
     """Each claim (``text``, ``metric``, ``better``, ``than``, optional ``fractions``: "entry ``better`` scores better
     than entry ``than`` on ``metric``") judged at every fraction where both entries have a row.
 
     The margin is ``than − better`` for FID_toy and ``better − than`` for the others (positive: the claim holds).
-    The noise is the evaluation's own, where the league measured it for that metric (``noise``: one student's
-    FID_toy and adherence on two evaluation seeds; |difference|: one figure for every comparison, measured at that
-    student's FID level). Verdicts: ``holds``; ``does not hold``; ``within noise`` (|margin| ≤ noise); ``not
-    testable`` when either student had not run an update yet (the teacher copy it starts from)."""
+    The noise is the evaluation's own, where the league measured it for that metric: |difference| of one student's
+    FID_toy (or adherence) on two evaluation seeds, measured in the group of ``better``'s rows (:func:`noise_for`:
+    another group's largest where that group has none; the claim's ``noise_entry`` names the student). Verdicts:
+    ``holds``; ``does not hold``; ``within noise`` (|margin| ≤ noise); ``not testable`` when either student had
+    not run an update yet (the teacher copy it starts from)."""
+    measurements = noise_measurements(noise, rows)
     judged = []
     for claim in claims:
         metric, higher = claim["metric"], CLAIM_METRICS[claim["metric"]]
-        measured = abs(noise[metric][0] - noise[metric][1]) if noise and metric in noise else None
+        group = next((r["group"] for r in rows if r["name"] == claim["better"]), None)
+        source = noise_for(group, measurements) if group is not None else None
+        measured = abs(source[metric][0] - source[metric][1]) if source and metric in source else None
         found = sorted({float(r["budget_fraction"]) for r in rows if r["name"] in (claim["better"], claim["than"])})
         at = []
         for fraction in claim.get("fractions") or found:
@@ -92,7 +130,8 @@ def judge_claims(rows: Sequence[dict], claims: Sequence[dict], noise: dict | Non
                 verdict = "holds" if margin > 0 else "does not hold"
             at.append({"fraction": fraction, "better_value": a, "than_value": b, "margin": margin, "noise": measured,
                        "verdict": verdict})
-        judged.append({**{k: claim[k] for k in ("text", "metric", "better", "than")}, "at": at})
+        judged.append({**{k: claim[k] for k in ("text", "metric", "better", "than")},
+                       "noise_entry": source["name"] if measured is not None else None, "at": at})
     return judged
 
 
@@ -108,11 +147,12 @@ def claims_markdown(judged: Sequence[dict]) -> list[list[str]]:
     return out
 
 
-def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict | None = None,
+def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict | Sequence[dict] | None = None,
                   claims: Sequence[dict] = ()) -> str:
-    """One Markdown table per group at the full budget (methods ranked by FID_toy), then one per group with every
-    fraction side by side (FID_toy / adherence), then the evaluation's own noise when measured, then the judged claims
+    """Per group: one Markdown table at the full budget (methods ranked by FID_toy), one with every fraction side by
+    side (FID_toy / adherence) and the evaluation's own noise measured in that group; then the judged claims
     (:func:`judge_claims`) when given."""
+    measurements = noise_measurements(noise, rows)
     out: list[str] = []
     full = max(fractions)
     for group in _groups(rows):
@@ -148,12 +188,9 @@ def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict 
                              if hit else "—")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
-    if noise:
-        out.append(f"Evaluation noise: `{noise['name']}` at {noise['budget_fraction']:.0%} of the budget scored "
-                   f"FID_toy {noise['fid'][0]:.1f} on eval seed {noise['eval_seeds'][0]} and {noise['fid'][1]:.1f} on "
-                   f"seed {noise['eval_seeds'][1]} (adherence {noise['adherence'][0]:.3f} / "
-                   f"{noise['adherence'][1]:.3f}), {noise['num_samples']:,} samples each: FID_toy differences smaller "
-                   f"than {abs(noise['fid'][0] - noise['fid'][1]):.1f} are within the evaluation's own noise.\n")
+        own = [m for m in measurements if m.get("group") == group]
+        if own:
+            out.append(f"Evaluation noise in this group: {noise_sentence(own[0])}.\n")
     if claims:
         out.append("Claims of the methods' papers, judged on these rows:\n")
         out.append("| claim | compared | at each fraction of the budget |")
@@ -163,16 +200,17 @@ def league_tables(rows: Sequence[dict], fractions: Sequence[float], noise: dict 
     return "\n".join(out).rstrip() + "\n"
 
 
-def plot_convergence(rows: Sequence[dict], path: str | Path, noise: dict | None = None) -> Path:
+def plot_convergence(rows: Sequence[dict], path: str | Path, noise: dict | Sequence[dict] | None = None) -> Path:
     """FID_toy against the training TFLOP used, one line per method, one panel per group (log FID axis, two panels
     a row); a student that had not run an update yet is drawn as a cross and named so in the legend. With ``noise``
-    (one student's FID_toy on two evaluation seeds), each panel's title states the FID_toy difference that is within
-    the evaluation's own noise."""
+    (a student's FID_toy on two evaluation seeds, per group), the title of each panel whose group was measured states
+    the FID_toy difference that is within the evaluation's own noise there."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    measurements = noise_measurements(noise, rows)
     groups = _groups(rows)
     ncols = min(2, len(groups))
     nrows = math.ceil(len(groups) / ncols)
@@ -184,9 +222,10 @@ def plot_convergence(rows: Sequence[dict], path: str | Path, noise: dict | None 
             idle = not any(trained(r) for r in line)
             ax.plot([r["budget"] / 1e12 for r in line], [r["fid"] for r in line], marker="x" if idle else "o",
                     linestyle=":" if idle else "-", label=f"{name} (no update)" if idle else name)
-        gap = abs(noise["fid"][0] - noise["fid"][1]) if noise else None
-        ax.set_title(group if gap is None else f"{group}\n(evaluation noise: {gap:.1f} FID_toy between two seeds, "
-                                               f"{noise['name']} at {noise['fid'][0]:.0f})", fontsize=10)
+        own = next((m for m in measurements if m.get("group") == group), None)
+        ax.set_title(group if own is None else f"{group}\n(evaluation noise: {abs(own['fid'][0] - own['fid'][1]):.1f} "
+                                               f"FID_toy between two seeds, {own['name']} at {own['fid'][0]:.0f})",
+                     fontsize=10)
         ax.set_xlabel("training TFLOP used")
         ax.set_ylabel("FID_toy (lower is better)")
         ax.set_yscale("log")

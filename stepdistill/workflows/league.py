@@ -4,7 +4,8 @@ and 100% of it on an evaluation seed that no recipe value was chosen on.
 A league file (``eval/league.yaml``) names the entries (a recipe, its teacher preset, the step count and guidance its
 student is sampled with, the table it belongs to, optional recipe overrides), the budgets (``quick``, ``full``: the
 training FLOPs each entry may spend and the samples per prompt of its evaluations), the budget fractions at which the
-students are judged, the evaluation seed and a second seed that measures the evaluation's own noise.
+students are judged, the evaluation seed, and a second seed with the entries (one per table) whose full-budget
+students are judged on it too, to measure the evaluation's own noise in each table.
 
 Budget: training FLOPs as the trainer counts them (:mod:`stepdistill.training.flops`: every network's forward and
 backward in the objective's losses, the teacher's ODE pairs made before the loop included; data preparation, optimizer
@@ -22,9 +23,10 @@ evaluation at base b draws the seeds b … b + n − 1 (n = 144 prompts × sampl
 evaluation seed whose range meets a declared base's b … b + 5,039 (the toy-quality protocol's range).
 
 Output under ``--out``: ``league.json`` (the settings and every row), ``tables.md`` (one table per group),
-``convergence.png`` (FID_toy against the budget used), ``noise.json`` (the evaluation noise) and per entry
-``entries/<name>/``: ``run/`` (the distillation run, its checkpoints and ``logs/budget_marks.json``),
-``at-<pct>.json`` (one row), ``eval-<pct>/`` (the samples), ``latency.json`` (its student timed once, alone). A killed
+``convergence.png`` (FID_toy against the budget used) and per entry ``entries/<name>/``: ``run/`` (the
+distillation run, its checkpoints and ``logs/budget_marks.json``), ``at-<pct>.json`` (one row), ``eval-<pct>/`` (the
+samples), ``latency.json`` (its student timed once, alone) and, for a noise entry, ``noise.json`` (its student's
+figures on the two seeds). A killed
 league resumes where it stopped: a finished entry is not trained again, an unfinished one resumes from its latest
 checkpoint, an evaluation whose row exists is not redone and one that was cut off reuses its stored samples. An entry
 that fails is reported (``failed`` in ``league.json``, the traceback in ``entries/<name>/failed.txt``) and the others
@@ -77,7 +79,7 @@ CHECKPOINT_MINUTES = 10
 #: samples of the toy-quality protocol (144 prompts × 35): the seed range a recipe's selection may have used
 PROTOCOL_SAMPLES = 5040
 BUDGET_UNIT = "training FLOPs (torch.utils.flop_counter, forward + backward of every network)"
-TOP_KEYS = {"league", "description", "eval_seed", "noise_seed", "noise_entry", "fractions", "budgets", "entries",
+TOP_KEYS = {"league", "description", "eval_seed", "noise_seed", "noise_entries", "fractions", "budgets", "entries",
             "latency", "batch_size", "claims"}
 CLAIM_KEYS = {"text", "metric", "better", "than", "fractions"}
 ENTRY_KEYS = {"name", "recipe", "pipeline", "steps", "guidance", "group", "overrides"}
@@ -153,7 +155,7 @@ class League:
     source: Path
     eval_seed: int
     noise_seed: int | None
-    noise_entry: str | None
+    noise_entries: list[str]
     fractions: list[float]
     budgets: dict[str, LeagueBudget]
     entries: list[LeagueEntry]
@@ -252,17 +254,30 @@ def load_league(path: str | Path) -> League:
             raise _fail(source, f"{key}.overrides", "must be a list of key.sub=value strings")
         entries.append(LeagueEntry(name, recipe, pipeline, steps, float(guidance), str(raw["group"]),
                                    tuple(overrides)))
-    noise_entry = data.get("noise_entry")
-    if noise_entry is not None and noise_entry not in {e.name for e in entries}:
-        raise _fail(source, "noise_entry", f"names no entry: {noise_entry!r}")
+    noise_entries = _noise_entries(data.get("noise_entries") or [], entries, source)
     latency = data.get("latency", {"batch": 64, "repeats": 3, "warmup": 1})
     claims = _claims(data.get("claims") or [], {e.name for e in entries}, fractions, source)
     return League(name=str(data.get("league") or source.stem), source=source,
-                  eval_seed=_integer(data, "eval_seed", source), noise_seed=_integer(data, "noise_seed", source,
-                                                                                     default=None),
-                  noise_entry=noise_entry, fractions=[float(f) for f in fractions], budgets=budgets, entries=entries,
+                  eval_seed=_integer(data, "eval_seed", source),
+                  noise_seed=_integer(data, "noise_seed", source, default=None), noise_entries=noise_entries,
+                  fractions=[float(f) for f in fractions], budgets=budgets, entries=entries,
                   description=str(data.get("description") or ""), latency=latency,
                   batch_size=_integer(data, "batch_size", source, minimum=1, default=144), claims=claims)
+
+
+def _noise_entries(raw: Any, entries: list[LeagueEntry], source: Path) -> list[str]:
+    """The league file's ``noise_entries``: entries whose full-budget students are judged again on the noise seed, at
+    most one per group (a table's comparisons are set against the noise measured in that table)."""
+    groups = {e.name: e.group for e in entries}
+    if not isinstance(raw, list) or any(name not in groups for name in raw):
+        raise _fail(source, "noise_entries", f"must be a list of entry names, got {raw!r}")
+    seen: dict[str, str] = {}
+    for name in raw:
+        if groups[name] in seen:
+            raise _fail(source, "noise_entries", f"{seen[groups[name]]!r} and {name!r} are both in group "
+                        f"{groups[name]!r}: name at most one entry per group")
+        seen[groups[name]] = name
+    return [str(name) for name in raw]
 
 
 def _claims(raw: Any, names: set[str], fractions: list, source: Path) -> list[dict]:
@@ -560,7 +575,8 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
         if len(pending) > 1:
             _run_workers(league, budget, pending, out, min(workers, len(pending)), log)
 
-    tasks = len(entries) * (1 + len(league.fractions)) + (1 if league.noise_entry and league.noise_seed else 0)
+    noise_entries = [e for e in entries if e.name in league.noise_entries] if league.noise_seed is not None else []
+    tasks = len(entries) * (1 + len(league.fractions)) + len(noise_entries)
     bar = tqdm(total=tasks, desc=f"league[{budget_name}]", unit="task", dynamic_ncols=True)
     t0 = time.time()
     rows: list[dict] = []
@@ -585,10 +601,11 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
                 log(f"[league] {entry.name}: failed ({failed[entry.name]}); the other entries go on, the traceback "
                     f"is in {failure}; run the league again to retry it")
                 bar.update(tasks_before + 1 + len(league.fractions) - bar.n)  # its remaining tasks, skipped
-        noise = None
-        noise_entry = next((e for e in entries if e.name == league.noise_entry and e.name not in failed), None)
-        if noise_entry is not None and league.noise_seed is not None:
-            noise = _noise(league, budget, noise_entry, out, rows, log)
+        noise = []
+        for entry in noise_entries:
+            if entry.name not in failed:
+                bar.set_postfix_str(f"{entry.name}: noise")
+                noise.append(_noise(league, budget, entry, out, rows, log))
             bar.update(1)
     finally:
         bar.close()
@@ -649,17 +666,19 @@ def _run_entry(league: League, budget: LeagueBudget, entry: LeagueEntry, folder:
 
 def _noise(league: League, budget: LeagueBudget, entry: LeagueEntry, out: Path, rows: list[dict],
            log: Callable[[str], None]) -> dict:
-    """The evaluation's own noise: the noise entry's full-budget student judged again on ``noise_seed``."""
-    path = out / "noise.json"
+    """The evaluation's own noise in the entry's group: its full-budget student judged again on ``noise_seed``
+    (``entries/<name>/noise.json``: the entry, its group, both seeds and both figures)."""
+    folder = out / "entries" / entry.name
+    path = folder / "noise.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     first = next(r for r in rows if r["name"] == entry.name and math.isclose(r["budget_fraction"], 1.0))
-    folder = out / "entries" / entry.name
     student, _, _ = export_at(entry, folder / "run", 1.0, folder / "student-noise")
     again = evaluate(league, budget, entry.name, student, entry.steps, entry.guidance, league.noise_seed,
                      folder / "eval-noise", log)
     shutil.rmtree(student, ignore_errors=True)
-    noise = {"name": entry.name, "budget_fraction": 1.0, "eval_seeds": [league.eval_seed, league.noise_seed],
+    noise = {"name": entry.name, "group": entry.group, "budget_fraction": 1.0,
+             "eval_seeds": [league.eval_seed, league.noise_seed],
              "fid": [first["fid"], again["fid"]], "adherence": [first["adherence"], again["adherence"]],
              "num_samples": again["num_samples"]}
     write_text_atomic(path, json.dumps(noise, indent=2))
