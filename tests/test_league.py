@@ -227,6 +227,10 @@ def test_claims_are_judged_against_the_noise_and_untrained_students_are_not_test
     # adherence: 0.05 better, noise 0.01
     assert judged[3]["at"][0]["verdict"] == "holds" and judged[3]["at"][0]["noise"] == pytest.approx(0.01)
     assert judged[4]["at"][0]["verdict"] == "not testable: c had run no update"
+    # the same figure on both sides, with no noise measure for it: equal, not "does not hold"
+    same = [{**rows[1], "name": "twin"}, rows[1]]
+    tie = judge_claims(same, [{"text": "t", "metric": "all_correct", "better": "twin", "than": "a"}], noise)
+    assert tie[0]["at"][0]["verdict"] == "equal"
     assert judged[0]["noise_entry"] == "b" and judged[2]["noise_entry"] is None
     tables = league_tables(rows, [0.5, 1.0], noise=[{**noise[0], "budget_fraction": 1.0, "eval_seeds": [1, 2],
                                                      "num_samples": 10}], claims=judged)

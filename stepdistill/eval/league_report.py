@@ -103,7 +103,8 @@ def judge_claims(rows: Sequence[dict], claims: Sequence[dict], noise: dict | Seq
     The noise is the evaluation's own, where the league measured it for that metric: |difference| of one student's
     FID_toy (or adherence) on two evaluation seeds, measured in the group of ``better``'s rows (:func:`noise_for`:
     another group's largest where that group has none; the claim's ``noise_entry`` names the student). Verdicts:
-    ``holds``; ``does not hold``; ``within noise`` (|margin| ≤ noise); ``not testable`` when either student had
+    ``holds``; ``does not hold``; ``within noise`` (|margin| ≤ noise); ``equal`` (the same figure: e.g. two runs
+    still in a warm-up they share, without a noise measure to set it against); ``not testable`` when either student had
     not run an update yet (the teacher copy it starts from)."""
     measurements = noise_measurements(noise, rows)
     judged = []
@@ -126,6 +127,8 @@ def judge_claims(rows: Sequence[dict], claims: Sequence[dict], noise: dict | Seq
                 verdict = f"not testable: {' and '.join(idle)} had run no update"
             elif measured is not None and abs(margin) <= measured:
                 verdict = "within noise"
+            elif margin == 0:
+                verdict = "equal"
             else:
                 verdict = "holds" if margin > 0 else "does not hold"
             at.append({"fraction": fraction, "better_value": a, "than_value": b, "margin": margin, "noise": measured,
