@@ -30,8 +30,9 @@ figures on the two seeds). A killed
 league resumes where it stopped: a finished entry is not trained again, an unfinished one resumes from its latest
 checkpoint, an evaluation whose row exists is not redone and one that was cut off reuses its stored samples. An entry
 that fails is reported (``failed`` in ``league.json``, the traceback in ``entries/<name>/failed.txt``) and the others
-go on; a rerun retries it. ``workers`` > 1 shares the entries among that many processes (their output in
-``workers/worker-<k>.log``); the calling process then collects the rows and times the students alone.
+go on; a rerun retries it. ``workers`` > 1 shares the entries among that many processes, each taking the next
+unstarted entry when it finishes one (their output in ``workers/worker-<k>.log``); the calling process then collects
+the rows, times the students alone and judges the noise.
 """
 
 from __future__ import annotations
@@ -466,21 +467,59 @@ def _tasks_done(entry: LeagueEntry, folder: Path, fractions: Sequence[float]) ->
     return int(_trained(entry, folder / "run")) + sum((folder / f"at-{_pct(f)}.json").is_file() for f in fractions)
 
 
-def _worker(path: str, out: str, budget_name: str, names: list[str], threads: int, log_file: str) -> None:
-    """A league worker process: ``names`` trained and judged with ``threads`` torch threads (latency is timed later,
-    alone, by the collecting process), its output in ``log_file``."""
+def _attempt_entry(league: League, budget: LeagueBudget, entry: LeagueEntry, out: Path, bar,
+                   log: Callable[[str], None], time_latency: bool = True) -> tuple[list[dict], str | None]:
+    """:func:`_run_entry` under the entry's lock: its rows and None, or no rows and why it did not finish (another
+    process holds it; it failed: the traceback then in ``entries/<name>/failed.txt``, removed once it succeeds)."""
+    folder = out / "entries" / entry.name
+    failure = folder / "failed.txt"
+    try:
+        with entry_lock(out, entry.name):
+            rows = _run_entry(league, budget, entry, folder, bar, log, time_latency)
+        failure.unlink(missing_ok=True)
+        return rows, None
+    except EntryBusy as err:
+        log(f"[league] {entry.name}: skipped, {err}")
+        return [], str(err)
+    except Exception as err:  # noqa: BLE001 - one entry's failure must not stop the league
+        why = f"{type(err).__name__}: {err}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(failure, traceback.format_exc())
+        log(f"[league] {entry.name}: failed ({why}); the other entries go on, the traceback is in {failure}; run "
+            "the league again to retry it")
+        return [], why
+
+
+def _worker(path: str, out: str, budget_name: str, names: list[str], next_index: Any, threads: int,
+            log_file: str) -> None:
+    """A league worker process: it takes the next of ``names`` (``next_index``, a counter shared with the other
+    workers) until none is left, training and judging each with ``threads`` torch threads (latency is timed later,
+    alone, by the collecting process); its output in ``log_file``."""
+    from tqdm.auto import tqdm
+
     with open(log_file, "a", encoding="utf-8") as stream:
         os.dup2(stream.fileno(), 1)
         os.dup2(stream.fileno(), 2)
         torch.set_num_threads(threads)
-        run_league(path, out, budget_name, only=names, time_latency=False)
+        league = load_league(path)
+        entries = {e.name: e for e in league.entries}
+        while True:
+            with next_index.get_lock():
+                i = next_index.value
+                next_index.value = i + 1
+            if i >= len(names):
+                return
+            with tqdm(disable=True) as bar:
+                _attempt_entry(league, league.budgets[budget_name], entries[names[i]], Path(out), bar,
+                               lambda line: print(line, flush=True), time_latency=False)
 
 
 def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry], out: Path, workers: int,
                  log: Callable[[str], None]) -> None:
-    """The entries shared among ``workers`` processes (entry i to worker i mod workers), each with an equal share of
-    this process's torch threads; one progress bar over all of them, read from the entry folders. A worker that fails
-    is reported; the in-process pass that follows finishes (or retries) whatever it left."""
+    """The entries shared among ``workers`` processes, each with an equal share of this process's torch threads and
+    taking the next unstarted entry (in league-file order) whenever it finishes one, so that no worker idles while
+    another has a queue; one progress bar over all of them, read from the entry folders. A worker that fails is
+    reported; the in-process pass that follows finishes (or retries) whatever it left."""
     import multiprocessing
 
     from tqdm.auto import tqdm
@@ -489,17 +528,19 @@ def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry
     logs = out / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    shares = [entries[k::workers] for k in range(workers) if entries[k::workers]]
+    names = [e.name for e in entries]
+    next_index = context.Value("i", 0)
     processes = []
-    for k, share in enumerate(shares):
+    for k in range(min(workers, len(entries))):
         log_file = logs / f"worker-{k}.log"
         process = context.Process(target=_worker, name=f"league-worker-{k}", daemon=False,
-                                  args=(str(league.source), str(out), budget.name, [e.name for e in share], threads,
+                                  args=(str(league.source), str(out), budget.name, names, next_index, threads,
                                         str(log_file)))
         process.start()
-        processes.append((process, share, log_file))
-        log(f"[league] worker {k} ({threads} thread{'s' if threads > 1 else ''}): "
-            f"{', '.join(e.name for e in share)}; its output in {log_file}")
+        processes.append((process, log_file))
+    log(f"[league] {len(processes)} workers ({threads} thread{'s' if threads > 1 else ''} each) take the "
+        f"{len(entries)} entries in turn, each the next when it finishes one: {', '.join(names)}; their output in "
+        f"{logs}/worker-<k>.log")
     total = len(entries) * (1 + len(league.fractions))
 
     def done() -> int:
@@ -508,33 +549,33 @@ def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry
     bar = tqdm(total=total, initial=done(), desc=f"league[{budget.name}] x{len(processes)}", unit="task",
                dynamic_ncols=True)
     try:
-        while any(p.is_alive() for p, _, _ in processes):
+        while any(p.is_alive() for p, _ in processes):
             time.sleep(5)
             bar.n = done()
             bar.refresh()
         bar.n = done()
         bar.refresh()
     except BaseException:
-        for process, _, _ in processes:
+        for process, _ in processes:
             process.terminate()
         raise
     finally:
         bar.close()
-        for process, _, _ in processes:
+        for process, _ in processes:
             process.join()
-    for process, share, log_file in processes:
+    for process, log_file in processes:
         if process.exitcode != 0:
-            log(f"[league] the worker for {', '.join(e.name for e in share)} ended with exit code "
-                f"{process.exitcode} (see {log_file}); what it left is done here")
+            log(f"[league] worker {process.name} ended with exit code {process.exitcode} (see {log_file}); the "
+                "entry it was on, and any it did not reach, are done here")
 
 
 def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick", only: Sequence[str] | None = None,
-               log: Callable[[str], None] = print, workers: int = 1, time_latency: bool = True) -> dict[str, Any]:
+               log: Callable[[str], None] = print, workers: int = 1) -> dict[str, Any]:
     """Train and judge every entry (see the module docstring); returns what ``league.json`` holds. With ``workers``
-    > 1 the entries are first shared among that many processes (each with its share of the torch threads: on 2
-    CPU cores two one-thread workers train about 1.45 times as fast as one two-thread process), then this process
-    collects their rows (finishing anything a worker left), times each student alone, judges the noise and writes
-    the tables. ``time_latency=False`` (a worker) leaves the latency to that collecting process."""
+    > 1 the entries are first shared among that many processes, each taking the next when it finishes one (each with
+    its share of the torch threads: on 2 CPU cores two one-thread workers train about 1.45 times as fast as one
+    two-thread process), then this process collects their rows (finishing anything a worker left), times each
+    student alone, judges the noise and writes the tables."""
     if workers < 1:
         raise LeagueError(f"workers must be at least 1, got {workers}")
     from tqdm.auto import tqdm
@@ -583,23 +624,11 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
     failed: dict[str, str] = {}
     try:
         for entry in entries:
-            folder = out / "entries" / entry.name
-            failure = folder / "failed.txt"
             tasks_before = bar.n
-            try:
-                with entry_lock(out, entry.name):
-                    rows += _run_entry(league, budget, entry, folder, bar, log, time_latency)
-                failure.unlink(missing_ok=True)
-            except EntryBusy as err:
-                failed[entry.name] = str(err)
-                log(f"[league] {entry.name}: skipped, {err}")
-                bar.update(tasks_before + 1 + len(league.fractions) - bar.n)
-            except Exception as err:  # noqa: BLE001 - one entry's failure must not stop the league
-                failed[entry.name] = f"{type(err).__name__}: {err}"
-                folder.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(failure, traceback.format_exc())
-                log(f"[league] {entry.name}: failed ({failed[entry.name]}); the other entries go on, the traceback "
-                    f"is in {failure}; run the league again to retry it")
+            done_rows, why = _attempt_entry(league, budget, entry, out, bar, log)
+            rows += done_rows
+            if why is not None:
+                failed[entry.name] = why
                 bar.update(tasks_before + 1 + len(league.fractions) - bar.n)  # its remaining tasks, skipped
         noise = []
         for entry in noise_entries:
