@@ -5,8 +5,13 @@ without redoing finished work."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -294,3 +299,47 @@ def test_an_entry_another_league_process_is_running_is_skipped_not_run_twice(tmp
     assert result["noise"] == []
     with entry_lock(out, "sid"):  # released when the holder is done: taken again at once
         pass
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an ended child no one has reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_killed_league_stops_its_workers_and_frees_their_entries(tmp_path, how):
+    # SIGTERM: the league stops its workers; SIGKILL (nothing can be done in the league process): the workers see
+    # their parent gone and end themselves. Either way within seconds, long before their entries (300 updates) end.
+    path = _league(tmp_path, body=(f"  - name: sid2\n    recipe: {REPO / 'training' / 'toy-sid.yaml'}\n"
+                                   f"    pipeline: {REPO / 'pipelines' / 'toy.yaml'}\n    steps: 1\n"
+                                   "    group: 1 step\n    overrides: [train.batch_size=4]\n"))
+    path.write_text(path.read_text().replace(f"budget_flops: {BUDGET}", f"budget_flops: {100 * BUDGET}"))
+    out = tmp_path / "out"
+    league = subprocess.Popen([sys.executable, "-m", "stepdistill.cli", "league", "--suite", str(path), "--budget",
+                               "quick", "--workers", "2", "--out", str(out)], cwd=REPO,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        holders: list[int] = []
+        deadline = time.time() + 300
+        while len(holders) < 2 and time.time() < deadline and league.poll() is None:
+            time.sleep(0.5)
+            holders = [int(text) for text in (p.read_text().strip() for p in (out / "entries").glob("*.lock")
+                                              if (out / "entries").is_dir()) if text]
+        assert len(holders) == 2 and league.pid not in holders  # both workers are on an entry
+        league.send_signal(how)
+        assert league.wait(timeout=60) != 0
+        deadline = time.time() + 20
+        while any(_running(pid) for pid in holders) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(_running(pid) for pid in holders)
+    finally:
+        league.kill()
+    for name in ("sid", "sid2"):
+        with entry_lock(out, name):  # free: no process goes on holding it
+            pass

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,6 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from stepdistill.core.interrupts import catch_sigterm, restore_sigterm
 from stepdistill.eval.configuration_run import RunStats, run_configuration
 from stepdistill.eval.fid_reference import (
     INCEPTION_FID_FEATURES,
@@ -120,7 +119,7 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, log: Callable[[str], Non
         _retire_report(out)
     status = _Status(out / "run_status.json", suite, len(configs))
     stats = RunStats()
-    previous_handler = _catch_sigterm()
+    previous_handler = catch_sigterm()  # a killed run records itself as interrupted
     pipes = PipelineCache(device, dtype, suite.resolution, log)
     grid_idx = _grid_indices(suite)
     entries: list[dict] = []
@@ -165,17 +164,5 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, log: Callable[[str], Non
             status.end("failed", message=f"{type(err).__name__}: {err}")
         raise
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        restore_sigterm(previous_handler)
 
-
-def _catch_sigterm():
-    """Turn SIGTERM into KeyboardInterrupt while a run is going (main thread only), so that a killed run records
-    itself as interrupted; returns the previous handler (None when not installed)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    return signal.signal(signal.SIGTERM, handler)

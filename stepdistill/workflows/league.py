@@ -41,6 +41,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -55,6 +57,7 @@ except ImportError:  # not POSIX: entries are not locked
 
 import torch
 
+from stepdistill.core.interrupts import catch_sigterm, restore_sigterm
 from stepdistill.core.outputs import write_text_atomic
 from stepdistill.core.validation import int_problem, number_problem
 from stepdistill.core.yaml_io import YAMLFileError, load_yaml_file
@@ -490,13 +493,22 @@ def _attempt_entry(league: League, budget: LeagueBudget, entry: LeagueEntry, out
         return [], why
 
 
+def _end_with_parent(parent: int, every: float = 2.0) -> None:
+    """Send this process SIGTERM once its parent ``parent`` has ended (it is then adopted: another parent pid)."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker(path: str, out: str, budget_name: str, names: list[str], next_index: Any, threads: int,
             log_file: str) -> None:
     """A league worker process: it takes the next of ``names`` (``next_index``, a counter shared with the other
     workers) until none is left, training and judging each with ``threads`` torch threads (latency is timed later,
-    alone, by the collecting process); its output in ``log_file``."""
+    alone, by the collecting process); its output in ``log_file``. It ends itself (SIGTERM) if the league process
+    that started it ends first, however that ended, so that it never goes on holding an entry on its own."""
     from tqdm.auto import tqdm
 
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
     with open(log_file, "a", encoding="utf-8") as stream:
         os.dup2(stream.fileno(), 1)
         os.dup2(stream.fileno(), 2)
@@ -519,7 +531,8 @@ def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry
     """The entries shared among ``workers`` processes, each with an equal share of this process's torch threads and
     taking the next unstarted entry (in league-file order) whenever it finishes one, so that no worker idles while
     another has a queue; one progress bar over all of them, read from the entry folders. A worker that fails is
-    reported; the in-process pass that follows finishes (or retries) whatever it left."""
+    reported; the in-process pass that follows finishes (or retries) whatever it left. Interrupted (Ctrl-C, or
+    SIGTERM: ``kill`` on this process), it stops the workers before it ends, so none goes on holding an entry."""
     import multiprocessing
 
     from tqdm.auto import tqdm
@@ -548,6 +561,7 @@ def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry
 
     bar = tqdm(total=total, initial=done(), desc=f"league[{budget.name}] x{len(processes)}", unit="task",
                dynamic_ncols=True)
+    previous_handler = catch_sigterm()
     try:
         while any(p.is_alive() for p, _ in processes):
             time.sleep(5)
@@ -560,6 +574,7 @@ def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry
             process.terminate()
         raise
     finally:
+        restore_sigterm(previous_handler)
         bar.close()
         for process, _ in processes:
             process.join()
