@@ -14,13 +14,17 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from stepdistill.eval import benchmarks_doc
 from stepdistill.eval.league_report import judge_claims, league_tables, noise_measurements
 from stepdistill.eval.league_report import ranks as league_ranks
-from stepdistill.workflows.league import LeagueError, entry_lock, held_out_problems, load_league, run_league
+from stepdistill.eval.league_report import plot_samples
+from stepdistill.eval.run_files import SampleStore, read_stored_samples
+from stepdistill.workflows.league import (LeagueError, entry_lock, full_budget_samples, held_out_problems, load_league,
+                                          run_league)
 
 from helpers import REPO
 
@@ -137,6 +141,14 @@ def test_league_trains_under_the_budget_in_two_workers_judges_each_fraction_and_
     assert "### 1 step" in tables and "| 1 | sid |" in tables
     assert f"Evaluation noise in this group: `sid` at 100% of the budget scores FID_toy {noise['fid'][0]:.1f}" in tables
     assert (out / "convergence.png").stat().st_size > 0
+    # the samples sheet: the full-budget student's stored samples at the sheet's prompts (0, 19, 38, ...: sample 0
+    # of each, 2 per prompt here), read back as the evaluation stored them
+    assert result["images"] == ["convergence.png", "samples.png"] and (out / "samples.png").stat().st_size > 0
+    stored = next((out / "entries" / "sid" / "eval-100" / "samples").iterdir())
+    sheet = full_budget_samples(load_league(path).budgets["quick"], out / "entries" / "sid")
+    assert sheet.shape[0] == 8 and sheet.dtype == np.uint8
+    first_batch = np.load(next(stored.glob("batch-0000000-*.npz")))["images"]
+    assert np.array_equal(sheet[0], first_batch[0]) and np.array_equal(sheet[1], first_batch[19 * 2])
     assert not list((out / "entries" / "sid").glob("student-*"))  # exported students are removed after judging
 
     # a second call redoes nothing: no training, no evaluation
@@ -343,3 +355,24 @@ def test_a_killed_league_stops_its_workers_and_frees_their_entries(tmp_path, how
     for name in ("sid", "sid2"):
         with entry_lock(out, name):  # free: no process goes on holding it
             pass
+
+
+@pytest.mark.parametrize("fmt", ["npz", "png"])
+def test_stored_samples_are_read_back_across_batches_in_either_format(tmp_path, fmt):
+    store = SampleStore(tmp_path / "s", fmt, {"k": 1}, print)
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 3, 4, 4), dtype=np.uint8)
+    store.save(0, 5, images[:5], list(range(5)), 1.0)
+    store.save(5, 8, images[5:], list(range(5, 8)), 1.0)
+    assert np.array_equal(read_stored_samples(tmp_path / "s", [1, 5, 7, 0]), images[[1, 5, 7, 0]])
+    assert read_stored_samples(tmp_path / "s", [1, 8]) is None  # no stored batch holds sample 8
+    assert read_stored_samples(tmp_path / "missing", [0]) is None
+
+
+def test_samples_sheet_shows_the_students_that_have_samples(tmp_path):
+    rows = [_row("a", "1 step", 1.0, 30.0), _row("b", "1 step", 1.0, 20.0), {**_row("c", "4 steps", 1.0, 9.0),
+                                                                             "updates": 0}]
+    images = np.zeros((3, 3, 8, 8), dtype=np.uint8)
+    path = plot_samples(rows, {"a": images, "c": images}, ["p1", "p2", "p3"], tmp_path / "samples.png")
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError, match="no row"):
+        plot_samples(rows, {"x": images}, ["p1", "p2", "p3"], tmp_path / "none.png")

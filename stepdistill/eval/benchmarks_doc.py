@@ -399,12 +399,17 @@ def _league(sources: list[Source]) -> str:
                                 [[_link(src), *cells] for cells in league_claims_markdown(data["claims"])]))
         if data.get("failed"):
             parts.append("Failed entries: " + "; ".join(f"`{k}` ({v})" for k, v in data["failed"].items()) + ".")
-        plot = src[1].rsplit("/", 1)[0] + "/convergence.png"
+        folder = src[1].rsplit("/", 1)[0]
+        images = data.get("images", ["convergence.png"])  # the pictures the league wrote beside the file
         parts.append(f"Columns after FID_toy are at {full:.0%} of the budget; rank 1 is the lowest FID_toy of the "
                      f"group (a student with no update yet is not ranked: —); updates counts the generator updates "
                      f"run (ODE-pair warm-up updates included; 0: the "
-                     f"budget ended before the first, so the student is the teacher copy it starts from). Convergence "
-                     f"(FID_toy against the budget used): ![convergence]({plot})")
+                     f"budget ended before the first, so the student is the teacher copy it starts from)."
+                     + (f" Convergence (FID_toy against the budget used): ![convergence]({folder}/convergence.png)"
+                        if "convergence.png" in images else ""))
+        if "samples.png" in images:
+            parts.append(f"Every student at {full:.0%} of the budget, one row each (grouped and ordered as the tables),"
+                         f" on the same prompts and seeds: ![samples]({folder}/samples.png)")
     return "\n\n".join(parts)
 
 

@@ -14,8 +14,11 @@ evaluation seeds (``name``, ``group``, ``eval_seeds``, ``fid`` and ``adherence``
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 from stepdistill.eval.report import _save_figure
 
@@ -238,4 +241,44 @@ def plot_convergence(rows: Sequence[dict], path: str | Path, noise: dict | Seque
         ax.set_visible(False)
     path = Path(path)
     _save_figure(fig, path)  # lays it out, writes it atomically, closes it
+    return path
+
+
+def plot_samples(rows: Sequence[dict], samples: dict[str, np.ndarray], prompts: Sequence[str],
+                 path: str | Path) -> Path:
+    """Each method's student at the full budget, one row of samples each, grouped as the tables (best FID_toy first,
+    students with no update last) and labelled with its group and FID_toy; every row shows the same prompts and seeds
+    (``prompts``: the column titles). ``samples`` maps an entry name to its images (uint8, N×3×H×W); entries
+    without samples are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = max(float(r["budget_fraction"]) for r in rows)
+    order = []
+    for group in _groups(rows):
+        members = [r for r in rows if r["group"] == group]
+        idle = [r for r in members if math.isclose(r["budget_fraction"], full) and not trained(r)]
+        order += [r for r in ranking(members, full) + idle if r["name"] in samples]
+    if not order:
+        raise ValueError("plot_samples: no row at the full budget has samples")
+    count, _, height, width = samples[order[0]["name"]].shape
+    fig, axes = plt.subplots(len(order), 1, figsize=(0.95 * count + 2.4, 0.95 * len(order) + 0.9), squeeze=False)
+    for ax, row in zip(axes[:, 0], order):
+        strip = np.full((height, count * (width + 2) - 2, 3), 255, dtype=np.uint8)
+        for k, image in enumerate(samples[row["name"]]):
+            strip[:, k * (width + 2): k * (width + 2) + width] = image.transpose(1, 2, 0)
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        note = "no update" if not trained(row) else f"FID_toy {row['fid']:.1f}"
+        ax.set_ylabel(f"{row['name']}\n{row['group']}\n{note}", rotation=0, ha="right", va="center", fontsize=7)
+    for k, prompt in enumerate(prompts):
+        axes[0, 0].text(k * (width + 2) + width / 2, -3, textwrap.fill(prompt, 14), ha="center", va="bottom",
+                        fontsize=5)
+    path = Path(path)
+    _save_figure(fig, path)
     return path

@@ -12,17 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from stepdistill.core.outputs import atomic_file, write_text_atomic
 
-__all__ = ["FORMAT_VERSION", "SampleStore", "digest", "folder_digest", "uint8_to_float", "write_json"]
+__all__ = ["FORMAT_VERSION", "SampleStore", "digest", "folder_digest", "read_stored_samples", "uint8_to_float",
+           "write_json"]
 
 FORMAT_VERSION = 1  # of the sample and entry fingerprints: bump it to invalidate every stored sample and entry
 
@@ -132,3 +134,34 @@ class SampleStore:
 
         return np.stack([np.asarray(Image.open(path / f"{i:07d}.png").convert("RGB")).transpose(2, 0, 1)
                          for i in range(start, end)])
+
+
+_BATCH_NAME = re.compile(r"batch-(\d+)-(\d+)(\.npz)?")
+
+
+def read_stored_samples(folder: Path, indices: Sequence[int]) -> np.ndarray | None:
+    """Samples ``indices`` of one configuration (uint8, N×3×H×W), read from its stored batches in ``folder`` (its
+    ``samples/<slug>/``, either format) without touching them: the fingerprint is not checked, so the caller knows
+    which run wrote them. None when no stored batch holds one of the indices."""
+    batches = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = _BATCH_NAME.fullmatch(path.name)
+        if match and (match[3] is not None) == path.is_file():
+            batches.append((int(match[1]), int(match[2]), path))
+    loaded: dict[Path, np.ndarray] = {}
+    images = []
+    for index in indices:
+        hit = next(((start, path) for start, end, path in batches if start <= index < end), None)
+        if hit is None:
+            return None
+        start, path = hit
+        if path.is_dir():
+            from PIL import Image
+
+            images.append(np.asarray(Image.open(path / f"{index:07d}.png").convert("RGB")).transpose(2, 0, 1))
+            continue
+        if path not in loaded:
+            with np.load(path, allow_pickle=False) as data:
+                loaded[path] = data["images"]
+        images.append(loaded[path][index - start])
+    return np.stack(images) if images else None

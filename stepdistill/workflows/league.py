@@ -23,7 +23,8 @@ evaluation at base b draws the seeds b … b + n − 1 (n = 144 prompts × sampl
 evaluation seed whose range meets a declared base's b … b + 5,039 (the toy-quality protocol's range).
 
 Output under ``--out``: ``league.json`` (the settings and every row), ``tables.md`` (one table per group),
-``convergence.png`` (FID_toy against the budget used) and per entry ``entries/<name>/``: ``run/`` (the
+``convergence.png`` (FID_toy against the budget used), ``samples.png`` (every full-budget student on the same
+prompts and seeds, read from the stored evaluation samples) and per entry ``entries/<name>/``: ``run/`` (the
 distillation run, its checkpoints and ``logs/budget_marks.json``), ``at-<pct>.json`` (one row), ``eval-<pct>/`` (the
 samples), ``latency.json`` (its student timed once, alone) and, for a noise entry, ``noise.json`` (its student's
 figures on the two seeds). A killed
@@ -55,6 +56,7 @@ try:
 except ImportError:  # not POSIX: entries are not locked
     fcntl = None  # type: ignore[assignment]
 
+import numpy as np
 import torch
 
 from stepdistill.core.interrupts import catch_sigterm, restore_sigterm
@@ -63,7 +65,8 @@ from stepdistill.core.validation import int_problem, number_problem
 from stepdistill.core.yaml_io import YAMLFileError, load_yaml_file
 from stepdistill.eval import measure_pipeline_latency
 from stepdistill.eval.league_report import (CLAIM_METRICS, ROW_KEYS, judge_claims, league_tables, plot_convergence,
-                                            ranking)
+                                            plot_samples, ranking)
+from stepdistill.eval.run_files import read_stored_samples
 from stepdistill.eval.runner import run_suite
 from stepdistill.eval.suite import suite_from_dict
 from stepdistill.export.loading import load_pipeline
@@ -82,6 +85,10 @@ STEP_CEILING = 10_000_000
 CHECKPOINT_MINUTES = 10
 #: samples of the toy-quality protocol (144 prompts × 35): the seed range a recipe's selection may have used
 PROTOCOL_SAMPLES = 5040
+#: the league's samples sheet: the first sample of every SHEET_STRIDE-th toy prompt, SHEET_PROMPTS of them (a stride
+#: prime to the toy set's 4 shapes × 6 colours × 2 sizes × 3 backgrounds, so that every attribute varies along a row)
+SHEET_PROMPTS = 8
+SHEET_STRIDE = 19
 BUDGET_UNIT = "training FLOPs (torch.utils.flop_counter, forward + backward of every network)"
 TOP_KEYS = {"league", "description", "eval_seed", "noise_seed", "noise_entries", "fractions", "budgets", "entries",
             "latency", "batch_size", "claims"}
@@ -461,6 +468,23 @@ def league_row(entry: LeagueEntry, league: League, budget: LeagueBudget, fractio
     return row
 
 
+def sheet_prompts() -> list[int]:
+    """The toy prompts (indices) the samples sheet shows: every :data:`SHEET_STRIDE`-th, :data:`SHEET_PROMPTS` of
+    them."""
+    return [k * SHEET_STRIDE % len(world.all_prompts()) for k in range(SHEET_PROMPTS)]
+
+
+def full_budget_samples(budget: LeagueBudget, folder: Path) -> np.ndarray | None:
+    """The entry's full-budget student on the :func:`sheet_prompts` (the first sample of each: the same prompts and
+    seeds for every entry), read from the samples its evaluation stored (uint8, N×3×H×W); None when they are not
+    there."""
+    spp = budget.samples_per_prompt
+    indices = [i * spp for i in sheet_prompts()]
+    stored = folder / f"eval-{_pct(1.0)}" / "samples"
+    configurations = [p for p in stored.iterdir() if p.is_dir()] if stored.is_dir() else []
+    return read_stored_samples(configurations[0], indices) if len(configurations) == 1 else None
+
+
 def _pct(fraction: float) -> str:
     return f"{round(fraction * 100):03d}"
 
@@ -654,17 +678,25 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
     finally:
         bar.close()
     claims = judge_claims(rows, league.claims, noise)
-    result = {**settings, "wall_seconds_this_run": round(time.time() - t0, 1), "rows": rows, "noise": noise,
-              "claims": claims, "failed": failed}
-    write_text_atomic(out / "league.json", json.dumps(result, indent=2))
-    write_text_atomic(out / "tables.md", league_tables(rows, league.fractions, noise, claims))
+    images = []
     if rows:
         plot_convergence(rows, out / "convergence.png", noise)
+        images.append("convergence.png")
+        sheet = {e.name: full_budget_samples(budget, out / "entries" / e.name) for e in entries}
+        sheet = {name: images_u8 for name, images_u8 in sheet.items() if images_u8 is not None}
+        if sheet:
+            prompts = world.all_prompts()
+            plot_samples(rows, sheet, [prompts[i] for i in sheet_prompts()], out / "samples.png")
+            images.append("samples.png")
+    result = {**settings, "wall_seconds_this_run": round(time.time() - t0, 1), "rows": rows, "noise": noise,
+              "claims": claims, "failed": failed, "images": images}
+    write_text_atomic(out / "league.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "tables.md", league_tables(rows, league.fractions, noise, claims))
     for group in dict.fromkeys(r["group"] for r in rows):
         best = ranking([r for r in rows if r["group"] == group], 1.0)
         if best:
             log(f"[league] {group}: best at the full budget {best[0]['name']} (FID_toy {best[0]['fid']:.1f})")
-    log(f"[league] wrote {out / 'league.json'}, {out / 'tables.md'}, {out / 'convergence.png'}")
+    log(f"[league] wrote {', '.join(str(out / name) for name in ['league.json', 'tables.md', *images])}")
     for name, why in failed.items():
         log(f"[league] {name}: FAILED ({why})")
     return result
