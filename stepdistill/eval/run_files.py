@@ -126,14 +126,18 @@ class SampleStore:
             raise
 
     def load(self, start: int, end: int) -> np.ndarray:
-        path = self._name(start, end)
-        if self.fmt == "npz":
-            with np.load(path, allow_pickle=False) as data:
-                return data["images"]
-        from PIL import Image
+        return _read_batch(self._name(start, end), start, end)
 
-        return np.stack([np.asarray(Image.open(path / f"{i:07d}.png").convert("RGB")).transpose(2, 0, 1)
-                         for i in range(start, end)])
+
+def _read_batch(path: Path, start: int, end: int) -> np.ndarray:
+    """The images of one stored batch (uint8, N×3×H×W): an ``.npz`` file or a folder of PNGs."""
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return data["images"]
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(path / f"{i:07d}.png").convert("RGB")).transpose(2, 0, 1)
+                     for i in range(start, end)])
 
 
 _BATCH_NAME = re.compile(r"batch-(\d+)-(\d+)(\.npz)?")
@@ -151,17 +155,11 @@ def read_stored_samples(folder: Path, indices: Sequence[int]) -> np.ndarray | No
     loaded: dict[Path, np.ndarray] = {}
     images = []
     for index in indices:
-        hit = next(((start, path) for start, end, path in batches if start <= index < end), None)
+        hit = next(((start, end, path) for start, end, path in batches if start <= index < end), None)
         if hit is None:
             return None
-        start, path = hit
-        if path.is_dir():
-            from PIL import Image
-
-            images.append(np.asarray(Image.open(path / f"{index:07d}.png").convert("RGB")).transpose(2, 0, 1))
-            continue
+        start, end, path = hit
         if path not in loaded:
-            with np.load(path, allow_pickle=False) as data:
-                loaded[path] = data["images"]
+            loaded[path] = _read_batch(path, start, end)
         images.append(loaded[path][index - start])
     return np.stack(images) if images else None
