@@ -116,9 +116,13 @@ def test_league_trains_under_the_budget_in_two_workers_judges_each_fraction_and_
     logs = [(out / "workers" / f"worker-{k}.log").read_text() for k in range(2)]
     assert sorted(["[league] sid: distilling" in text for text in logs]) == [False, True]
     assert sorted(["[league] broken: failed" in text for text in logs]) == [False, True]
-    # the student is timed once, by this process after the workers ended, and every row of the entry carries it
-    assert "[league] sid: latency" in capsys.readouterr().out
+    # the student is timed once, by this process after the workers ended, and every row of the entry carries it;
+    # the noise is judged by a worker that found no entry left, and not again by this process
+    printed = capsys.readouterr().out
+    assert "[league] sid: latency" in printed
     assert not any("latency" in text for text in logs)
+    assert sorted(["[league] sid: noise" in text for text in logs]) == [False, True]
+    assert "[league] sid: noise" not in printed
     timed = json.loads((out / "entries" / "sid" / "latency.json").read_text())["latency_ms"]
     assert timed["n"] == 2 and timed["batchN"] > 0
     assert all(r["latency_ms"] == timed for r in result["rows"])

@@ -32,8 +32,9 @@ league resumes where it stopped: a finished entry is not trained again, an unfin
 checkpoint, an evaluation whose row exists is not redone and one that was cut off reuses its stored samples. An entry
 that fails is reported (``failed`` in ``league.json``, the traceback in ``entries/<name>/failed.txt``) and the others
 go on; a rerun retries it. ``workers`` > 1 shares the entries among that many processes, each taking the next
-unstarted entry when it finishes one (their output in ``workers/worker-<k>.log``); the calling process then collects
-the rows, times the students alone and judges the noise.
+unstarted entry when it finishes one (their output in ``workers/worker-<k>.log``); a worker that finds none left
+judges the noise of every noise entry already finished (so that it does not idle while another trains); the calling
+process then collects the rows, times the students alone and judges whatever noise is left.
 """
 
 from __future__ import annotations
@@ -524,12 +525,32 @@ def _end_with_parent(parent: int, every: float = 2.0) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(path: str, out: str, budget_name: str, names: list[str], next_index: Any, threads: int,
-            log_file: str) -> None:
+def _worker_noise(league: League, budget: LeagueBudget, entry: LeagueEntry, out: Path,
+                  log: Callable[[str], None]) -> None:
+    """In a worker with no entry left: :func:`_noise` for ``entry`` under its lock, if the entry is judged at the
+    full budget and its noise is not; nothing if another process holds the entry or it is not finished. A failure is
+    logged and left to the collecting pass, which judges the noise again (and reports it)."""
+    folder = out / "entries" / entry.name
+    last = folder / f"at-{_pct(1.0)}.json"
+    if not last.is_file() or (folder / "noise.json").is_file():
+        return
+    try:
+        with entry_lock(out, entry.name):
+            _noise(league, budget, entry, out, [json.loads(last.read_text(encoding="utf-8"))], log)
+    except EntryBusy:
+        return
+    except Exception as err:  # noqa: BLE001 - the collecting pass judges it again
+        log(f"[league] {entry.name}: judging the noise failed ({type(err).__name__}: {err}); the collecting pass "
+            "tries again")
+
+
+def _worker(path: str, out: str, budget_name: str, names: list[str], noise_names: list[str], next_index: Any,
+            threads: int, log_file: str) -> None:
     """A league worker process: it takes the next of ``names`` (``next_index``, a counter shared with the other
     workers) until none is left, training and judging each with ``threads`` torch threads (latency is timed later,
-    alone, by the collecting process); its output in ``log_file``. It ends itself (SIGTERM) if the league process
-    that started it ends first, however that ended, so that it never goes on holding an entry on its own."""
+    alone, by the collecting process), then judges the noise of those of ``noise_names`` that are finished and not
+    taken by another worker; its output in ``log_file``. It ends itself (SIGTERM) if the league process that started
+    it ends first, however that ended, so that it never goes on holding an entry on its own."""
     from tqdm.auto import tqdm
 
     threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -544,17 +565,21 @@ def _worker(path: str, out: str, budget_name: str, names: list[str], next_index:
                 i = next_index.value
                 next_index.value = i + 1
             if i >= len(names):
-                return
+                break
             with tqdm(disable=True) as bar:
                 _attempt_entry(league, league.budgets[budget_name], entries[names[i]], Path(out), bar,
                                lambda line: print(line, flush=True), time_latency=False)
+        for name in noise_names:
+            _worker_noise(league, league.budgets[budget_name], entries[name], Path(out),
+                          lambda line: print(line, flush=True))
 
 
-def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry], out: Path, workers: int,
-                 log: Callable[[str], None]) -> None:
+def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry], noise_entries: list[LeagueEntry],
+                 out: Path, workers: int, log: Callable[[str], None]) -> None:
     """The entries shared among ``workers`` processes, each with an equal share of this process's torch threads and
     taking the next unstarted entry (in league-file order) whenever it finishes one, so that no worker idles while
-    another has a queue; one progress bar over all of them, read from the entry folders. A worker that fails is
+    another has a queue, then judging the noise of the finished ``noise_entries``; one progress bar over all of them,
+    read from the entry folders. A worker that fails is
     reported; the in-process pass that follows finishes (or retries) whatever it left. Interrupted (Ctrl-C, or
     SIGTERM: ``kill`` on this process), it stops the workers before it ends, so none goes on holding an entry."""
     import multiprocessing
@@ -566,22 +591,24 @@ def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry
     logs.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     names = [e.name for e in entries]
+    noise_names = [e.name for e in noise_entries]
     next_index = context.Value("i", 0)
     processes = []
     for k in range(min(workers, len(entries))):
         log_file = logs / f"worker-{k}.log"
         process = context.Process(target=_worker, name=f"league-worker-{k}", daemon=False,
-                                  args=(str(league.source), str(out), budget.name, names, next_index, threads,
-                                        str(log_file)))
+                                  args=(str(league.source), str(out), budget.name, names, noise_names, next_index,
+                                        threads, str(log_file)))
         process.start()
         processes.append((process, log_file))
     log(f"[league] {len(processes)} workers ({threads} thread{'s' if threads > 1 else ''} each) take the "
         f"{len(entries)} entries in turn, each the next when it finishes one: {', '.join(names)}; their output in "
         f"{logs}/worker-<k>.log")
-    total = len(entries) * (1 + len(league.fractions))
+    total = len(entries) * (1 + len(league.fractions)) + len(noise_entries)
 
     def done() -> int:
-        return sum(_tasks_done(e, out / "entries" / e.name, league.fractions) for e in entries)
+        return (sum(_tasks_done(e, out / "entries" / e.name, league.fractions) for e in entries)
+                + sum((out / "entries" / e.name / "noise.json").is_file() for e in noise_entries))
 
     bar = tqdm(total=total, initial=done(), desc=f"league[{budget.name}] x{len(processes)}", unit="task",
                dynamic_ncols=True)
@@ -649,13 +676,13 @@ def run_league(path: str | Path, out_dir: str | Path, budget_name: str = "quick"
                          [*entry.overrides, *_budget_overrides(budget.budget_flops, league.fractions)])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(state_file, json.dumps(settings, indent=2))
+    noise_entries = [e for e in entries if e.name in league.noise_entries] if league.noise_seed is not None else []
     if workers > 1:
         pending = [e for e in entries
                    if _tasks_done(e, out / "entries" / e.name, league.fractions) < 1 + len(league.fractions)]
         if len(pending) > 1:
-            _run_workers(league, budget, pending, out, min(workers, len(pending)), log)
-
-    noise_entries = [e for e in entries if e.name in league.noise_entries] if league.noise_seed is not None else []
+            unjudged = [e for e in noise_entries if not (out / "entries" / e.name / "noise.json").is_file()]
+            _run_workers(league, budget, pending, unjudged, out, min(workers, len(pending)), log)
     tasks = len(entries) * (1 + len(league.fractions)) + len(noise_entries)
     bar = tqdm(total=tasks, desc=f"league[{budget_name}]", unit="task", dynamic_ncols=True)
     t0 = time.time()
@@ -749,6 +776,7 @@ def _noise(league: League, budget: LeagueBudget, entry: LeagueEntry, out: Path, 
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     first = next(r for r in rows if r["name"] == entry.name and math.isclose(r["budget_fraction"], 1.0))
+    log(f"[league] {entry.name}: noise: its full-budget student judged again on seed {league.noise_seed}")
     student, _, _ = export_at(entry, folder / "run", 1.0, folder / "student-noise")
     again = evaluate(league, budget, entry.name, student, entry.steps, entry.guidance, league.noise_seed,
                      folder / "eval-noise", log)
