@@ -6,6 +6,12 @@ teacher is the tiny random SD pipeline of tests/tiny_models.py (the ``spec`` fix
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ import pytest
 from helpers import (FAST, PAIRS, QUICK, RECIPE, RECIPE_FAMILIES, REPO, cli, one_error_line, trainable_states,
                      use_random_real_latents)
 
+from stepdistill.core.interrupts import StopRequest
 from stepdistill.training.config import ConfigError, load_recipe
 from stepdistill.core.yaml_io import parse_yaml_value
 
@@ -158,6 +165,55 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(s
     summary = distill(spec, RECIPE, out, overrides=[*FAST, "train.max_steps=2", "optimizer.generator_lr=1e-6"],
                       export=False, log=notes.append)  # the corrected command, without --overwrite
     assert summary["steps"] == 2 and any("before its first checkpoint" in n for n in notes)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals: main thread only")
+def test_the_first_signal_asks_to_stop_and_the_second_stops_at_once():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 5
+        while not stop.requested and time.time() < deadline:
+            time.sleep(0.01)  # the handler runs in the main thread between bytecodes
+        assert stop.requested and stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="signal 2"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    with StopRequest(enabled=False) as off:  # several processes: nothing taken over
+        assert signal.getsignal(signal.SIGTERM) == before[0] and not off.requested
+
+
+def test_a_killed_distill_run_stops_after_its_update_with_a_checkpoint_of_it(spec, tmp_path):
+    # checkpoints every 100,000 updates: the only one a killed run can leave is the one the signal asks for
+    out = tmp_path / "run"
+    args = ["distill", "--pipeline", str(spec), "--recipe", str(RECIPE), "--out", str(out), "--no-export", "--set",
+            *FAST, "train.log_every=1", "train.checkpoint_every=100000"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.Popen([sys.executable, "-m", "stepdistill.cli", *args, "train.max_steps=100000"], cwd=REPO,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = out / "logs" / "metrics.csv"
+        deadline = time.time() + 240
+        while run.poll() is None and time.time() < deadline and (
+                not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.2)
+        logged = len(metrics.read_text().splitlines()) - 1  # updates finished before the signal
+        assert logged >= 2 and run.poll() is None
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130, stderr[-2000:]
+    assert "training stopped after update" in stderr and "resume goes on from it" in stderr
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert len(kept) == 1
+    stopped_at = int(kept[0].split("_")[1])
+    assert stopped_at >= logged and f"after update {stopped_at};" in stderr
+    resumed = cli(*args, f"train.max_steps={stopped_at + 1}", "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {kept[0]} (step {stopped_at};" in resumed.stdout + resumed.stderr
 
 
 def test_eval_out_is_checked_before_generating(tmp_path):

@@ -63,6 +63,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from stepdistill.core.interrupts import StopRequest
 from stepdistill.core.outputs import write_text_atomic
 from stepdistill.models.ema import GeneratorEMA, HalflifeEMA, attach_ema
 from stepdistill.models.shared_base import AdapterView, adapter_checkpointing
@@ -562,6 +563,18 @@ class Trainer:
             due = float(self.accelerator.reduce(flag, reduction="sum").item()) > 0
         return due
 
+    def _stop_on_request(self, signum: int | None) -> None:
+        """End the loop after this update on a Ctrl-C or SIGTERM: keep a checkpoint of it (when the run keeps
+        checkpoints) and raise ``KeyboardInterrupt``; a rerun with ``resume="latest"`` goes on from it."""
+        tc = self.config.train
+        if tc.checkpoint_every or tc.checkpoint_minutes:
+            saved = self.last_checkpoint if self._saved_this_step() else self.save_checkpoint()
+            where = f"checkpoint {saved} kept; resume goes on from it"
+        else:
+            where = "no checkpoint kept (train.checkpoint_every and train.checkpoint_minutes are off)"
+        logger.warning("signal %s: training stopped after update %d; %s", signum, self.state.step, where)
+        raise KeyboardInterrupt(f"signal {signum}: stopped after update {self.state.step}")
+
     def _saved_this_step(self) -> bool:
         return self.last_checkpoint is not None and self.last_checkpoint.name == checkpoint_name(self.state.step)
 
@@ -721,6 +734,9 @@ class Trainer:
         self._checkpoint_clock = time.monotonic()  # train.checkpoint_minutes counts from here and each checkpoint
         last_log_t, last_log_step = t0, start_step
         last = {}
+        # Ctrl-C or SIGTERM: stop after the current update with a checkpoint of it (a second one stops at once); one
+        # process only, since several must save at the same step
+        stop = StopRequest(enabled=acc.num_processes == 1).install()
         try:
             while self.state.step < tc.max_steps and not self.budget_spent():
                 aux_loss, aux_logs = None, {}
@@ -802,12 +818,17 @@ class Trainer:
                 by_count = bool(tc.checkpoint_every) and step % tc.checkpoint_every == 0
                 if (by_count or self._checkpoint_due_by_time()) and not self._saved_this_step():
                     self.save_checkpoint()
+                if stop.requested and not last_update:
+                    self._stop_on_request(stop.signum)
             if budget is not None and self.budget_spent():
                 self._reach_marks(final=True)  # the run's end: always kept, as mark 1.0
             if ((tc.checkpoint_every or tc.checkpoint_minutes) and self.state.step > start_step
                     and not self._saved_this_step()):
                 self.save_checkpoint()  # the final state
+            if stop.requested:  # it came during the last update: the run is complete and saved, the command stops
+                raise KeyboardInterrupt(f"signal {stop.signum} after the last update")
         finally:
+            stop.restore()
             pbar.close()
             acc.end_training()
 
