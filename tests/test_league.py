@@ -22,9 +22,9 @@ from stepdistill.eval import benchmarks_doc
 from stepdistill.eval.league_report import judge_claims, league_tables, noise_measurements
 from stepdistill.eval.league_report import ranks as league_ranks
 from stepdistill.eval.league_report import plot_samples
-from stepdistill.eval.run_files import SampleStore, read_stored_samples
-from stepdistill.workflows.league import (LeagueError, entry_lock, full_budget_samples, held_out_problems, load_league,
-                                          run_league)
+from stepdistill.eval.run_files import SampleStore, folder_digest, read_stored_samples
+from stepdistill.workflows.league import (LeagueError, entry_lock, export_at, full_budget_samples, held_out_problems,
+                                          load_league, run_league)
 
 from helpers import REPO
 
@@ -169,6 +169,16 @@ def test_league_trains_under_the_budget_in_two_workers_judges_each_fraction_and_
     assert third["rows"][-1]["fid"] == pytest.approx(rows[-1]["fid"], rel=1e-6)
     assert {p: p.stat().st_mtime_ns for p in before if p.name != "at-100.json"} == {
         p: t for p, t in before.items() if p.name != "at-100.json"}
+
+    # a student exported again from the same checkpoint is left as it is (the sample store's fingerprint names its
+    # files and times), so an evaluation cut off while judging it reuses its stored samples; another checkpoint is
+    # exported anew
+    sid = next(e for e in load_league(path).entries if e.name == "sid")
+    student, flops, _ = export_at(sid, out / "entries" / "sid" / "run", 1.0, tmp_path / "student")
+    kept = folder_digest(student)
+    assert flops == rows[-1]["budget"]
+    assert folder_digest(export_at(sid, out / "entries" / "sid" / "run", 1.0, student)[0]) == kept
+    assert folder_digest(export_at(sid, out / "entries" / "sid" / "run", 0.5, student)[0]) != kept
 
     # another budget in the same folder is refused
     path.write_text(path.read_text().replace(f"budget_flops: {BUDGET}", f"budget_flops: {2 * BUDGET}"))

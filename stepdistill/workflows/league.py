@@ -29,7 +29,8 @@ distillation run, its checkpoints and ``logs/budget_marks.json``), ``at-<pct>.js
 samples), ``latency.json`` (its student timed once, alone) and, for a noise entry, ``noise.json`` (its student's
 figures on the two seeds). A killed
 league resumes where it stopped: a finished entry is not trained again, an unfinished one resumes from its latest
-checkpoint, an evaluation whose row exists is not redone and one that was cut off reuses its stored samples. An entry
+checkpoint, an evaluation whose row exists is not redone and one that was cut off reuses its stored samples (the
+student it judged is kept until its row is written, and not exported again). An entry
 that fails is reported (``failed`` in ``league.json``, the traceback in ``entries/<name>/failed.txt``) and the others
 go on; a rerun retries it. ``workers`` > 1 shares the entries among that many processes, each taking the next
 unstarted entry when it finishes one (their output in ``workers/worker-<k>.log``); a worker that finds none left
@@ -67,7 +68,7 @@ from stepdistill.core.yaml_io import YAMLFileError, load_yaml_file
 from stepdistill.eval import measure_pipeline_latency
 from stepdistill.eval.league_report import (CLAIM_METRICS, ROW_KEYS, judge_claims, league_tables, plot_convergence,
                                             plot_samples, ranking)
-from stepdistill.eval.run_files import read_stored_samples
+from stepdistill.eval.run_files import folder_digest, read_stored_samples
 from stepdistill.eval.runner import run_suite
 from stepdistill.eval.suite import suite_from_dict
 from stepdistill.export.loading import load_pipeline
@@ -387,27 +388,47 @@ def updates_at(entry: LeagueEntry, run: Path, fraction: float) -> int:
     return sum(int(_marks(r)[fraction]["step"]) for r in _student_runs(entry, run))
 
 
+#: written into a folder :func:`export_at` filled, last: the checkpoints it was exported from
+EXPORT_MARKER = "league_export.json"
+
+
 def export_at(entry: LeagueEntry, run: Path, fraction: float, out: Path) -> tuple[Path, int, float]:
     """The student at ``fraction`` of the budget exported to ``out``; with the FLOPs and training seconds it had
-    used there (summed over an MSD entry's students)."""
+    used there (summed over an MSD entry's students). A folder this already exported from the same checkpoints is
+    kept as it is (:data:`EXPORT_MARKER`), so that an evaluation cut off while judging it finds the student its
+    stored samples came from (their fingerprint names the folder's files and times) and reuses them."""
+    runs = _student_runs(entry, run)
+    marks = [_marks(r)[fraction] for r in runs]
+    source = {"checkpoints": [[str(m["checkpoint"]), folder_digest(r / "checkpoints" / str(m["checkpoint"]))]
+                              for r, m in zip(runs, marks)]}  # its name, files, sizes and times
+    flops = sum(int(m["flops"]) for m in marks)
+    seconds = sum(float(m.get("seconds") or 0.0) for m in marks)
+    try:
+        if json.loads((out / EXPORT_MARKER).read_text(encoding="utf-8")) == source:
+            return out, flops, seconds
+    except (OSError, ValueError):
+        pass
+    _export_student_at(entry, run, fraction, out)
+    write_text_atomic(out / EXPORT_MARKER, json.dumps(source, indent=2))
+    return out, flops, seconds
+
+
+def _export_student_at(entry: LeagueEntry, run: Path, fraction: float, out: Path) -> None:
+    """:func:`export_at`'s export (over whatever ``out`` holds)."""
     if not entry.multi_student:
-        mark = _marks(run)[fraction]
-        export_run(run, out, checkpoint=mark["checkpoint"], overwrite=True)
-        return out, int(mark["flops"]), float(mark.get("seconds") or 0.0)
-    parts, flops, seconds, students = [], 0, 0.0, []
+        export_run(run, out, checkpoint=_marks(run)[fraction]["checkpoint"], overwrite=True)
+        return
+    parts, students = [], []
     for k, student_run in enumerate(_student_runs(entry, run)):
         mark = _marks(student_run)[fraction]
         folder = export_run(student_run, out.parent / f"{out.name}-student_{k}", checkpoint=mark["checkpoint"],
                             overwrite=True)
         parts.append(folder)
-        flops += int(mark["flops"])
-        seconds += float(mark.get("seconds") or 0.0)
         prompts = (student_run / "prompts.txt").read_text(encoding="utf-8").splitlines()
         students.append({"student": k, "prompts": len(prompts), "example_prompt": prompts[0], "steps": mark["step"]})
     export_multi_student(run, load_router(run / "router.json"), parts, students, out_dir=out, overwrite=True)
     for folder in parts:
         shutil.rmtree(folder, ignore_errors=True)
-    return out, flops, seconds
 
 
 def evaluate(league: League, budget: LeagueBudget, name: str, pipeline: Path, steps: int, guidance: float,
