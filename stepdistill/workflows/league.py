@@ -27,12 +27,11 @@ Output under ``--out``: ``league.json`` (the settings and every row), ``tables.m
 prompts and seeds, read from the stored evaluation samples) and per entry ``entries/<name>/``: ``run/`` (the
 distillation run, its checkpoints and ``logs/budget_marks.json``), ``at-<pct>.json`` (one row), ``eval-<pct>/`` (the
 samples), ``latency.json`` (its student timed once, alone) and, for a noise entry, ``noise.json`` (its student's
-figures on the two seeds). A killed
-league resumes where it stopped: a finished entry is not trained again, an unfinished one resumes from its latest
-checkpoint, an evaluation whose row exists is not redone and one that was cut off reuses its stored samples (the
-student it judged is kept until its row is written, and not exported again). An entry
-that fails is reported (``failed`` in ``league.json``, the traceback in ``entries/<name>/failed.txt``) and the others
-go on; a rerun retries it. ``workers`` > 1 shares the entries among that many processes, each taking the next
+figures on the two seeds). A killed league resumes where it stopped: a finished entry is not trained again, an
+unfinished one resumes from its latest checkpoint, an evaluation whose row exists is not redone and one that was cut
+off reuses its stored samples (the student it judged is kept until its row is written, and not exported again). An
+entry that fails is reported (``failed`` in ``league.json``, the traceback in ``entries/<name>/failed.txt``) and the
+others go on; a rerun retries it. ``workers`` > 1 shares the entries among that many processes, each taking the next
 unstarted entry when it finishes one (their output in ``workers/worker-<k>.log``); a worker that finds none left
 judges the noise of every noise entry already finished (so that it does not idle while another trains); the calling
 process then collects the rows, times the students alone and judges whatever noise is left.
@@ -408,19 +407,19 @@ def export_at(entry: LeagueEntry, run: Path, fraction: float, out: Path) -> tupl
             return out, flops, seconds
     except (OSError, ValueError):
         pass
-    _export_student_at(entry, run, fraction, out)
+    _export_student(entry, run, runs, marks, out)
     write_text_atomic(out / EXPORT_MARKER, json.dumps(source, indent=2))
     return out, flops, seconds
 
 
-def _export_student_at(entry: LeagueEntry, run: Path, fraction: float, out: Path) -> None:
-    """:func:`export_at`'s export (over whatever ``out`` holds)."""
+def _export_student(entry: LeagueEntry, run: Path, runs: list[Path], marks: list[dict], out: Path) -> None:
+    """:func:`export_at`'s export (over whatever ``out`` holds) of the checkpoints ``marks`` name in ``runs`` (the
+    entry's run, or an MSD entry's student runs)."""
     if not entry.multi_student:
-        export_run(run, out, checkpoint=_marks(run)[fraction]["checkpoint"], overwrite=True)
+        export_run(run, out, checkpoint=marks[0]["checkpoint"], overwrite=True)
         return
     parts, students = [], []
-    for k, student_run in enumerate(_student_runs(entry, run)):
-        mark = _marks(student_run)[fraction]
+    for k, (student_run, mark) in enumerate(zip(runs, marks)):
         folder = export_run(student_run, out.parent / f"{out.name}-student_{k}", checkpoint=mark["checkpoint"],
                             overwrite=True)
         parts.append(folder)
@@ -600,9 +599,9 @@ def _run_workers(league: League, budget: LeagueBudget, entries: list[LeagueEntry
     """The entries shared among ``workers`` processes, each with an equal share of this process's torch threads and
     taking the next unstarted entry (in league-file order) whenever it finishes one, so that no worker idles while
     another has a queue, then judging the noise of the finished ``noise_entries``; one progress bar over all of them,
-    read from the entry folders. A worker that fails is
-    reported; the in-process pass that follows finishes (or retries) whatever it left. Interrupted (Ctrl-C, or
-    SIGTERM: ``kill`` on this process), it stops the workers before it ends, so none goes on holding an entry."""
+    read from the entry folders. A worker that fails is reported; the in-process pass that follows finishes (or
+    retries) whatever it left. Interrupted (Ctrl-C, or SIGTERM: ``kill`` on this process), it stops the workers before
+    it ends, so none goes on holding an entry."""
     import multiprocessing
 
     from tqdm.auto import tqdm
